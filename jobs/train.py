@@ -1,0 +1,291 @@
+"""The training loop: a zoo model on a built-in dataset, reporting through a JobContext.
+
+The loop knows nothing of Ray or MLflow. It logs per-step metrics, saves
+resumable checkpoints, honours stop requests (cancel, preemption) and resumes
+from the context's last checkpoint at the next step. Batch order is a pure
+function of ``(seed, epoch)``, so a resumed run replays the same batches an
+uninterrupted one would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from jobs.context import JobContext, StopRequested
+from jobs.data import build_dataset, resolve_dataset_options, sample_shape
+from jobs.zoo import build_model, example_input, input_shape, resolve_model_options
+
+OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
+"""Optimizer names :class:`TrainParams` accepts."""
+
+_SGD_MOMENTUM = 0.9  # plain SGD without momentum crawls on these problems
+_EVAL_BATCH = 1024  # full-dataset accuracy is computed in chunks to bound memory
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Everything that defines a training run; validated on construction.
+
+    Set ``epochs`` or ``max_steps`` (or both: training stops at whichever comes
+    first). Construction raises ``ValueError`` naming the bad field, including
+    unknown model/dataset names or options and a model that does not fit the data.
+
+    Example::
+
+        params = TrainParams(
+            model="mlp", model_options={"hidden": [32]},
+            data="synthetic_classification", data_options={"n_samples": 512},
+            batch_size=64, lr=1e-3, max_steps=100, checkpoint_every_steps=50,
+        )
+    """
+
+    model: str
+    model_options: Mapping[str, Any]
+    data: str
+    data_options: Mapping[str, Any]
+    batch_size: int
+    lr: float
+    epochs: int | None = None
+    max_steps: int | None = None
+    checkpoint_every_steps: int | None = None
+    seed: int = 0
+    optimizer: str = "adam"
+
+    def __post_init__(self) -> None:
+        """Reject an invalid run before any data or model is built."""
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("set epochs or max_steps")
+        for field in ("epochs", "max_steps", "checkpoint_every_steps"):
+            value = getattr(self, field)
+            if value is not None and value < 1:
+                raise ValueError(f"{field} must be >= 1, got {value}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"unknown optimizer {self.optimizer!r}; valid optimizers: {', '.join(OPTIMIZERS)}"
+            )
+        model_opts = resolve_model_options(self.model, self.model_options)
+        data_opts = resolve_dataset_options(self.data, self.data_options)
+        expects, gives = input_shape(self.model, model_opts), sample_shape(self.data, data_opts)
+        if expects != gives:
+            raise ValueError(
+                f"model {self.model!r} expects samples of shape {expects} but dataset "
+                f"{self.data!r} gives {gives}; make model_options and data_options agree"
+            )
+        if model_opts["num_classes"] != data_opts["num_classes"]:
+            raise ValueError(
+                f"model {self.model!r} has num_classes={model_opts['num_classes']} but dataset "
+                f"{self.data!r} has num_classes={data_opts['num_classes']}"
+            )
+
+    def total_steps(self, n_samples: int) -> int:
+        """Global steps a full run takes on ``n_samples`` samples (last batch may be short)."""
+        steps_per_epoch = math.ceil(n_samples / self.batch_size)
+        limits = [self.max_steps] if self.max_steps is not None else []
+        if self.epochs is not None:
+            limits.append(self.epochs * steps_per_epoch)
+        return min(limits)
+
+
+@dataclass
+class TrainResult:
+    """What a finished run hands back to its runner for logging/registering.
+
+    ``model`` is on CPU in eval mode; ``example_input`` is a CPU batch it
+    accepts; ``metrics`` holds the last step's ``loss`` and ``accuracy`` and
+    the full-dataset ``train_accuracy``; ``steps`` is the last global step.
+
+    Example::
+
+        result = train(ctx, params)
+        result.model(result.example_input).shape   # (2, num_classes)
+    """
+
+    model: nn.Module
+    example_input: torch.Tensor
+    metrics: dict[str, float]
+    steps: int
+
+
+def train(ctx: JobContext, params: TrainParams) -> TrainResult:
+    """Train ``params.model`` on ``params.data`` on ``ctx.device``, resuming if a checkpoint exists.
+
+    Steps are 1-based global steps. Each step logs ``loss`` and batch
+    ``accuracy``; the last step of each epoch adds ``epoch`` (epochs completed)
+    and ``train_accuracy``. Checkpoints are saved every
+    ``checkpoint_every_steps`` steps, on a stop request and at the end. When
+    ``ctx.should_stop()`` is true after a step that is not the last, the loop
+    checkpoints that step and raises :class:`StopRequested`.
+    """
+    torch.manual_seed(params.seed)  # model init is the only draw from the global RNG
+    dataset = build_dataset(params.data, params.data_options, params.seed)
+    model = build_model(params.model, params.model_options)
+    device = torch.device(ctx.device)
+    model.to(device)
+    optimizer = _make_optimizer(params, model.parameters())
+    steps_per_epoch = math.ceil(len(dataset) / params.batch_size)
+    total_steps = params.total_steps(len(dataset))
+    step, last_metrics = _restore(ctx, params, model, optimizer)
+    saved_step = step if step > 0 else None
+    loss_fn = nn.CrossEntropyLoss()
+    train_accuracy: float | None = None
+
+    def checkpoint() -> None:
+        nonlocal saved_step
+        state = {
+            "model": _to_cpu(model.state_dict()),
+            "optimizer": _to_cpu(optimizer.state_dict()),
+            "step": step,
+            "epoch": step // steps_per_epoch,  # epochs completed
+            "metrics": dict(last_metrics),
+        }
+        ctx.save_checkpoint(state, step)
+        saved_step = step
+
+    model.train()
+    while step < total_steps:
+        epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        loader = _epoch_loader(dataset, params, epoch, done_in_epoch, device)
+        for features, labels in loader:
+            step += 1
+            features = features.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            logits = model(features)
+            loss = loss_fn(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                hits = (logits.argmax(dim=1) == labels).float().mean()
+                # One host sync for both values rather than one per .item().
+                loss_value, accuracy = torch.stack((loss.detach(), hits)).tolist()
+            last_metrics = {"loss": loss_value, "accuracy": accuracy}
+            metrics = dict(last_metrics)
+            train_accuracy = None
+            if step % steps_per_epoch == 0:
+                train_accuracy = _dataset_accuracy(model, dataset, device)
+                metrics |= {
+                    "epoch": float(step // steps_per_epoch),
+                    "train_accuracy": train_accuracy,
+                }
+            ctx.log_metrics(metrics, step=step)
+
+            # A stop request on the last step is moot: the run is complete.
+            stop = step < total_steps and ctx.should_stop()
+            every = params.checkpoint_every_steps
+            if stop or (every is not None and step % every == 0):
+                checkpoint()
+            if stop:
+                raise StopRequested(f"stop requested; checkpointed at step {step}")
+            if step >= total_steps:
+                break
+
+    if saved_step != step:
+        checkpoint()
+    if train_accuracy is None:
+        train_accuracy = _dataset_accuracy(model, dataset, device)
+    return TrainResult(
+        model=model.cpu().eval(),
+        example_input=example_input(params.model, params.model_options),
+        metrics={**last_metrics, "train_accuracy": train_accuracy},
+        steps=step,
+    )
+
+
+def _make_optimizer(params: TrainParams, weights: Any) -> torch.optim.Optimizer:
+    """The optimizer ``params.optimizer`` over ``weights`` at ``params.lr``."""
+    if params.optimizer == "sgd":
+        return torch.optim.SGD(weights, lr=params.lr, momentum=_SGD_MOMENTUM)
+    return torch.optim.Adam(weights, lr=params.lr)
+
+
+def _restore(
+    ctx: JobContext, params: TrainParams, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[int, dict[str, float]]:
+    """Load the context's checkpoint into ``model``/``optimizer``.
+
+    Returns ``(last completed step, last step's metrics)``; ``(0, {})`` when
+    starting fresh. ``ValueError`` when the checkpoint was made by a different
+    model, so the runner reports a config problem rather than a torch trace.
+    """
+    restored = ctx.load_checkpoint()
+    if restored is None:
+        return 0, {}
+    state, step = restored
+    if step < 0:
+        raise ValueError(f"checkpoint step must be >= 0, got {step}")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise ValueError(
+            f"checkpoint at step {step} does not fit model {params.model!r} with options "
+            f"{dict(params.model_options)} and optimizer {params.optimizer!r}: {exc}"
+        ) from exc
+    return step, dict(state.get("metrics", {}))
+
+
+def _epoch_loader(
+    dataset: TensorDataset,
+    params: TrainParams,
+    epoch: int,
+    skip_batches: int,
+    device: torch.device,
+) -> DataLoader[Any]:
+    """The shuffled batches of 0-based ``epoch``, less the first ``skip_batches``.
+
+    The order comes from a generator seeded by ``(seed, epoch)`` alone, so a
+    resumed run can skip exactly the batches already trained on. The loader
+    is handed whole index batches: one tensor gather per step instead of
+    ``batch_size`` ``__getitem__`` calls and a collate.
+    """
+    generator = torch.Generator().manual_seed((params.seed * 1_000_003 + epoch) % 2**63)
+    order = torch.randperm(len(dataset), generator=generator)
+    batches = list(torch.split(order, params.batch_size))[skip_batches:]
+    return DataLoader(
+        dataset,
+        sampler=batches,
+        batch_size=None,
+        num_workers=0,
+        pin_memory=device.type == "cuda",
+    )
+
+
+@torch.no_grad()
+def _dataset_accuracy(model: nn.Module, dataset: TensorDataset, device: torch.device) -> float:
+    """Fraction of ``dataset`` that ``model`` classifies correctly, in eval mode."""
+    features, labels = dataset.tensors
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for start in range(0, len(labels), _EVAL_BATCH):
+        chunk = slice(start, start + _EVAL_BATCH)
+        predicted = model(features[chunk].to(device)).argmax(dim=1)
+        correct += (predicted == labels[chunk].to(device)).sum()
+    model.train()
+    return correct.item() / len(labels)
+
+
+def _to_cpu(value: Any) -> Any:
+    """A deep copy of a (nested) state dict with every tensor detached onto the CPU.
+
+    ``state_dict()`` returns live references; the runner may store or
+    serialise a checkpoint later, so it must not change as training goes on.
+    CPU copies also resume on any device.
+    """
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, Mapping):
+        return {key: _to_cpu(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_cpu(item) for item in value)
+    return value

@@ -1,0 +1,1 @@
+"""The jobworker control plane: specs, job store, state machine, loop, API, CLI."""

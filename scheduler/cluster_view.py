@@ -1,0 +1,31 @@
+"""``GET /cluster`` and ``jobworker cluster``: nodes, GPUs, and the jobs on each."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+from scheduler.states import JobState
+from scheduler.store import JobStore
+from workers.telemetry import NodeReading
+
+
+def cluster_table(nodes: Sequence[NodeReading], store: JobStore) -> dict[str, Any]:
+    """Telemetry of every node, each GPU annotated with the jobs assigned to it."""
+    on_gpu: dict[str, list[str]] = {}
+    on_node: dict[str, list[str]] = {}
+    for job in store.list([JobState.SCHEDULED, JobState.RUNNING]):
+        if not job.assignment:
+            continue
+        on_node.setdefault(job.assignment["node_id"], []).append(job.id)
+        for uuid in job.assignment["gpu_uuids"]:
+            on_gpu.setdefault(uuid, []).append(job.id)
+    out = []
+    for node in nodes:
+        entry = asdict(node)
+        entry["jobs"] = on_node.get(node.node_id, [])
+        for gpu in entry["gpus"]:
+            gpu["jobs"] = on_gpu.get(gpu["uuid"], [])
+        out.append(entry)
+    return {"nodes": out}

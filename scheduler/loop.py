@@ -1,0 +1,301 @@
+"""The reconcile loop: the one component that acts on jobs.
+
+Each pass (1) carries out cancel requests, (2) polls the workers of scheduled
+and running jobs and records what they report, and (3) places pending jobs
+with the pure placement core and launches them. Every state change is written
+to the store *before* the side effect it describes, so a restarted loop can
+reconcile the store with what is really running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from scheduler.placement import ClusterSnapshot, Demand, Holding, PlacementPolicy, place
+from scheduler.spec import TrainingSpec
+from scheduler.states import JobState
+from scheduler.store import JobRecord, JobStore
+from workers.executor import Executor, LaunchRequest, WorkerPhase, WorkerReport
+from workers.telemetry import NodeReading
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30
+ACTIVE = (JobState.SCHEDULED, JobState.RUNNING)
+
+
+class ClusterSource(Protocol):
+    def nodes(self) -> tuple[NodeReading, ...]:
+        """The latest telemetry of every live node."""
+        ...
+
+
+@dataclass
+class LoopSettings:
+    tracking_uri: str
+    log_dir: Path
+    interval_s: float = 0.5
+    stop_grace_s: float = 5.0
+    python_path: tuple[str, ...] = ()
+    simulated_usage_dir: str | None = None
+    policy: PlacementPolicy = field(default_factory=PlacementPolicy)
+
+
+def demand_of(job: JobRecord) -> Demand:
+    res = job.spec["resources"]
+    return Demand(
+        job_id=job.id,
+        gpus=res["gpus"],
+        gpu_memory_bytes=int(res["gpu_memory_gb"] * GIB),
+        cpus=res["cpus"],
+        memory_bytes=int(res["memory_gb"] * GIB),
+        gpu_type=res.get("gpu_type"),
+        nodes=res.get("nodes", 1),
+    )
+
+
+def holding_of(job: JobRecord) -> Holding | None:
+    a = job.assignment
+    if not a:
+        return None
+    res = job.spec["resources"]
+    return Holding(
+        job_id=job.id,
+        node_id=a["node_id"],
+        gpu_uuids=tuple(a["gpu_uuids"]),
+        gpu_memory_bytes=int(res["gpu_memory_gb"] * GIB),
+        cpus=res["cpus"],
+        memory_bytes=int(res["memory_gb"] * GIB),
+        pid=a.get("pid"),
+    )
+
+
+class Scheduler:
+    """Drives jobs from PENDING to a terminal state.
+
+    Example::
+
+        scheduler = Scheduler(store, executor, cluster, settings)
+        scheduler.start()          # background thread
+        scheduler.wake()           # after a submit or cancel: act now, not at the next tick
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        executor: Executor,
+        cluster: ClusterSource,
+        settings: LoopSettings,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._executor = executor
+        self._cluster = cluster
+        self._settings = settings
+        self._clock = clock
+        self._wake = threading.Event()
+        self._halt = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping: set[str] = set()
+        settings.log_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- lifecycle --------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="jobworker-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout=30)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._halt.is_set():
+            try:
+                self.run_once()
+            except Exception:
+                log.exception("scheduler pass failed; retrying at the next tick")
+            self._wake.wait(self._settings.interval_s)
+            self._wake.clear()
+
+    def run_until_idle(self, timeout_s: float = 120.0) -> None:
+        """Run passes until no job is pending or active (tests, ``--burst``)."""
+        deadline = time.monotonic() + timeout_s
+        while self._store.list([JobState.PENDING, *ACTIVE]):
+            if time.monotonic() > deadline:
+                raise TimeoutError("jobs still not finished after run_until_idle timeout")
+            self.run_once()
+            time.sleep(self._settings.interval_s)
+
+    # -- one pass ---------------------------------------------------------------------
+    def run_once(self) -> None:
+        jobs = self._store.list([JobState.PENDING, *ACTIVE])
+        pending = [j for j in jobs if j.state is JobState.PENDING]
+        active = [j for j in jobs if j.state in ACTIVE]
+        pending = self._cancel_pending(pending)
+        self._request_stops(active)
+        self._observe(active)
+        self._place(pending)
+
+    def log_path(self, job_id: str) -> Path:
+        return self._settings.log_dir / f"{job_id}.log"
+
+    def _cancel_pending(self, pending: list[JobRecord]) -> list[JobRecord]:
+        keep = []
+        for job in pending:
+            if job.cancel_requested:
+                self._store.transition(job.id, JobState.CANCELLED, "cancelled before it started")
+            else:
+                keep.append(job)
+        return keep
+
+    def _request_stops(self, active: Sequence[JobRecord]) -> None:
+        for job in active:
+            if job.cancel_requested and job.id not in self._stopping:
+                self._stopping.add(job.id)
+                self._executor.stop(job.id, self._settings.stop_grace_s)
+
+    def _observe(self, active: Sequence[JobRecord]) -> None:
+        if not active:
+            return
+        reports = self._executor.poll([j.id for j in active])
+        for job in active:
+            self._apply(job, reports[job.id])
+
+    def _apply(self, job: JobRecord, report: WorkerReport) -> None:
+        if report.logs:
+            with self.log_path(job.id).open("a", encoding="utf-8") as fh:
+                fh.write(report.logs)
+        updates: dict[str, Any] = {}
+        if report.progress and report.progress != job.progress:
+            updates["progress"] = report.progress
+        if report.run_id and report.run_id != job.run_id:
+            updates["run_id"] = report.run_id
+        if report.pid and job.assignment and job.assignment.get("pid") != report.pid:
+            updates["assignment"] = {**job.assignment, "pid": report.pid}
+        phase = report.phase
+        if phase is WorkerPhase.RUNNING and job.state is JobState.SCHEDULED:
+            self._store.transition(
+                job.id, JobState.RUNNING, f"job process started (pid {report.pid})", **updates
+            )
+        elif phase.finished:
+            self._finish(job, report, updates)
+        elif updates:
+            self._store.update(job.id, **updates)
+
+    def _finish(self, job: JobRecord, report: WorkerReport, updates: dict[str, Any]) -> None:
+        phase = report.phase
+        if phase is WorkerPhase.SUCCEEDED:
+            version = f" as model version {report.model_version}" if report.model_version else ""
+            self._store.transition(
+                job.id,
+                JobState.SUCCEEDED,
+                f"training finished{version}",
+                model_version=report.model_version,
+                **updates,
+            )
+        elif phase is WorkerPhase.STOPPED or job.cancel_requested:
+            self._store.transition(job.id, JobState.CANCELLED, "cancelled by request", **updates)
+        elif phase is WorkerPhase.LOST and job.attempts <= job.spec["max_retries"]:
+            self._store.transition(
+                job.id,
+                JobState.PENDING,
+                f"{report.error}; retry {job.attempts} of {job.spec['max_retries']}",
+                assignment=None,
+                **updates,
+            )
+        else:
+            error = report.error or "failed"
+            self._store.transition(job.id, JobState.FAILED, error, error=error, **updates)
+        self._stopping.discard(job.id)
+        self._executor.release(job.id)
+
+    def _place(self, pending: list[JobRecord]) -> None:
+        if not pending:
+            return
+        holdings = tuple(
+            h for j in self._store.list(list(ACTIVE)) if (h := holding_of(j)) is not None
+        )
+        snapshot = ClusterSnapshot(nodes=self._cluster.nodes(), holdings=holdings)
+        # Priority first, then arrival: the queue-policy issue replaces this ordering.
+        order = sorted(pending, key=lambda j: (-j.priority, j.submitted_at))
+        by_id = {j.id: j for j in order}
+        decisions = place(snapshot, [demand_of(j) for j in order], self._settings.policy)
+        gpus_by_node = {n.node_id: n for n in snapshot.nodes}
+        for decision in decisions:
+            job = by_id[decision.job_id]
+            if not decision.placed:
+                reasons = list(decision.reasons)
+                if reasons != job.pending_reasons:
+                    self._store.update(job.id, pending_reasons=reasons)
+                continue
+            # Multi-node gangs are placed by the core; launching them is the cluster issue's.
+            target = decision.placement[0]
+            node = gpus_by_node[target.node_id]
+            assignment = {
+                "node_id": target.node_id,
+                "hostname": node.hostname,
+                "gpu_indices": list(target.gpu_indices),
+                "gpu_uuids": list(target.gpu_uuids),
+            }
+            job = self._store.transition(
+                job.id,
+                JobState.SCHEDULED,
+                f"placed on {node.hostname} GPUs {list(target.gpu_indices) or 'none'}",
+                assignment=assignment,
+                attempts=job.attempts + 1,
+                pending_reasons=None,
+            )
+            self._launch(job, assignment)
+
+    def _launch(self, job: JobRecord, assignment: dict[str, Any]) -> None:
+        queue_wait_s = self._clock() - job.submitted_at
+        tags = {
+            "jobworker.job_id": job.id,
+            "jobworker.attempt": str(job.attempts),
+            "jobworker.node_id": assignment["node_id"],
+            "jobworker.node": assignment["hostname"],
+            "jobworker.gpu_ids": ",".join(map(str, assignment["gpu_indices"])),
+            "jobworker.gpu_uuids": ",".join(assignment["gpu_uuids"]),
+            "jobworker.queue_wait_s": f"{queue_wait_s:.3f}",
+        }
+        train_params = (
+            dataclasses.asdict(TrainingSpec.model_validate(job.spec).train_params())
+            if job.spec.get("model")
+            else None
+        )
+        request = LaunchRequest(
+            job_id=job.id,
+            attempt=job.attempts,
+            node_id=assignment["node_id"],
+            gpu_indices=tuple(assignment["gpu_indices"]),
+            gpu_uuids=tuple(assignment["gpu_uuids"]),
+            gpu_memory_bytes=int(job.spec["resources"]["gpu_memory_gb"] * GIB),
+            cpus=job.spec["resources"]["cpus"],
+            spec=job.spec,
+            source_text=job.source_text,
+            tracking_uri=self._settings.tracking_uri,
+            train_params=train_params,
+            run_id=job.run_id,
+            tags=tags,
+            python_path=self._settings.python_path,
+            simulated_usage_dir=self._settings.simulated_usage_dir,
+        )
+        try:
+            self._executor.launch(request)
+        except Exception as exc:
+            log.exception("launch of %s failed", job.id)
+            self._store.transition(
+                job.id, JobState.FAILED, f"launch failed: {exc}", error=f"launch failed: {exc}"
+            )

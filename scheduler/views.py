@@ -1,0 +1,102 @@
+"""The HTTP representations of jobs (pydantic), shared by the API and the client."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from scheduler.store import JobEvent, JobRecord
+
+
+class EventOut(BaseModel):
+    at: float
+    from_state: str | None
+    to_state: str
+    reason: str
+
+
+class JobOut(BaseModel):
+    id: str
+    name: str
+    experiment: str
+    team: str
+    priority: int
+    state: str
+    submitted_at: float
+    started_at: float | None
+    finished_at: float | None
+    attempts: int
+    assignment: dict[str, Any] | None
+    run_id: str | None
+    run_url: str | None
+    model_version: str | None
+    error: str | None
+    progress: dict[str, Any] | None
+    pending_reasons: list[str] | None
+    cancel_requested: bool
+    history: list[EventOut] | None = None
+
+
+class FieldError(BaseModel):
+    loc: str
+    msg: str
+
+
+class ConfigRejected(BaseModel):
+    detail: list[FieldError]
+
+
+class ValidationOk(BaseModel):
+    valid: bool
+    name: str
+    spec: dict[str, Any]
+
+
+class LogsOut(BaseModel):
+    text: str
+    next_offset: int
+
+
+def run_url(ui_url: str | None, job: JobRecord) -> str | None:
+    """The MLflow UI page of the job's run, when both are known."""
+    experiment_id = (job.progress or {}).get("experiment_id")
+    if not (ui_url and job.run_id and experiment_id):
+        return None
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{job.run_id}"
+
+
+def job_out(job: JobRecord, ui_url: str | None, history: list[JobEvent] | None = None) -> JobOut:
+    return JobOut(
+        id=job.id,
+        name=job.name,
+        experiment=job.experiment,
+        team=job.team,
+        priority=job.priority,
+        state=job.state.value,
+        submitted_at=job.submitted_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        attempts=job.attempts,
+        assignment=job.assignment,
+        run_id=job.run_id,
+        run_url=run_url(ui_url, job),
+        model_version=job.model_version,
+        error=job.error,
+        progress=job.progress,
+        pending_reasons=job.pending_reasons,
+        cancel_requested=job.cancel_requested,
+        history=(
+            [
+                EventOut(
+                    at=e.at,
+                    from_state=e.from_state.value if e.from_state else None,
+                    to_state=e.to_state.value,
+                    reason=e.reason,
+                )
+                for e in history
+            ]
+            if history is not None
+            else None
+        ),
+    )

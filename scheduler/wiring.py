@@ -1,0 +1,108 @@
+"""The one place that builds the real collaborators and hands them to each other."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+from fastapi import FastAPI
+
+from scheduler.api import create_app
+from scheduler.cluster_view import cluster_table
+from scheduler.loop import LoopSettings, Scheduler
+from scheduler.service import JobService
+from scheduler.store import JobStore, sqlite_url
+from workers.ray_cluster import RayCluster, connect
+from workers.ray_executor import RayExecutor
+from workers.sim_backend import SimClusterSpec, SimGpuSpec, SimNodeSpec, load_cluster_config
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where state lives and what to connect to; every field has a flag and a variable."""
+
+    home: Path = Path(".jobworker")
+    db_url: str | None = None  # default: SQLite under home
+    tracking_uri: str = "http://127.0.0.1:5000"
+    mlflow_ui_url: str | None = None  # default: the tracking URI when it is http(s)
+    ray_address: str | None = None  # default: a local Ray started in-process
+    cluster_config: Path | None = None
+    gpu_backend: str = "auto"  # auto | nvml | simulated
+    namespace: str = "jobworker"
+    loop_interval_s: float = 0.5
+
+    @property
+    def store_url(self) -> str:
+        return self.db_url or sqlite_url((self.home / "jobs.db").resolve())
+
+    @property
+    def ui_url(self) -> str | None:
+        if self.mlflow_ui_url:
+            return self.mlflow_ui_url
+        return self.tracking_uri if self.tracking_uri.startswith("http") else None
+
+
+def default_sim_cluster() -> SimClusterSpec:
+    """Used when NVML finds no GPU and no cluster config is given: two simulated GPUs."""
+    return SimClusterSpec(
+        nodes=[
+            SimNodeSpec(
+                name="local",
+                cpus=os.cpu_count() or 1,
+                memory_gb=psutil.virtual_memory().total / 2**30,
+                gpus=[SimGpuSpec(type="SIM-24GB", memory_gb=24, count=2)],
+            )
+        ]
+    )
+
+
+@dataclass
+class ControlPlane:
+    store: JobStore
+    scheduler: Scheduler
+    service: JobService
+    cluster: RayCluster
+    app: FastAPI
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+        self.store.close()
+
+
+def build(settings: Settings) -> ControlPlane:
+    """Connect to Ray and build the control plane (the loop is not started yet)."""
+    home = settings.home.resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    connect(settings.ray_address, settings.namespace)
+    sim = (
+        load_cluster_config(settings.cluster_config)
+        if settings.cluster_config
+        else default_sim_cluster()
+    )
+    usage_dir = home / "simgpu"
+    usage_dir.mkdir(exist_ok=True)
+    store = JobStore(settings.store_url)
+    cluster = RayCluster(
+        namespace=settings.namespace, mode=settings.gpu_backend, sim=sim, usage_dir=usage_dir
+    )
+    executor = RayExecutor(namespace=settings.namespace, work_root=home / "work")
+    loop_settings = LoopSettings(
+        tracking_uri=settings.tracking_uri,
+        log_dir=home / "logs",
+        interval_s=settings.loop_interval_s,
+        python_path=(os.getcwd(),),
+        simulated_usage_dir=str(usage_dir),
+    )
+    scheduler = Scheduler(store, executor, cluster, loop_settings)
+    service = JobService(store, loop_settings.log_dir, wake=scheduler.wake)
+    app = create_app(
+        service,
+        mlflow_ui_url=settings.ui_url,
+        cluster_view=lambda: cluster_table(cluster.nodes(), store),
+    )
+    return ControlPlane(store, scheduler, service, cluster, app)

@@ -1,0 +1,1 @@
+"""What runs on Ray nodes: GPU telemetry, the node agent, worker actors."""

@@ -1,0 +1,166 @@
+"""The job process: ``python -m workers.job_runner WORK_DIR``.
+
+Started by the training worker actor with ``CUDA_VISIBLE_DEVICES`` and the
+thread limits already in its environment. It reads ``launch.json``, runs the
+``jobs/`` training loop (or the user's entrypoint) with an MLflow-backed
+context, logs and registers the model, and writes ``result.json``. Its stdout
+and stderr are the job's log. SIGTERM asks it to checkpoint and stop.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Mapping
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import mlflow
+import torch
+from mlflow.entities import Param
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+
+from jobs.context import StopRequested
+from jobs.train import TrainParams, TrainResult, train
+from workers.mlflow_context import MlflowJobContext, write_json_atomic
+
+_MAX_PARAMS = 100  # MLflow's limit of params per log_batch call
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"train": {"lr": 0.1}}`` → ``{"train.lr": "0.1"}``, for MLflow params."""
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = json.dumps(value) if not isinstance(value, str) else value
+    return out
+
+
+def _open_run(client: MlflowClient, launch: Mapping[str, Any]) -> tuple[str, str]:
+    """The run to report to, ``(run_id, experiment_id)``: the job's own on a resume."""
+    spec = launch["spec"]
+    if launch.get("run_id"):
+        run = client.get_run(launch["run_id"])
+        return run.info.run_id, run.info.experiment_id
+    experiment = client.get_experiment_by_name(spec["experiment"])
+    experiment_id = (
+        experiment.experiment_id if experiment else client.create_experiment(spec["experiment"])
+    )
+    tags = {"mlflow.runName": spec["name"], **spec.get("tags", {}), **launch["tags"]}
+    run = client.create_run(experiment_id, tags=tags)
+    params = [Param(k, v[:6000]) for k, v in flatten(spec).items()]
+    for i in range(0, len(params), _MAX_PARAMS):
+        client.log_batch(run.info.run_id, params=params[i : i + _MAX_PARAMS])
+    client.log_text(run.info.run_id, launch["source_text"], "config.yaml")
+    return run.info.run_id, experiment_id
+
+
+def _run_program(ctx: MlflowJobContext, launch: Mapping[str, Any]) -> TrainResult | None:
+    spec = launch["spec"]
+    if spec.get("entrypoint"):
+        module_name, _, attr = spec["entrypoint"].partition(":")
+        fn = getattr(importlib.import_module(module_name), attr)
+        result = fn(ctx, dict(spec.get("config", {})))
+        return result if isinstance(result, TrainResult) else None
+    return train(ctx, TrainParams(**launch["train_params"]))
+
+
+def _log_model(run_id: str, result: TrainResult, register_as: str | None) -> str | None:
+    model = result.model.to("cpu").eval()
+    example = result.example_input.to("cpu")
+    with torch.no_grad():
+        output = model(example)
+    signature = infer_signature(example.numpy(), output.numpy())
+    info = mlflow.pytorch.log_model(
+        model,
+        name="model",
+        signature=signature,
+        input_example=example.numpy(),
+        registered_model_name=register_as,
+    )
+    version = info.registered_model_version
+    return str(version) if version is not None else None
+
+
+def _exit_with_parent() -> None:
+    """Die with the worker actor: an orphaned job would hold its GPUs unseen."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(70)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def main(work_dir: Path) -> int:
+    _exit_with_parent()
+    launch = json.loads((work_dir / "launch.json").read_text())
+    spec = launch["spec"]
+    torch.set_num_threads(int(launch["cpus"]))
+    mlflow.set_tracking_uri(launch["tracking_uri"])
+    client = MlflowClient(launch["tracking_uri"])
+    result_path = work_dir / "result.json"
+    run_id, experiment_id = _open_run(client, launch)
+    ctx = MlflowJobContext(
+        client=client,
+        run_id=run_id,
+        experiment_id=experiment_id,
+        work_dir=work_dir,
+        gpu_ids=tuple(launch["gpu_indices"]),
+        cpus=int(launch["cpus"]),
+    )
+
+    # MLflow's own system-metrics monitor (CPU, memory, and GPU through NVML when present).
+    mlflow.set_system_metrics_sampling_interval(2)  # type: ignore[no-untyped-call]
+    mlflow.set_system_metrics_samples_before_logging(1)  # type: ignore[no-untyped-call]
+    mlflow.start_run(run_id=run_id, log_system_metrics=True)
+
+    def on_sigterm(_signum: int, _frame: FrameType | None) -> None:
+        ctx.request_stop()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    print(
+        f"jobworker: job {launch['job_id']} attempt {launch['attempt']} run {run_id} "
+        f"gpus={launch['gpu_indices']} cpus={launch['cpus']}",
+        flush=True,
+    )
+    outcome: dict[str, Any] = {"run_id": run_id}
+    status = "FINISHED"
+    try:
+        result = _run_program(ctx, launch)
+        if result is not None:
+            outcome["metrics"] = result.metrics
+            outcome["model_version"] = _log_model(run_id, result, spec.get("register_as"))
+        outcome["status"] = "succeeded"
+    except StopRequested:
+        outcome["status"] = "stopped"
+        status = "KILLED"
+    except BaseException as exc:
+        traceback.print_exc()
+        outcome.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        status = "FAILED"
+    finally:
+        logging_errors = ctx.close()
+        for err in logging_errors:
+            print(f"jobworker: {err}", file=sys.stderr, flush=True)
+        client.set_tag(run_id, "jobworker.outcome", outcome.get("status", "failed"))
+        mlflow.end_run(status=status)
+        write_json_atomic(result_path, outcome)
+    return 0 if outcome["status"] != "failed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1])))
