@@ -210,7 +210,9 @@ def demo(
     job = _guard(lambda: client.submit(_read(config)))
     out.print(f"submitted [bold]{job['id']}[/] from {config}")
     final = _wait(client, job["id"])
-    out.print(f"\nMLflow UI: [bold]http://127.0.0.1:{mlflow_port}[/]  (stop everything: `make stop`)")
+    out.print(
+        f"\nMLflow UI: [bold]http://127.0.0.1:{mlflow_port}[/]  (stop everything: `make stop`)"
+    )
     raise typer.Exit(0 if final["state"] == "SUCCEEDED" else 1)
 
 

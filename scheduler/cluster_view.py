@@ -15,7 +15,7 @@ def cluster_table(nodes: Sequence[NodeReading], store: JobStore) -> dict[str, An
     """Telemetry of every node, each GPU annotated with the jobs assigned to it."""
     on_gpu: dict[str, list[str]] = {}
     on_node: dict[str, list[str]] = {}
-    for job in store.list([JobState.SCHEDULED, JobState.RUNNING]):
+    for job in store.find([JobState.SCHEDULED, JobState.RUNNING]):
         if not job.assignment:
             continue
         on_node.setdefault(job.assignment["node_id"], []).append(job.id)

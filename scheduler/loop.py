@@ -132,7 +132,7 @@ class Scheduler:
     def run_until_idle(self, timeout_s: float = 120.0) -> None:
         """Run passes until no job is pending or active (tests, ``--burst``)."""
         deadline = time.monotonic() + timeout_s
-        while self._store.list([JobState.PENDING, *ACTIVE]):
+        while self._store.find([JobState.PENDING, *ACTIVE]):
             if time.monotonic() > deadline:
                 raise TimeoutError("jobs still not finished after run_until_idle timeout")
             self.run_once()
@@ -140,7 +140,7 @@ class Scheduler:
 
     # -- one pass ---------------------------------------------------------------------
     def run_once(self) -> None:
-        jobs = self._store.list([JobState.PENDING, *ACTIVE])
+        jobs = self._store.find([JobState.PENDING, *ACTIVE])
         pending = [j for j in jobs if j.state is JobState.PENDING]
         active = [j for j in jobs if j.state in ACTIVE]
         pending = self._cancel_pending(pending)
@@ -225,14 +225,14 @@ class Scheduler:
         if not pending:
             return
         holdings = tuple(
-            h for j in self._store.list(list(ACTIVE)) if (h := holding_of(j)) is not None
+            h for j in self._store.find(list(ACTIVE)) if (h := holding_of(j)) is not None
         )
         snapshot = ClusterSnapshot(nodes=self._cluster.nodes(), holdings=holdings)
         # Priority first, then arrival: the queue-policy issue replaces this ordering.
         order = sorted(pending, key=lambda j: (-j.priority, j.submitted_at))
         by_id = {j.id: j for j in order}
         decisions = place(snapshot, [demand_of(j) for j in order], self._settings.policy)
-        gpus_by_node = {n.node_id: n for n in snapshot.nodes}
+        nodes_by_id: dict[str, NodeReading] = {n.node_id: n for n in snapshot.nodes}
         for decision in decisions:
             job = by_id[decision.job_id]
             if not decision.placed:
@@ -242,7 +242,7 @@ class Scheduler:
                 continue
             # Multi-node gangs are placed by the core; launching them is the cluster issue's.
             target = decision.placement[0]
-            node = gpus_by_node[target.node_id]
+            node = nodes_by_id[target.node_id]
             assignment = {
                 "node_id": target.node_id,
                 "hostname": node.hostname,

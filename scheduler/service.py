@@ -49,7 +49,7 @@ class JobService:
         return self._store.history(job_id)
 
     def list(self, states: list[JobState] | None = None, limit: int = 1000) -> list[JobRecord]:
-        return self._store.list(states, limit)
+        return self._store.find(states, limit)
 
     def cancel(self, job_id: str) -> JobRecord:
         """Ask for a job to be cancelled; a finished job is returned unchanged."""

@@ -177,7 +177,7 @@ class JobStore:
             raise JobNotFound(f"no job {job_id!r}")
         return _record(row)
 
-    def list(self, states: Sequence[JobState] | None = None, limit: int = 1000) -> list[JobRecord]:
+    def find(self, states: Sequence[JobState] | None = None, limit: int = 1000) -> list[JobRecord]:
         """Jobs, newest first, optionally only those in ``states``."""
         query = sa.select(jobs).order_by(jobs.c.submitted_at.desc()).limit(limit)
         if states:

@@ -64,6 +64,7 @@ class ControlPlane:
     scheduler: Scheduler
     service: JobService
     cluster: RayCluster
+    executor: RayExecutor
     app: FastAPI
 
     def start(self) -> None:
@@ -71,6 +72,7 @@ class ControlPlane:
 
     def stop(self) -> None:
         self.scheduler.stop()
+        self.cluster.close()
         self.store.close()
 
 
@@ -105,4 +107,4 @@ def build(settings: Settings) -> ControlPlane:
         mlflow_ui_url=settings.ui_url,
         cluster_view=lambda: cluster_table(cluster.nodes(), store),
     )
-    return ControlPlane(store, scheduler, service, cluster, app)
+    return ControlPlane(store, scheduler, service, cluster, executor, app)

@@ -88,6 +88,8 @@ def _log_model(run_id: str, result: TrainResult, register_as: str | None) -> str
         signature=signature,
         input_example=example.numpy(),
         registered_model_name=register_as,
+        # Declared, not inferred: inference loads the model in a subprocess (seconds).
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
     )
     version = info.registered_model_version
     return str(version) if version is not None else None

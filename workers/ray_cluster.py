@@ -159,6 +159,12 @@ class RayCluster:
             )
             log.info("node %s joined (%s)", node_id, hostname)
 
+    def close(self) -> None:
+        """Stop the node agents (a restarted control plane starts new ones)."""
+        for agent in self._agents.values():
+            ray.kill(agent)
+        self._agents.clear()
+
     def nodes(self, fresh: bool = False) -> tuple[NodeReading, ...]:
         self._ensure_agents()
         refs = {nid: agent.reading.remote(fresh) for nid, agent in self._agents.items()}

@@ -7,6 +7,7 @@ logical counts, owns the assignment.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Sequence
@@ -125,10 +126,9 @@ class RayExecutor:
     def release(self, job_id: str) -> None:
         actor = self._actor(job_id)
         if actor is not None:
-            try:
+            # An actor that is already gone has nothing left to free.
+            with contextlib.suppress(RayActorError, GetTimeoutError):
                 ray.get(actor.kill.remote(), timeout=self._poll_timeout_s)
-            except (RayActorError, GetTimeoutError):
-                pass  # already gone: nothing left to free
             ray.kill(actor)
         self._forget(job_id)
 

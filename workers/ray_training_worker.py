@@ -53,6 +53,8 @@ class TrainingWorker:
         env = dict(os.environ)
         threads = str(launch["cpus"])
         env.update(
+            # NVML numbers GPUs in PCI bus order; CUDA must use the same order.
+            CUDA_DEVICE_ORDER="PCI_BUS_ID",
             CUDA_VISIBLE_DEVICES=",".join(str(i) for i in launch["gpu_indices"]),
             OMP_NUM_THREADS=threads,
             MKL_NUM_THREADS=threads,

@@ -1,0 +1,1 @@
+"""Test doubles for hardware only (DESIGN.md: "Only hardware is faked")."""

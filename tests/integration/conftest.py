@@ -1,0 +1,117 @@
+"""A real control plane per test: Ray (session), SQLite store, MLflow on SQLite, HTTP."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from mlflow.tracking import MlflowClient
+
+from scheduler.states import JobState
+from scheduler.store import JobRecord
+from scheduler.wiring import ControlPlane, Settings, build
+from tests.conftest import REPO
+
+TRAIN_YAML = """
+name: {name}
+experiment: {experiment}
+model: {{name: mlp, options: {{hidden: [32]}}}}
+data: {{name: synthetic_classification, options: {{n_samples: 256}}}}
+train: {{max_steps: {steps}, batch_size: 32, lr: 0.01, checkpoint_every_steps: 10}}
+resources: {{gpus: {gpus}, gpu_memory_gb: {gpu_memory_gb}, cpus: 1, memory_gb: 1}}
+register_as: {register_as}
+"""
+
+
+def entrypoint_yaml(name: str, fn: str, *, cpus: int = 1, gpus: int = 0, **config: Any) -> str:
+    gpu_mem = ", gpu_memory_gb: 1" if gpus else ""
+    return (
+        f"name: {name}\nexperiment: it\nentrypoint: tests.integration.user_code:{fn}\n"
+        f"config: {config or {}}\ntrain: {{max_steps: 1}}\n"
+        f"resources: {{gpus: {gpus}{gpu_mem}, cpus: {cpus}, memory_gb: 1}}\n"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Api:
+    """A control plane served over real HTTP on loopback."""
+
+    plane: ControlPlane
+    http: httpx.Client
+    home: Path
+    tracking_uri: str
+
+    def wait_for(self, job_id: str, states: set[JobState], timeout_s: float = 120.0) -> JobRecord:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            job = self.plane.store.get(job_id)
+            if job.state in states:
+                return job
+            time.sleep(0.2)
+        raise AssertionError(f"{job_id} still {self.plane.store.get(job_id).state}")
+
+    def mlflow(self) -> MlflowClient:
+        return MlflowClient(self.tracking_uri)
+
+
+def serve(plane: ControlPlane) -> tuple[uvicorn.Server, threading.Thread, str]:
+    port = free_port()
+    config = uvicorn.Config(plane.app, host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def make_api(ray_session: None, tmp_path: Path) -> Iterator[Callable[..., Api]]:
+    """Build (and later stop) control planes; each call may reuse the same home."""
+    started: list[tuple[ControlPlane, uvicorn.Server, threading.Thread]] = []
+    namespace = f"jw-test-{uuid.uuid4().hex[:8]}"
+
+    def make(home: Path = tmp_path, cluster: str = "local_sim.yaml") -> Api:
+        tracking_uri = f"sqlite:///{home / 'mlflow.db'}"
+        MlflowClient(tracking_uri).search_experiments()  # create MLflow's tables once, here
+        settings = Settings(
+            home=home,
+            tracking_uri=tracking_uri,
+            cluster_config=REPO / "configs" / "cluster" / cluster,
+            gpu_backend="simulated",
+            namespace=namespace,
+            loop_interval_s=0.2,
+        )
+        plane = build(settings)
+        plane.start()
+        server, thread, url = serve(plane)
+        started.append((plane, server, thread))
+        return Api(plane, httpx.Client(base_url=url, timeout=30), home, tracking_uri)
+
+    yield make
+    for plane, server, thread in started:
+        server.should_exit = True
+        thread.join(timeout=10)
+        plane.stop()
+        for job_id in plane.executor.active():
+            plane.executor.release(job_id)
+
+
+@pytest.fixture
+def api(make_api: Callable[..., Api]) -> Api:
+    return make_api()

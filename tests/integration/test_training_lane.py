@@ -1,0 +1,215 @@
+"""The training lane end to end on real Ray, MLflow (SQLite), SQLite and HTTP."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import mlflow.pytorch
+import pytest
+import torch
+
+from scheduler.states import JobState
+from tests.conftest import REPO
+from tests.integration.conftest import TRAIN_YAML, Api, entrypoint_yaml
+
+DONE = {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
+
+
+def train_yaml(name: str = "mlp-it", steps: int = 30, gpus: int = 1, **kw: object) -> str:
+    fields = {
+        "name": name,
+        "experiment": "it",
+        "steps": steps,
+        "gpus": gpus,
+        "gpu_memory_gb": 2 if gpus else 0,
+        "register_as": name,
+        **kw,
+    }
+    return TRAIN_YAML.format(**fields)
+
+
+def submit(api: Api, text: str) -> str:
+    response = api.http.post("/jobs", content=text, headers={"content-type": "application/yaml"})
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+def test_submit_runs_to_success_with_metrics_artifacts_and_registered_model(api: Api) -> None:
+    text = train_yaml(steps=30)
+    job_id = submit(api, text)
+    job = api.wait_for(job_id, DONE)
+    assert job.state is JobState.SUCCEEDED, job.error
+
+    body = api.http.get(f"/jobs/{job_id}").json()
+    assert [e["to_state"] for e in body["history"]] == [
+        "PENDING",
+        "SCHEDULED",
+        "RUNNING",
+        "SUCCEEDED",
+    ]
+    assert body["progress"]["step"] == 30
+    # `pack` takes the tightest fit: GPU 1 (32 GB free: 8 GB held outside) before GPU 0 (40).
+    assert body["assignment"]["gpu_indices"] == [1]
+
+    client = api.mlflow()
+    run = client.get_run(body["run_id"])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(
+        range(1, 31)
+    )
+    assert run.data.params["train.max_steps"] == "30"
+    assert run.data.params["model.name"] == "mlp"
+    tags = run.data.tags
+    assert tags["jobworker.job_id"] == job_id
+    assert tags["jobworker.node"] == "local"
+    assert tags["jobworker.gpu_ids"] == "1"
+    assert tags["jobworker.gpu_uuids"] == body["assignment"]["gpu_uuids"][0]
+    assert float(tags["jobworker.queue_wait_s"]) >= 0
+    assert any(k.startswith("system/") for k in run.data.metrics), "no system metrics"
+    config = client.download_artifacts(run.info.run_id, "config.yaml", str(api.home))
+    assert Path(config).read_text() == text
+    checkpoints = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
+    assert checkpoints == [f"checkpoints/step-{s:09d}.pt" for s in (10, 20, 30)]
+
+    version = client.get_model_version("mlp-it", body["model_version"])
+    assert version.run_id == run.info.run_id
+    mlflow.set_tracking_uri(api.tracking_uri)
+    model = mlflow.pytorch.load_model(f"models:/mlp-it/{body['model_version']}")
+    assert model(torch.zeros(3, 64)).shape == (3, 10)
+    info = mlflow.models.get_model_info(f"models:/mlp-it/{body['model_version']}")
+    assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 64)
+
+
+@pytest.mark.parametrize(
+    "config", sorted(p.name for p in (REPO / "configs" / "train").glob("*.yaml"))
+)
+def test_example_configs_run(api: Api, config: str) -> None:
+    job_id = submit(api, (REPO / "configs" / "train" / config).read_text())
+    job = api.wait_for(job_id, DONE, timeout_s=240)
+    assert job.state is JobState.SUCCEEDED, job.error
+    assert job.model_version is not None
+
+
+def test_user_code_exception_fails_with_traceback_in_logs(api: Api) -> None:
+    job_id = submit(api, entrypoint_yaml("boom", "explode", why="testing"))
+    job = api.wait_for(job_id, DONE)
+    assert job.state is JobState.FAILED
+    assert job.error == "RuntimeError: boom from user code (testing)"
+    logs = api.http.get(f"/jobs/{job_id}/logs").json()["text"]
+    assert "Traceback (most recent call last)" in logs
+    assert "boom from user code" in logs
+    history = api.http.get(f"/jobs/{job_id}").json()["history"]
+    assert history[-1]["reason"] == job.error
+
+
+def test_job_uses_exactly_its_cpu_threads_and_gpus(api: Api) -> None:
+    job_id = submit(api, entrypoint_yaml("env", "report_environment", cpus=2, gpus=1))
+    job = api.wait_for(job_id, DONE)
+    assert job.state is JobState.SUCCEEDED, job.error
+    logs = api.http.get(f"/jobs/{job_id}/logs").json()["text"]
+    assert "torch_threads=2" in logs
+    assert "omp_threads=2" in logs
+    gpu = job.assignment["gpu_indices"][0] if job.assignment else None
+    assert f"cuda_visible_devices={gpu}" in logs
+    assert f"ctx_gpu_ids={gpu}" in logs
+
+
+@pytest.mark.parametrize("fn", ["run_until_stopped", "ignore_stop"])
+def test_cancel_running_job_stops_it_and_frees_its_gpu(api: Api, fn: str) -> None:
+    job_id = submit(api, entrypoint_yaml(f"cancel-{fn}".replace("_", "-"), fn, gpus=1))
+    job = api.wait_for(job_id, {JobState.RUNNING})
+    # Wait until the job process itself reports progress, then cancel it.
+    deadline = time.monotonic() + 60
+    while not (api.plane.store.get(job_id).progress or {}).get("step"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    pid = api.plane.store.get(job_id).assignment["pid"]  # type: ignore[index]
+    gpu = job.assignment["gpu_indices"][0]  # type: ignore[index]
+    assert api.http.get("/cluster").json()["nodes"][0]["gpus"][gpu]["jobs"] == [job_id]
+
+    started = time.monotonic()
+    assert api.http.post(f"/jobs/{job_id}/cancel").status_code == 200
+    job = api.wait_for(job_id, DONE, timeout_s=30)
+    assert job.state is JobState.CANCELLED
+    assert time.monotonic() - started < 15  # stop grace is 5 s
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert job_id not in api.plane.executor.active()
+    gpus = api.plane.cluster.nodes(fresh=True)[0].gpus
+    assert all(p.pid != pid for g in gpus for p in g.processes)
+    assert api.http.get("/cluster").json()["nodes"][0]["gpus"][gpu]["jobs"] == []
+
+
+def test_cancel_pending_job_never_runs(api: Api) -> None:
+    too_big = train_yaml(name="too-big", gpus=1).replace("gpu_memory_gb: 2", "gpu_memory_gb: 500")
+    job_id = submit(api, too_big)
+    deadline = time.monotonic() + 30
+    while not api.plane.store.get(job_id).pending_reasons:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    reasons = api.http.get(f"/jobs/{job_id}").json()["pending_reasons"]
+    assert any("500.0 GiB" in r for r in reasons), reasons
+    api.http.post(f"/jobs/{job_id}/cancel")
+    job = api.wait_for(job_id, DONE)
+    assert job.state is JobState.CANCELLED
+    assert job.attempts == 0
+
+
+BAD_CONFIGS = [
+    ("resources: {gpus: -1}", "resources.gpus", "greater than or equal to 0"),
+    ("colour: blue", "colour", "unknown key 'colour'"),
+    ("train: {max_steps: 5, batch_size: 0}", "train.batch_size", "greater than or equal to 1"),
+    ("entrypoint: no_such_module.sub:fn", "entrypoint", "cannot import module"),
+    ("model: {name: resnet9000}", "model", "resnet9000"),
+]
+
+
+@pytest.mark.parametrize(("patch", "loc", "words"), BAD_CONFIGS)
+def test_bad_config_is_refused_with_field_and_nothing_stored(
+    api: Api, patch: str, loc: str, words: str
+) -> None:
+    base = {"name": "bad", "model": "{name: mlp}", "train": "{max_steps: 5}"}
+    key = patch.split(":", 1)[0]
+    if key == "entrypoint":
+        base.pop("model")
+    lines = [f"{k}: {v}" for k, v in base.items() if k != key] + [patch]
+    before = api.http.get("/jobs").json()
+    response = api.http.post("/jobs", content="\n".join(lines))
+    assert response.status_code == 422
+    detail = response.json()["detail"]
+    assert any(d["loc"] == loc and words in d["msg"] for d in detail), detail
+    assert api.http.get("/jobs").json() == before
+
+
+def test_yaml_syntax_error_names_the_line(api: Api) -> None:
+    response = api.http.post("/jobs", content="name: x\ntrain: {max_steps: 3\nmodel: mlp\n")
+    assert response.status_code == 422
+    assert "line 3" in response.json()["detail"][0]["msg"]
+    assert api.http.get("/jobs").json() == []
+
+
+def test_json_body_is_accepted(api: Api) -> None:
+    body = {"name": "json-job", "model": {"name": "mlp"}, "train": {"max_steps": 2}}
+    response = api.http.post("/jobs/validate", json=body)
+    assert response.status_code == 200
+    assert response.json()["spec"]["train"]["max_steps"] == 2
+
+
+def test_restarted_api_keeps_jobs_and_histories(make_api: object, tmp_path: Path) -> None:
+    first: Api = make_api()  # type: ignore[operator]
+    job_id = submit(first, entrypoint_yaml("boom", "explode"))
+    first.wait_for(job_id, DONE)
+    before = first.http.get(f"/jobs/{job_id}").json()
+    first.plane.stop()
+
+    second: Api = make_api(home=tmp_path)  # type: ignore[operator]
+    after = second.http.get(f"/jobs/{job_id}").json()
+    assert after == before
+    assert [j["id"] for j in second.http.get("/jobs").json()] == [job_id]
+
+
+def test_unknown_job_is_404(api: Api) -> None:
+    response = api.http.get("/jobs/j-nope")
+    assert response.status_code == 404
+    assert "j-nope" in response.json()["detail"]

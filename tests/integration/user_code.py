@@ -1,0 +1,50 @@
+"""User entrypoints the integration tests submit (``tests.integration.user_code:fn``)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+
+from jobs.context import JobContext, StopRequested
+
+
+def explode(ctx: JobContext, config: dict[str, Any]) -> None:
+    ctx.log_metrics({"loss": 1.0}, step=1)
+    raise RuntimeError(f"boom from user code ({config.get('why', 'no reason')})")
+
+
+def report_environment(ctx: JobContext, config: dict[str, Any]) -> None:
+    """Print what the job process sees, for the tests to read from its log."""
+    print(f"torch_threads={torch.get_num_threads()}")
+    print(f"omp_threads={os.environ.get('OMP_NUM_THREADS')}")
+    print(f"cuda_visible_devices={os.environ.get('CUDA_VISIBLE_DEVICES')}")
+    print(f"ctx_gpu_ids={','.join(map(str, ctx.gpu_ids))}")
+    print(f"ctx_cpus={ctx.cpus}")
+    ctx.log_metrics({"threads": float(torch.get_num_threads())}, step=1)
+
+
+def run_until_stopped(ctx: JobContext, config: dict[str, Any]) -> None:
+    """Train "forever", checkpointing and stopping when asked (cooperative)."""
+    step = 0
+    while True:
+        step += 1
+        ctx.log_metrics({"loss": 1.0 / step}, step=step)
+        if ctx.should_stop():
+            ctx.save_checkpoint({"step": step}, step=step)
+            raise StopRequested
+        time.sleep(config.get("step_s", 0.05))
+
+
+def ignore_stop(ctx: JobContext, config: dict[str, Any]) -> None:
+    """Never looks at should_stop: only the kill after the grace period ends it."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    step = 0
+    while True:
+        step += 1
+        ctx.log_metrics({"loss": 1.0}, step=step)
+        time.sleep(0.05)
