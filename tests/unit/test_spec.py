@@ -1,0 +1,82 @@
+"""Training configs: the examples load; bad ones name the field and the rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from scheduler.cli import app
+from scheduler.errors import ConfigError
+from scheduler.spec import load_spec
+from tests.conftest import REPO
+
+MINIMAL = "name: t\nmodel: {name: mlp}\ntrain: {max_steps: 3}\n"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "train").glob("*.yaml")))
+def test_example_configs_are_valid(path: Path) -> None:
+    spec = load_spec(path.read_text())
+    assert spec.name
+    assert spec.train_params().batch_size >= 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "loc", "words"),
+    [
+        ("resources: {gpus: -1}", "resources.gpus", "Input should be greater than or equal to 0"),
+        ("resources: {gpus: 0, gpu_memory_gb: 4}", "resources", "gpus is 0"),
+        ("priority: 1000", "priority", "less than or equal to 100"),
+        ("surprise: 1", "surprise", "unknown key 'surprise'"),
+        ("train: {batch_size: 8}", "train", "set train.epochs or train.max_steps"),
+        ("data: {name: imagenet}", "data", "imagenet"),
+        ("model: {name: mlp, options: {depth: 3}}", "model", "depth"),
+        # A CNN cannot eat the 64-feature default data.
+        ("model: {name: cnn}", "", "expects samples of shape (1, 28, 28)"),
+        ("entrypoint: json:dumps", "", "exactly one of model or entrypoint"),
+        ("name: 'has spaces'", "name", "pattern"),
+    ],
+)
+def test_bad_fields_are_named(extra: str, loc: str, words: str) -> None:
+    base = dict(line.split(": ", 1) for line in MINIMAL.strip().splitlines())
+    key, value = extra.split(": ", 1)
+    base[key] = value
+    text = "\n".join(f"{k}: {v}" for k, v in base.items())
+    with pytest.raises(ConfigError) as info:
+        load_spec(text)
+    assert any(
+        (not loc or got_loc == loc) and words.lower() in msg.lower()
+        for got_loc, msg in info.value.errors
+    ), info.value.errors
+
+
+def test_entrypoint_must_import_and_be_callable() -> None:
+    text = "name: t\ntrain: {max_steps: 1}\nentrypoint: "
+    with pytest.raises(ConfigError, match="cannot import module 'nope_nope'"):
+        load_spec(text + "nope_nope:fn")
+    with pytest.raises(ConfigError, match="has no callable 'missing'"):
+        load_spec(text + "json:missing")
+    assert load_spec(text + "json:dumps").entrypoint == "json:dumps"
+
+
+def test_yaml_errors_name_the_line() -> None:
+    with pytest.raises(ConfigError, match="line 2, column 8"):
+        load_spec("name: t\n  train: 1\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_spec("- just\n- a list\n")
+
+
+def test_cli_validate_exit_codes_and_messages(tmp_path: Path) -> None:
+    runner = CliRunner()
+    good = runner.invoke(app, ["validate", str(REPO / "configs/train/mlp_synthetic.yaml")])
+    assert good.exit_code == 0, good.output
+    assert "valid" in good.output
+    bad_file = tmp_path / "bad.yaml"
+    bad_file.write_text(MINIMAL + "resources: {gpus: -1}\n")
+    bad = runner.invoke(app, ["validate", str(bad_file)])
+    assert bad.exit_code == 2
+    assert "resources.gpus: Input should be greater than or equal to 0" in bad.output
+    missing = runner.invoke(app, ["validate", str(tmp_path / "nope.yaml")])
+    assert missing.exit_code == 2
+    assert "cannot read" in missing.output
