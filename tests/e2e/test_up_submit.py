@@ -1,0 +1,73 @@
+"""End to end as a user runs it: `jobworker up` with a real MLflow server, then the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import REPO
+from tests.integration.conftest import free_port
+
+
+def jobworker(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "scheduler.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=REPO,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+def test_up_submit_wait_status_logs_down(tmp_path: Path) -> None:
+    port, mlflow_port = free_port(), free_port()
+    api = f"http://127.0.0.1:{port}"
+    home = tmp_path / "home"
+    started = jobworker(
+        "up",
+        "--detach",
+        "--home",
+        str(home),
+        "--port",
+        str(port),
+        "--mlflow-port",
+        str(mlflow_port),
+    )
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        assert httpx.get(f"{api}/healthz").json() == {"status": "ok"}
+        submitted = jobworker("submit", "configs/train/mlp_synthetic.yaml", "--wait", "--api", api)
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        assert "SUCCEEDED" in submitted.stdout
+        assert f"http://127.0.0.1:{mlflow_port}/#/experiments/" in submitted.stdout
+        job = httpx.get(f"{api}/jobs").json()[0]
+
+        status = jobworker("status", job["id"], "--api", api)
+        assert status.returncode == 0
+        assert "PENDING" in status.stdout and "SUCCEEDED" in status.stdout
+
+        logs = jobworker("logs", job["id"], "-f", "--api", api)
+        assert f"jobworker: job {job['id']}" in logs.stdout
+
+        client = MlflowClient(f"http://127.0.0.1:{mlflow_port}")
+        run = client.get_run(job["run_id"])
+        assert len(client.get_metric_history(run.info.run_id, "loss")) == 300
+        assert any(a.path == "config.yaml" for a in client.list_artifacts(run.info.run_id))
+        version = client.get_model_version("mlp-synthetic", job["model_version"])
+        assert version.run_id == run.info.run_id
+
+        missing = jobworker("status", "j-nope", "--api", api)
+        assert missing.returncode == 2
+        assert "no job 'j-nope'" in missing.stderr
+    finally:
+        stopped = jobworker("down", "--home", str(home))
+        assert stopped.returncode == 0, stopped.stderr
+    unreachable = jobworker("status", "--api", api)
+    assert unreachable.returncode == 3
+    assert "is `jobworker up` running?" in unreachable.stderr
