@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import bisect
 import heapq
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -36,13 +35,14 @@ from scheduler.placement_reasons import (
     NodeState,
     build_nodes,
     gang_suffix,
+    need_texts,
     node_reason,
+    pick_gpus,
     type_alternatives,
-    type_matches,
 )
+from scheduler.placement_reasons import explain as explain  # re-exported (public API)
+from scheduler.placement_reasons import fragmentation as fragmentation  # re-exported
 from workers.telemetry import GpuUuid, NodeReading
-
-_MAX_CLIQUE_TRIES = 256  # NVLink-set search budget per node; 8 GPUs need at most C(8,4) = 70
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,29 +194,6 @@ _Entry = tuple[_Key, int, int, tuple[GpuState, ...]]
 """A heap entry: (score, node position, node version when scored, chosen GPUs)."""
 
 
-def _is_nvlink_set(gpus: Sequence[GpuState]) -> bool:
-    mask = 0
-    for g in gpus:
-        mask |= g.bit
-    return all((g.peer_mask | g.bit) & mask == mask for g in gpus)
-
-
-def _pick(node: NodeState, ranked: list[GpuState], k: int) -> tuple[tuple[GpuState, ...], int]:
-    """The first ``k`` GPUs by preference, or the best all-NVLink set; 1 = no such set."""
-    top = tuple(ranked[:k])
-    if k == 1:
-        return top, 0
-    if not node.has_topology:
-        return top, 1
-    if _is_nvlink_set(top):
-        return top, 0
-    combos = itertools.combinations(ranked, k)  # lexicographic in preference order
-    for combo in itertools.islice(combos, _MAX_CLIQUE_TRIES):
-        if _is_nvlink_set(combo):
-            return combo, 0
-    return top, 1
-
-
 @dataclass(slots=True, eq=False)
 class _Shape:
     """A demand's resources without its job id, with its per-pass search memo."""
@@ -229,6 +206,7 @@ class _Shape:
     alternatives: tuple[str, ...]
     nodes: int
     shared: bool
+    need_texts: tuple[str, str, str]
     dead: bool = False  # fits on fewer than `nodes` nodes, for the rest of the pass
     heap: list[_Entry] = field(default_factory=list)
     seen: list[int] = field(default_factory=list)  # node versions the heap was scored at
@@ -281,16 +259,45 @@ class _Pass:
             type_alternatives(d.gpu_type),
             d.nodes,
             d.shared,
+            need_texts(d.gpus, d.gpu_memory_bytes, d.cpus, d.memory_bytes, d.shared),
         )
         shape.log_pos = len(self.log)
         for node in self.nodes:
             shape.seen.append(node.version)
-            found = self._score(node, shape)
+            if self.pack:
+                found = self._score(node, shape)
+            else:  # a lower bound, marked stale: only nodes that surface get scored
+                bound = self._spread_bound(node, shape)
+                found = None if bound is None else (bound, ())
             shape.fits.append(found is not None)
             if found is not None:
-                shape.heap.append((found[0], node.pos, node.version, found[1]))
+                version = node.version if self.pack else -1
+                shape.heap.append((found[0], node.pos, version, found[1]))
         heapq.heapify(shape.heap)
         return shape
+
+    def _spread_bound(self, node: NodeState, shape: _Shape) -> _Key | None:
+        """A key no worse than the node's ``spread`` score, from the summaries alone.
+
+        None only when the node surely does not fit.
+        """
+        if node.cpus_free + CPU_EPSILON < shape.cpus or node.memory_free_bytes < shape.memory_bytes:
+            return None
+        k, nid = shape.gpus, node.node_id
+        if k == 0:
+            return (
+                -(node.cpus_free - shape.cpus),
+                -(node.memory_free_bytes - shape.memory_bytes),
+                0,
+                nid,
+            )
+        if shape.shared:
+            if node.max_shareable < shape.gpu_memory_bytes:
+                return None
+            return (-node.max_shareable, -node.n_free, 0, nid)
+        if node.n_free < k or node.max_free < shape.gpu_memory_bytes:
+            return None
+        return (0, -(node.n_free - k), -k * node.max_free, nid)
 
     def _refresh(self, shape: _Shape) -> None:
         """Rescore the nodes changed since this shape was last looked at."""
@@ -377,11 +384,7 @@ class _Pass:
         if shape.alternatives:
             alts = shape.alternatives
             in_order = node.free_asc if self.pack else node.free_desc
-            ranked = [
-                g
-                for g in in_order
-                if g.effective_free_bytes >= need and type_matches(g.name_lower, alts)
-            ]
+            ranked = [g for g in in_order if g.effective_free_bytes >= need and g.matches(alts)]
             if len(ranked) < k:
                 return None
         else:
@@ -389,7 +392,7 @@ class _Pass:
             if node.n_free - first < k:
                 return None
             ranked = node.free_asc[first:] if self.pack else node.free_desc[: node.n_free - first]
-        chosen, no_link = _pick(node, ranked, k)
+        chosen, no_link = pick_gpus(node, ranked, k)
         chosen_free = sum(g.effective_free_bytes for g in chosen)
         if self.pack:  # fewest free GPUs left, then least memory stranded on the chosen
             return (no_link, node.n_free - k, chosen_free - k * need, nid), chosen
@@ -415,13 +418,8 @@ class _Pass:
             node.version += 1
             self.log.append(pos)
             ordered = sorted(gpus, key=lambda g: g.index)
-            out.append(
-                NodePlacement(
-                    node.node_id,
-                    tuple(g.index for g in ordered),
-                    tuple(g.uuid for g in ordered),
-                )
-            )
+            indices, uuids = tuple(g.index for g in ordered), tuple(g.uuid for g in ordered)
+            out.append(NodePlacement(node.node_id, indices, uuids))
         return tuple(out)
 
     def _reasons(self, shape: _Shape) -> tuple[str, ...]:
@@ -471,19 +469,6 @@ def place(
     return [one_pass.decide(d) for d in demands]
 
 
-def explain(decision: Decision) -> str:
-    """A multi-line, human-readable account of a decision (for the CLI and logs)."""
-    if decision.placed:
-        lines = [f"{decision.job_id}: placed"]
-        for p in decision.placement:
-            indices = ", ".join(str(i) for i in p.gpu_indices) or "none"
-            lines.append(f"  {p.node_id}: GPUs {indices}")
-        return "\n".join(lines)
-    lines = [f"{decision.job_id}: not placed"]
-    lines.extend(f"  {reason}" for reason in decision.reasons)
-    return "\n".join(lines)
-
-
 def with_placements(
     snapshot: ClusterSnapshot, demands: Sequence[Demand], decisions: Sequence[Decision]
 ) -> ClusterSnapshot:
@@ -511,23 +496,3 @@ def with_placements(
                 )
             )
     return ClusterSnapshot(snapshot.nodes, snapshot.holdings + tuple(added))
-
-
-def fragmentation(snapshot: ClusterSnapshot, policy: PlacementPolicy) -> float:
-    """Share of the free GPUs that are stranded on nodes which are not entirely free.
-
-    A GPU is *free* when it is eligible under ``policy`` and has no holding. A
-    node is *entirely free* when every one of its GPUs is free. Free GPUs on
-    any other node can only serve jobs smaller than a whole node, so
-    ``0.0`` = every free GPU sits on a whole free node (gangs fit),
-    ``1.0`` = no whole node is left. ``0.0`` when nothing is free.
-    """
-    total = stranded = 0
-    for node in build_nodes(
-        snapshot.nodes, snapshot.holdings, policy.memory_headroom_bytes, policy.max_util_pct
-    ):
-        free = sum(1 for g in node.gpus if g.state == FREE)
-        total += free
-        if free < len(node.gpus):
-            stranded += free
-    return stranded / total if total else 0.0

@@ -1,20 +1,24 @@
-"""The per-pass cluster view placement works on, and why a demand does not fit a node.
+"""The cluster view placement works on, and the texts that explain its decisions.
 
 :func:`build_nodes` turns a snapshot's telemetry and holdings into mutable
 :class:`NodeState`/:class:`GpuState` objects that one placement pass consumes
-(``scheduler.placement`` owns the search). :func:`node_reason` reads that view
-and writes one line per node that a user can act on, for example::
+(``scheduler.placement`` owns the search; :func:`pick_gpus` is its NVLink-aware
+choice of GPUs on a node). :func:`node_reason` reads that view and writes one
+line per node that a user can act on, for example::
 
     node-b: needs 2 GPUs with ≥ 40.0 GiB free; has 1 (GPU 3: 35.2 GiB free)
     node-a: needs 4 CPUs; 2 free
     node-c: no GPU of type H100 (has Tesla T4)
 
 The predicates here are the ones placement decides by, so a text never
-contradicts a decision. Pure: no I/O, no clock. Internal to placement.
+contradicts a decision. :func:`explain` and :func:`fragmentation` are public
+through ``scheduler.placement``; the rest is internal to placement. Pure: no
+I/O, no clock.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -22,7 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 from workers.telemetry import GpuReading, GpuUuid, NodeReading
 
 if TYPE_CHECKING:
-    from scheduler.placement import Holding
+    from scheduler.placement import ClusterSnapshot, Decision, Holding, PlacementPolicy
 
 FREE = 0
 """GPU state: eligible and without holdings; any demand may take it."""
@@ -79,8 +83,11 @@ def _holders_text(holders: Sequence[str]) -> str:
 
 @dataclass(slots=True, eq=False)
 class GpuState:
-    """One GPU during a pass. ``effective_free_bytes`` is measured free - headroom -
-    memory assigned to holdings that NVML does not show yet - shared placements."""
+    """One GPU during a pass (mutable; lives only inside one ``place`` call).
+
+    ``effective_free_bytes`` = measured free - headroom - memory assigned to
+    holdings that NVML does not show yet - shared placements of this pass.
+    """
 
     index: int
     uuid: GpuUuid
@@ -93,7 +100,15 @@ class GpuState:
     holders: list[str] = field(default_factory=list)
     peer_mask: int = 0  # NVLink peers on this node, as bits
     held_note: str | None = None  # cached "held by"/"shared by" text; reset on change
+    type_ok: dict[tuple[str, ...], bool] = field(default_factory=dict)  # memo of matches()
     free_note: str | None = None  # cached "N GiB free" text; reset on change
+
+    def matches(self, alternatives: tuple[str, ...]) -> bool:
+        """:func:`type_matches` for this GPU, memoised (names never change in a pass)."""
+        ok = self.type_ok.get(alternatives)
+        if ok is None:
+            ok = self.type_ok[alternatives] = type_matches(self.name_lower, alternatives)
+        return ok
 
     def held_text(self) -> str:
         """``"GPU 2: held by job-7"`` (or ``shared by``) for a GPU with holdings."""
@@ -151,7 +166,7 @@ class NodeState:
         """This node's GPUs whose type matches ``alternatives`` (memoised; types never change)."""
         found = self.typed_gpus.get(alternatives)
         if found is None:
-            found = [g for g in self.gpus if type_matches(g.name_lower, alternatives)]
+            found = [g for g in self.gpus if g.matches(alternatives)]
             self.typed_gpus[alternatives] = found
         return found
 
@@ -250,6 +265,36 @@ def build_nodes(
     return nodes
 
 
+_MAX_CLIQUE_TRIES = 256  # NVLink-set search budget per node; 8 GPUs need at most C(8,4) = 70
+
+
+def _is_nvlink_set(gpus: Sequence[GpuState]) -> bool:
+    mask = 0
+    for g in gpus:
+        mask |= g.bit
+    return all((g.peer_mask | g.bit) & mask == mask for g in gpus)
+
+
+def pick_gpus(node: NodeState, ranked: list[GpuState], k: int) -> tuple[tuple[GpuState, ...], int]:
+    """The first ``k`` of ``ranked`` (best first), or the best all-NVLink set among them.
+
+    Returns the GPUs and 0, or 1 when no all-NVLink set was found (or the
+    node's topology is unknown): placement ranks such nodes after the others.
+    """
+    top = tuple(ranked[:k])
+    if k == 1:
+        return top, 0
+    if not node.has_topology:
+        return top, 1
+    if _is_nvlink_set(top):
+        return top, 0
+    combos = itertools.combinations(ranked, k)  # lexicographic in preference order
+    for combo in itertools.islice(combos, _MAX_CLIQUE_TRIES):
+        if _is_nvlink_set(combo):
+            return combo, 0
+    return top, 1
+
+
 class ShapeView(Protocol):
     """What the texts read of a demand's shape (the resources, not the job)."""
 
@@ -261,13 +306,14 @@ class ShapeView(Protocol):
     alternatives: tuple[str, ...]
     nodes: int
     shared: bool
+    need_texts: tuple[str, str, str]  # see need_texts()
 
 
 def gpu_blocker(gpu: GpuState, shape: ShapeView) -> str | None:
     """Why this GPU cannot take one GPU's share of ``shape``, or None if it can."""
     if gpu.blocked is not None:
         return gpu.blocked
-    if shape.alternatives and not type_matches(gpu.name_lower, shape.alternatives):
+    if shape.alternatives and not gpu.matches(shape.alternatives):
         if gpu.name is None:
             return f"GPU {gpu.index}: type unknown"
         return f"GPU {gpu.index}: {gpu.name}, not {shape.gpu_type}"
@@ -279,42 +325,41 @@ def gpu_blocker(gpu: GpuState, shape: ShapeView) -> str | None:
 
 
 def _gpu_status(node: NodeState, shape: ShapeView) -> tuple[int, str]:
-    """(usable GPUs, the why-not text) for one GPU's share of ``shape``.
+    """(usable GPUs, the why-not detail) for one GPU's share of ``shape``.
 
-    Memoised per node version, keyed by what the text depends on: many shapes
-    (different GPU counts, CPUs, host memory) share one entry.
+    Usable is -1 when no GPU has the type (the detail is then the whole
+    clause). Memoised per node version, keyed by what the text depends on, so
+    shapes that differ in GPU count, CPUs or host memory share one entry.
     """
     key = (shape.gpu_memory_bytes, shape.gpu_type, shape.shared)
     hit = node.reason_cache.get(key)
     if hit is not None and hit[0] == node.version:
         return hit[1], hit[2]
-    if shape.alternatives and not any(
-        type_matches(g.name_lower, shape.alternatives) for g in node.gpus
-    ):
+    if shape.alternatives and not node.typed(shape.alternatives):
         names = sorted({g.name or "unknown type" for g in node.gpus})
         usable, text = -1, f"no GPU of type {shape.gpu_type} (has {', '.join(names)})"
     else:
-        blockers = [why for why in (gpu_blocker(g, shape) for g in node.gpus) if why is not None]
-        usable, text = len(node.gpus) - len(blockers), ", ".join(blockers)
+        blockers: list[str] = []
+        for gpu in node.gpus:
+            why = gpu_blocker(gpu, shape)
+            if why is not None:
+                blockers.append(why)
+        usable = len(node.gpus) - len(blockers)
+        text = f" ({', '.join(blockers)})" if blockers else ""
     node.reason_cache[key] = (node.version, usable, text)
     return usable, text
 
 
-def _gpu_clause(node: NodeState, shape: ShapeView) -> str | None:
-    k = shape.gpus
-    plural = "GPU" if k == 1 else "GPUs"
-    if not node.gpus:
-        return f"needs {k} {plural}; has none"
-    usable, text = _gpu_status(node, shape)
-    if usable < 0:
-        return text
-    if usable >= k:
-        return None
-    to_share = " to share" if shape.shared else ""
-    detail = f" ({text})" if text else ""
+def need_texts(
+    gpus: int, gpu_memory_bytes: int, cpus: float, memory_bytes: int, shared: bool
+) -> tuple[str, str, str]:
+    """The shape's half of its clauses (GPUs, CPUs, host memory), built once per shape."""
+    plural = "GPU" if gpus == 1 else "GPUs"
+    to_share = " to share" if shared else ""
     return (
-        f"needs {k} {plural} with ≥ {gib(shape.gpu_memory_bytes)} free{to_share}; "
-        f"has {usable}{detail}"
+        f"needs {gpus} {plural} with ≥ {gib(gpu_memory_bytes)} free{to_share}; has ",
+        f"needs {num(cpus)} CPUs; ",
+        f"needs {gib(memory_bytes)} host memory; ",
     )
 
 
@@ -322,23 +367,62 @@ def node_reason(node: NodeState, shape: ShapeView) -> str:
     """One line: ``"<node_id>: <what is missing>"``, or ``"<node_id>: fits"``.
 
     Clauses (GPUs, CPUs, host memory) are joined by ``"; "``; every number a
-    user needs to act on is in the text.
+    user needs to act on is in the text. The node-side half of the GPU clause
+    is memoised (see ``_gpu_status``), so this is mostly string joining.
     """
+    gpu_need, cpu_need, memory_need = shape.need_texts
     clauses: list[str] = []
     if shape.gpus > 0:
-        gpu_clause = _gpu_clause(node, shape)
-        if gpu_clause is not None:
-            clauses.append(gpu_clause)
+        if not node.gpus:
+            clauses.append(f"needs {shape.gpus} GPU{'' if shape.gpus == 1 else 's'}; has none")
+        else:
+            usable, detail = _gpu_status(node, shape)
+            if usable < 0:
+                clauses.append(detail)
+            elif usable < shape.gpus:
+                clauses.append(f"{gpu_need}{usable}{detail}")
     if node.cpus_free + CPU_EPSILON < shape.cpus:
-        clauses.append(f"needs {num(shape.cpus)} CPUs; {num(max(0.0, node.cpus_free))} free")
+        clauses.append(f"{cpu_need}{num(max(0.0, node.cpus_free))} free")
     if node.memory_free_bytes < shape.memory_bytes:
-        clauses.append(
-            f"needs {gib(shape.memory_bytes)} host memory; "
-            f"{gib(max(0, node.memory_free_bytes))} free"
-        )
-    return f"{node.node_id}: {'; '.join(clauses) if clauses else 'fits'}"
+        clauses.append(f"{memory_need}{gib(max(0, node.memory_free_bytes))} free")
+    if not clauses:
+        return f"{node.node_id}: fits"
+    return f"{node.node_id}: {'; '.join(clauses)}"
 
 
 def gang_suffix(qualified: int, needed: int) -> str:
     """Appended to every node's line of an unplaced multi-node demand."""
     return f" ({qualified} of the {needed} nodes needed qualify)"
+
+
+def explain(decision: Decision) -> str:
+    """A multi-line, human-readable account of a decision (for the CLI and logs)."""
+    if decision.placed:
+        lines = [f"{decision.job_id}: placed"]
+        for p in decision.placement:
+            indices = ", ".join(str(i) for i in p.gpu_indices) or "none"
+            lines.append(f"  {p.node_id}: GPUs {indices}")
+        return "\n".join(lines)
+    lines = [f"{decision.job_id}: not placed"]
+    lines.extend(f"  {reason}" for reason in decision.reasons)
+    return "\n".join(lines)
+
+
+def fragmentation(snapshot: ClusterSnapshot, policy: PlacementPolicy) -> float:
+    """Share of the free GPUs that are stranded on nodes which are not entirely free.
+
+    A GPU is *free* when it is eligible under ``policy`` and has no holding. A
+    node is *entirely free* when every one of its GPUs is free. Free GPUs on
+    any other node can only serve jobs smaller than a whole node, so
+    ``0.0`` = every free GPU sits on a whole free node (gangs fit),
+    ``1.0`` = no whole node is left. ``0.0`` when nothing is free.
+    """
+    total = stranded = 0
+    for node in build_nodes(
+        snapshot.nodes, snapshot.holdings, policy.memory_headroom_bytes, policy.max_util_pct
+    ):
+        free = sum(1 for g in node.gpus if g.state == FREE)
+        total += free
+        if free < len(node.gpus):
+            stranded += free
+    return stranded / total if total else 0.0

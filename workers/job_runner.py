@@ -30,7 +30,8 @@ from mlflow.tracking import MlflowClient
 
 from jobs.context import StopRequested
 from jobs.train import TrainParams, TrainResult, train
-from workers.mlflow_context import MlflowJobContext, write_json_atomic
+from workers.files import write_json_atomic
+from workers.mlflow_context import MlflowJobContext
 
 _MAX_PARAMS = 100  # MLflow's limit of params per log_batch call
 

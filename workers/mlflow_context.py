@@ -9,9 +9,7 @@ written locally and uploaded as run artifacts, also in the background.
 from __future__ import annotations
 
 import json
-import os
 import queue
-import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -22,16 +20,10 @@ import torch
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from workers.files import write_json_atomic
+
 CHECKPOINT_DIR = "checkpoints"
 _MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
-
-
-def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    """Write JSON so that a concurrent reader sees the old or the new file, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh)
-    os.replace(tmp, path)
 
 
 class MlflowJobContext:

@@ -185,6 +185,8 @@ def connect(address: str | None, namespace: str) -> None:
     ray.init(
         address=address,
         namespace=namespace,
+        # A local Ray listens on loopback only; a cluster address brings its own.
+        _node_ip_address="127.0.0.1" if address is None else None,
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,

@@ -73,7 +73,11 @@ class RayExecutor:
         try:
             start = self._starts.get(job_id)
             if start is not None:
-                ray.get(start, timeout=self._poll_timeout_s)
+                # Never block the loop on an actor that is still starting.
+                ready, _ = ray.wait([start], timeout=0)
+                if not ready:
+                    return WorkerReport(job_id, WorkerPhase.STARTING)
+                ray.get(start)
                 del self._starts[job_id]
             raw = ray.get(ref, timeout=self._poll_timeout_s)
         except GetTimeoutError:

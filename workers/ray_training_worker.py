@@ -21,7 +21,7 @@ from typing import Any
 
 import ray
 
-from workers.mlflow_context import write_json_atomic
+from workers.files import write_json_atomic
 from workers.sim_backend import remove_usage, write_usage
 
 _LOG_CHUNK_BYTES = 1 << 20
@@ -60,6 +60,8 @@ class TrainingWorker:
             MKL_NUM_THREADS=threads,
             PYTHONUNBUFFERED="1",
             JOBWORKER_JOB_ID=launch["job_id"],
+            # Where Ray really put this actor: lets a job (and the tests) check the pinning.
+            JOBWORKER_RAY_NODE_ID=ray.get_runtime_context().get_node_id(),
         )
         if launch["python_path"]:
             env["PYTHONPATH"] = os.pathsep.join(

@@ -32,12 +32,23 @@ register_as: {register_as}
 """
 
 
-def entrypoint_yaml(name: str, fn: str, *, cpus: int = 1, gpus: int = 0, **config: Any) -> str:
-    gpu_mem = ", gpu_memory_gb: 1" if gpus else ""
+def entrypoint_yaml(
+    name: str,
+    fn: str,
+    *,
+    cpus: int = 1,
+    gpus: int = 0,
+    gpu_memory_gb: float = 1,
+    gpu_type: str | None = None,
+    **config: Any,
+) -> str:
+    gpu = f", gpu_memory_gb: {gpu_memory_gb}" if gpus else ""
+    if gpu_type:
+        gpu += f", gpu_type: {gpu_type}"
     return (
         f"name: {name}\nexperiment: it\nentrypoint: tests.integration.user_code:{fn}\n"
         f"config: {config or {}}\ntrain: {{max_steps: 1}}\n"
-        f"resources: {{gpus: {gpus}{gpu_mem}, cpus: {cpus}, memory_gb: 1}}\n"
+        f"resources: {{gpus: {gpus}{gpu}, cpus: {cpus}, memory_gb: 1}}\n"
     )
 
 

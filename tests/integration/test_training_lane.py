@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import mlflow.pytorch
 import pytest
@@ -28,6 +29,11 @@ def train_yaml(name: str = "mlp-it", steps: int = 30, gpus: int = 1, **kw: objec
         **kw,
     }
     return TRAIN_YAML.format(**fields)
+
+
+def local_gpus(api: Api) -> list[dict[str, Any]]:
+    nodes = api.http.get("/cluster").json()["nodes"]
+    return list(next(n for n in nodes if n["hostname"] == "local")["gpus"])
 
 
 def submit(api: Api, text: str) -> str:
@@ -126,7 +132,7 @@ def test_cancel_running_job_stops_it_and_frees_its_gpu(api: Api, fn: str) -> Non
         time.sleep(0.1)
     pid = api.plane.store.get(job_id).assignment["pid"]  # type: ignore[index]
     gpu = job.assignment["gpu_indices"][0]  # type: ignore[index]
-    assert api.http.get("/cluster").json()["nodes"][0]["gpus"][gpu]["jobs"] == [job_id]
+    assert local_gpus(api)[gpu]["jobs"] == [job_id]
 
     started = time.monotonic()
     assert api.http.post(f"/jobs/{job_id}/cancel").status_code == 200
@@ -136,9 +142,9 @@ def test_cancel_running_job_stops_it_and_frees_its_gpu(api: Api, fn: str) -> Non
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert job_id not in api.plane.executor.active()
-    gpus = api.plane.cluster.nodes(fresh=True)[0].gpus
-    assert all(p.pid != pid for g in gpus for p in g.processes)
-    assert api.http.get("/cluster").json()["nodes"][0]["gpus"][gpu]["jobs"] == []
+    local = next(n for n in api.plane.cluster.nodes(fresh=True) if n.hostname == "local")
+    assert all(p.pid != pid for g in local.gpus for p in g.processes)
+    assert local_gpus(api)[gpu]["jobs"] == []
 
 
 def test_cancel_pending_job_never_runs(api: Api) -> None:

@@ -23,7 +23,19 @@ def report_environment(ctx: JobContext, config: dict[str, Any]) -> None:
     print(f"cuda_visible_devices={os.environ.get('CUDA_VISIBLE_DEVICES')}")
     print(f"ctx_gpu_ids={','.join(map(str, ctx.gpu_ids))}")
     print(f"ctx_cpus={ctx.cpus}")
+    print(f"ray_node_id={os.environ.get('JOBWORKER_RAY_NODE_ID')}", flush=True)
     ctx.log_metrics({"threads": float(torch.get_num_threads())}, step=1)
+
+
+def report_and_hold(ctx: JobContext, config: dict[str, Any]) -> None:
+    """Report the environment, then keep the GPUs for ``hold_s`` (or until stopped)."""
+    report_environment(ctx, config)
+    deadline = time.monotonic() + float(config.get("hold_s", 5))
+    step = 1
+    while time.monotonic() < deadline and not ctx.should_stop():
+        step += 1
+        ctx.log_metrics({"loss": 1.0 / step}, step=step)
+        time.sleep(0.1)
 
 
 def run_until_stopped(ctx: JobContext, config: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -30,6 +30,7 @@ from scheduler.placement import (
 from workers.telemetry import GpuProcess, GpuReading, GpuUuid, NodeId, NodeReading
 
 GIB = 2**30
+Strategy = Literal["pack", "spread"]
 NO_HEADROOM = PlacementPolicy(memory_headroom_bytes=0)
 A100 = "NVIDIA A100-SXM4-80GB"
 
@@ -409,13 +410,13 @@ def _free_gpus_node(node_id: str, free: int, total: int = 4) -> tuple[NodeReadin
     [("pack", "node-b"), ("spread", "node-a")],
 )
 def test_pack_fills_the_fullest_node_spread_the_emptiest(
-    make_demand: Callable[..., Demand], strategy: str, expected_node: str
+    make_demand: Callable[..., Demand], strategy: Strategy, expected_node: str
 ) -> None:
     a, held_a = _free_gpus_node("node-a", free=4)
     b, held_b = _free_gpus_node("node-b", free=2)
     c, held_c = _free_gpus_node("node-c", free=3)
     snapshot = ClusterSnapshot((a, b, c), tuple(held_a + held_b + held_c))
-    policy = PlacementPolicy(strategy=strategy)  # type: ignore[arg-type]
+    policy = PlacementPolicy(strategy=strategy)
     (p,) = only(place(snapshot, [make_demand()], policy)).placement
     assert p.node_id == expected_node
 
@@ -428,12 +429,12 @@ def test_gpu_choice_on_a_node(
     make_gpu: Callable[..., GpuReading],
     make_node: Callable[..., NodeReading],
     make_demand: Callable[..., Demand],
-    strategy: str,
+    strategy: Strategy,
     need_gib: float,
     expected_gpu: int,
 ) -> None:
     gpus = [make_gpu(0, free_gib=20), make_gpu(1, free_gib=40), make_gpu(2, free_gib=80)]
-    policy = PlacementPolicy(strategy=strategy, memory_headroom_bytes=0)  # type: ignore[arg-type]
+    policy = PlacementPolicy(strategy=strategy, memory_headroom_bytes=0)
     decision = only(
         place(ClusterSnapshot((make_node(gpus=gpus),)), [make_demand(gpu_gib=need_gib)], policy)
     )
@@ -442,10 +443,10 @@ def test_gpu_choice_on_a_node(
 
 @pytest.mark.parametrize("strategy", ["pack", "spread"])
 def test_ties_break_by_node_id_then_gpu_index(
-    make_node: Callable[..., NodeReading], make_demand: Callable[..., Demand], strategy: str
+    make_node: Callable[..., NodeReading], make_demand: Callable[..., Demand], strategy: Strategy
 ) -> None:
     snapshot = ClusterSnapshot((make_node("node-b", gpus=2), make_node("node-a", gpus=2)))
-    policy = PlacementPolicy(strategy=strategy)  # type: ignore[arg-type]
+    policy = PlacementPolicy(strategy=strategy)
     (p,) = only(place(snapshot, [make_demand()], policy)).placement
     assert (p.node_id, p.gpu_indices) == ("node-a", (0,))
 
@@ -617,6 +618,24 @@ def test_reasons_follow_the_cluster_within_a_pass(
     assert d[3].reasons == (
         "node-a: needs 3 GPUs with ≥ 10.0 GiB free; has 1 (GPU 0: held by small)",
     )
+    replica = make_demand(job_id="r0", shared=True)
+    big_replica = make_demand(job_id="r-big", shared=True, gpu_gib=30)
+    held = ClusterSnapshot(
+        (make_node(gpus=[_gpu(free_gib=24)]),), (hold("r", "node-a", 0, shared=True),)
+    )
+    r = place(held, [big_replica, replica, big_replica], NO_HEADROOM)
+    assert r[0].reasons == (
+        "node-a: needs 1 GPU with ≥ 30.0 GiB free to share; has 0 (GPU 0: 16.0 GiB free)",
+    )
+    assert r[1].placed
+    assert r[2].reasons == (
+        "node-a: needs 1 GPU with ≥ 30.0 GiB free to share; has 0 (GPU 0: 6.0 GiB free)",
+    )
+    r = place(held, [make_demand(job_id="x"), replica, make_demand(job_id="x")], NO_HEADROOM)
+    assert r[0].reasons == ("node-a: needs 1 GPU with ≥ 10.0 GiB free; has 0 (GPU 0: shared by r)",)
+    assert r[2].reasons == (
+        "node-a: needs 1 GPU with ≥ 10.0 GiB free; has 0 (GPU 0: shared by r +1 more)",
+    )
 
 
 def test_empty_cluster_and_unknown_holdings(make_demand: Callable[..., Demand]) -> None:
@@ -649,7 +668,7 @@ def test_deterministic_and_independent_of_node_order() -> None:
     ]
     demands = [_demand(job_id=f"j{i}", gpus=rng.choice([1, 2]), gpu_gib=20) for i in range(20)]
     for strategy in ("pack", "spread"):
-        policy = PlacementPolicy(strategy=strategy)  # type: ignore[arg-type]
+        policy = PlacementPolicy(strategy=strategy)
         first = place(ClusterSnapshot(tuple(nodes)), demands, policy)
         assert place(ClusterSnapshot(tuple(nodes)), demands, policy) == first
         assert place(ClusterSnapshot(tuple(reversed(nodes))), demands, policy) == first
@@ -760,13 +779,15 @@ class Model:
     """An independent, slow account of the rules, to check decisions against."""
 
     def __init__(self, snapshot: ClusterSnapshot, policy: PlacementPolicy) -> None:
-        self.nodes = {n.node_id: n for n in snapshot.nodes}
-        self.cpus = {n.node_id: float(n.cpus) for n in snapshot.nodes}
-        self.mem = {n.node_id: n.memory_total_bytes for n in snapshot.nodes}
+        self.nodes: dict[str, NodeReading] = {n.node_id: n for n in snapshot.nodes}
+        self.cpus: dict[str, float] = {n.node_id: float(n.cpus) for n in snapshot.nodes}
+        self.mem: dict[str, int] = {n.node_id: n.memory_total_bytes for n in snapshot.nodes}
         self.free: dict[tuple[str, int], int] = {}  # eligible GPUs -> effective free
         self.exclusive: set[tuple[str, int]] = set()
         self.shared: set[tuple[str, int]] = set()
-        index = {(n.node_id, g.uuid): g for n in snapshot.nodes for g in n.gpus}
+        index: dict[tuple[str, GpuUuid], GpuReading] = {
+            (n.node_id, g.uuid): g for n in snapshot.nodes for g in n.gpus
+        }
         unseen: dict[tuple[str, int], int] = {}
         for h in snapshot.holdings:
             if h.node_id not in self.nodes:

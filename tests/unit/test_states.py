@@ -40,4 +40,4 @@ def test_transition_table(current: JobState, target: JobState) -> None:
 
 def test_terminal_states_have_no_way_out() -> None:
     assert all(not ALLOWED[s] for s in TERMINAL)
-    assert TERMINAL == {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
+    assert {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED} == TERMINAL

@@ -1,0 +1,103 @@
+"""Placement on a 3-node Ray cluster whose simulated GPUs differ.
+
+configs/cluster/two_nodes_sim.yaml: node-a has 2 A100 80 GB (NVLink); node-b has 4 T4 16 GB — GPU 1 has 12 GB held outside
+jobworker, GPU 2 is 95% busy. The head node has no GPUs. Each job reports, from
+inside its own process, the Ray node it runs on and its CUDA_VISIBLE_DEVICES.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+
+from scheduler.states import JobState
+from tests.integration.conftest import Api, entrypoint_yaml
+
+DONE = {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
+
+
+def seen_from_inside(api: Api, job_id: str) -> tuple[str, str]:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        logs = api.http.get(f"/jobs/{job_id}/logs").json()["text"]
+        node = re.search(r"ray_node_id=(\S+)", logs)
+        gpus = re.search(r"cuda_visible_devices=(\S*)", logs)
+        if node and gpus:
+            return node.group(1), gpus.group(1)
+        time.sleep(0.2)
+    raise AssertionError(f"{job_id} never reported its environment")
+
+
+def test_jobs_land_where_the_policy_predicts(make_api: Callable[..., Api]) -> None:
+    api = make_api(cluster="two_nodes_sim.yaml")
+    nodes = {n["hostname"]: n for n in api.http.get("/cluster").json()["nodes"]}
+    assert [g["name"] for g in nodes["node-a"]["gpus"]] == ["A100", "A100"]
+    assert [g["name"] for g in nodes["node-b"]["gpus"]] == ["T4"] * 4
+
+    def job(name: str, hold_s: float, **resources: object) -> str:
+        text = entrypoint_yaml(name, "report_and_hold", hold_s=hold_s, **resources)  # type: ignore[arg-type]
+        response = api.http.post("/jobs", content=text)
+        assert response.status_code == 201, response.text
+        return str(response.json()["id"])
+
+    # One pass places them in submit order (equal priority).
+    t4_first = job("t4-first", 40, gpus=1, gpu_memory_gb=10, gpu_type="T4")
+    gang = job("a100-gang", 3, gpus=2, gpu_memory_gb=40)
+    t4_second = job("t4-second", 40, gpus=1, gpu_memory_gb=10, gpu_type="T4")
+    waits = job("a100-big", 1, gpus=1, gpu_memory_gb=60)
+
+    expected = {
+        # pack: the T4s with 16 GB free tie; GPU 1 (4 GB free) is too small, GPU 2 too busy.
+        t4_first: ("node-b", "0"),
+        gang: ("node-a", "0,1"),
+        t4_second: ("node-b", "3"),
+    }
+    for job_id, (hostname, gpus) in expected.items():
+        node_id, visible = seen_from_inside(api, job_id)
+        assert node_id == nodes[hostname]["node_id"], job_id
+        assert visible == gpus, job_id
+        assignment = api.plane.store.get(job_id).assignment
+        assert assignment is not None and assignment["hostname"] == hostname
+
+    # The big job waits while the gang holds node-a, with a reason for every node.
+    pending = api.http.get(f"/jobs/{waits}").json()
+    if pending["state"] == "PENDING":
+        reasons = pending["pending_reasons"]
+        assert any(r.startswith("node-a") for r in reasons), reasons
+        assert any(r.startswith("node-b") and "60.0 GiB" in r for r in reasons), reasons
+
+    # ... and starts on node-a once the gang is done.
+    assert api.wait_for(gang, DONE).state is JobState.SUCCEEDED
+    node_id, visible = seen_from_inside(api, waits)
+    assert node_id == nodes["node-a"]["node_id"]
+    assert visible in {"0", "1"}
+    history = [e["to_state"] for e in api.http.get(f"/jobs/{waits}").json()["history"]]
+    assert history[:2] == ["PENDING", "SCHEDULED"]
+
+    # Running jobs show in the cluster view on their GPUs.
+    view = {n["hostname"]: n for n in api.http.get("/cluster").json()["nodes"]}
+    assert view["node-b"]["gpus"][0]["jobs"] == [t4_first]
+    assert view["node-b"]["gpus"][3]["jobs"] == [t4_second]
+    for job_id in (t4_first, t4_second):
+        api.http.post(f"/jobs/{job_id}/cancel")
+    for job_id in (t4_first, t4_second, waits):
+        assert api.wait_for(job_id, DONE).state in {JobState.CANCELLED, JobState.SUCCEEDED}
+
+
+def test_job_too_big_for_any_node_stays_pending_with_reasons(make_api: Callable[..., Api]) -> None:
+    api = make_api(cluster="two_nodes_sim.yaml")
+    text = entrypoint_yaml("huge", "report_and_hold", gpus=4, gpu_memory_gb=70)
+    job_id = api.http.post("/jobs", content=text).json()["id"]
+    deadline = time.monotonic() + 30
+    while not api.plane.store.get(job_id).pending_reasons:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    body = api.http.get(f"/jobs/{job_id}").json()
+    assert body["state"] == "PENDING"
+    reasons = body["pending_reasons"]
+    assert len(reasons) >= 2
+    assert any(r.startswith("node-a") and "4 GPUs" in r for r in reasons), reasons
+    assert any(r.startswith("node-b") for r in reasons), reasons
+    api.http.post(f"/jobs/{job_id}/cancel")
+    assert api.wait_for(job_id, DONE).state is JobState.CANCELLED
