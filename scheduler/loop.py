@@ -240,7 +240,7 @@ class Scheduler:
                 if reasons != job.pending_reasons:
                     self._store.update(job.id, pending_reasons=reasons)
                 continue
-            # Multi-node gangs are placed by the core; launching them is the cluster issue's.
+            # The spec admits single-node jobs only, so a placement has one node.
             target = decision.placement[0]
             node = nodes_by_id[target.node_id]
             assignment = {

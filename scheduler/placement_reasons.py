@@ -19,6 +19,7 @@ I/O, no clock.
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -141,6 +142,7 @@ class NodeState:
     free_desc: list[GpuState] = field(default_factory=list)  # FREE GPUs by (-free, index)
     max_shareable: int = -1  # largest effective free among FREE or SHARED GPUs
     has_topology: bool = False  # some NVLink peers are known
+    label: str = ""  # how reasons name the node: its hostname, unless hostnames repeat
     typed_gpus: dict[tuple[str, ...], list[GpuState]] = field(default_factory=dict)
     # (gpu memory, gpu type, shared) -> (version, usable GPUs, why-not text)
     reason_cache: dict[tuple[int, str | None, bool], tuple[int, int, str]] = field(
@@ -187,7 +189,7 @@ def _blocked_text(reading: GpuReading, ours: bool, max_util_pct: float) -> str |
     return None
 
 
-def _node_state(pos: int, reading: NodeReading) -> NodeState:
+def _node_state(pos: int, reading: NodeReading, label: str) -> NodeState:
     gpus = [
         GpuState(r.index, r.uuid, r.name, 1 << i, None if r.name is None else r.name.lower())
         for i, r in enumerate(sorted(reading.gpus, key=lambda g: g.index))
@@ -207,6 +209,7 @@ def _node_state(pos: int, reading: NodeReading) -> NodeState:
         float(reading.cpus),
         reading.memory_total_bytes,
         has_topology=any(g.peer_mask for g in gpus),
+        label=label,
     )
 
 
@@ -223,7 +226,13 @@ def build_nodes(
     its usage unknown: the safe side). Holdings on unknown nodes/GPUs are ignored.
     """
     ordered = sorted(readings, key=lambda n: n.node_id)
-    nodes = [_node_state(pos, r) for pos, r in enumerate(ordered)]
+    hostnames = Counter(r.hostname for r in ordered)
+    nodes = [
+        _node_state(
+            pos, r, r.hostname if hostnames[r.hostname] == 1 else f"{r.hostname}/{r.node_id[:8]}"
+        )
+        for pos, r in enumerate(ordered)
+    ]
     by_id = {n.node_id: n for n in nodes}
     if len(by_id) != len(nodes):
         raise ValueError("cluster snapshot lists a node id twice")
@@ -364,7 +373,7 @@ def need_texts(
 
 
 def node_reason(node: NodeState, shape: ShapeView) -> str:
-    """One line: ``"<node_id>: <what is missing>"``, or ``"<node_id>: fits"``.
+    """One line: ``"<node>: <what is missing>"``, or ``"<node>: fits"``, by the node's label.
 
     Clauses (GPUs, CPUs, host memory) are joined by ``"; "``; every number a
     user needs to act on is in the text. The node-side half of the GPU clause
@@ -386,8 +395,8 @@ def node_reason(node: NodeState, shape: ShapeView) -> str:
     if node.memory_free_bytes < shape.memory_bytes:
         clauses.append(f"{memory_need}{gib(max(0, node.memory_free_bytes))} free")
     if not clauses:
-        return f"{node.node_id}: fits"
-    return f"{node.node_id}: {'; '.join(clauses)}"
+        return f"{node.label}: fits"
+    return f"{node.label}: {'; '.join(clauses)}"
 
 
 def gang_suffix(qualified: int, needed: int) -> str:

@@ -72,7 +72,9 @@ class Resources(_Strict):
     gpu_type: str | None = None
     cpus: int = Field(default=1, ge=1, le=256)
     memory_gb: float = Field(default=1.0, gt=0)
-    nodes: int = Field(default=1, ge=1, le=64)
+    # Placement handles multi-node gangs; launching one worker per node is not built yet,
+    # so such jobs are refused here rather than run on one node.
+    nodes: int = Field(default=1, ge=1, le=1)
 
     @model_validator(mode="after")
     def _gpu_memory_needs_gpus(self) -> Self:

@@ -1,8 +1,9 @@
 """Placement on a 3-node Ray cluster whose simulated GPUs differ.
 
-configs/cluster/two_nodes_sim.yaml: node-a has 2 A100 80 GB (NVLink); node-b has 4 T4 16 GB — GPU 1 has 12 GB held outside
-jobworker, GPU 2 is 95% busy. The head node has no GPUs. Each job reports, from
-inside its own process, the Ray node it runs on and its CUDA_VISIBLE_DEVICES.
+configs/cluster/two_nodes_sim.yaml: node-a has 2 A100 80 GB (NVLink); node-b has 4 T4
+16 GB, of which GPU 2 has 12 GB held outside jobworker and GPU 3 is 95% busy. The
+head node has no GPUs. Each job reports, from inside its own process, the Ray node it
+runs on and its CUDA_VISIBLE_DEVICES.
 """
 
 from __future__ import annotations
@@ -48,10 +49,10 @@ def test_jobs_land_where_the_policy_predicts(make_api: Callable[..., Api]) -> No
     waits = job("a100-big", 1, gpus=1, gpu_memory_gb=60)
 
     expected = {
-        # pack: the T4s with 16 GB free tie; GPU 1 (4 GB free) is too small, GPU 2 too busy.
+        # pack: T4s 0 and 1 (16 GB free) tie; GPU 2 (4 GB free) is too small, GPU 3 too busy.
         t4_first: ("node-b", "0"),
         gang: ("node-a", "0,1"),
-        t4_second: ("node-b", "3"),
+        t4_second: ("node-b", "1"),
     }
     for job_id, (hostname, gpus) in expected.items():
         node_id, visible = seen_from_inside(api, job_id)
@@ -78,7 +79,7 @@ def test_jobs_land_where_the_policy_predicts(make_api: Callable[..., Api]) -> No
     # Running jobs show in the cluster view on their GPUs.
     view = {n["hostname"]: n for n in api.http.get("/cluster").json()["nodes"]}
     assert view["node-b"]["gpus"][0]["jobs"] == [t4_first]
-    assert view["node-b"]["gpus"][3]["jobs"] == [t4_second]
+    assert view["node-b"]["gpus"][1]["jobs"] == [t4_second]
     for job_id in (t4_first, t4_second):
         api.http.post(f"/jobs/{job_id}/cancel")
     for job_id in (t4_first, t4_second, waits):
