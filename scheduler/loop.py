@@ -129,15 +129,6 @@ class Scheduler:
             self._wake.wait(self._settings.interval_s)
             self._wake.clear()
 
-    def run_until_idle(self, timeout_s: float = 120.0) -> None:
-        """Run passes until no job is pending or active (tests, ``--burst``)."""
-        deadline = time.monotonic() + timeout_s
-        while self._store.find([JobState.PENDING, *ACTIVE]):
-            if time.monotonic() > deadline:
-                raise TimeoutError("jobs still not finished after run_until_idle timeout")
-            self.run_once()
-            time.sleep(self._settings.interval_s)
-
     # -- one pass ---------------------------------------------------------------------
     def run_once(self) -> None:
         jobs = self._store.find([JobState.PENDING, *ACTIVE])
