@@ -4,16 +4,30 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from scheduler.errors import ConfigError, JobNotFound
+from scheduler.deployment_service import DeploymentService
+from scheduler.errors import ConfigError, DeploymentNotFound, JobNotFound, PredictError
+from scheduler.predict_io import parse_inputs, render
+from scheduler.router import Router
 from scheduler.service import JobService
+from scheduler.serving_metrics import ServingMetrics
 from scheduler.spec import load_spec
 from scheduler.states import JobState
-from scheduler.views import ConfigRejected, JobOut, LogsOut, ValidationOk, job_out
+from scheduler.views import (
+    ConfigRejected,
+    DeploymentOut,
+    JobOut,
+    LogsOut,
+    ValidationOk,
+    deployment_out,
+    job_out,
+)
 
 _CONFIG_BODY = {
     "requestBody": {
@@ -26,16 +40,34 @@ _CONFIG_BODY = {
 }
 
 
+@dataclass
+class Serving:
+    """The real-time lane as the API sees it."""
+
+    deployments: DeploymentService
+    router: Router
+    metrics: ServingMetrics
+
+
 def create_app(
     service: JobService,
     mlflow_ui_url: str | None = None,
     cluster_view: Callable[[], dict[str, Any]] | None = None,
+    serving: Serving | None = None,
 ) -> FastAPI:
     """The API over a job service. ``cluster_view`` serves ``GET /cluster``."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if serving is not None:
+            serving.router.bind(asyncio.get_running_loop())
+        yield
+
     app = FastAPI(
         title="jobworker",
         description="GPU-aware scheduler for ML training and inference.",
         version="0.1.0",
+        lifespan=lifespan,
     )
 
     @app.exception_handler(ConfigError)
@@ -44,8 +76,14 @@ def create_app(
         return JSONResponse(status_code=422, content={"detail": detail})
 
     @app.exception_handler(JobNotFound)
-    async def _not_found(_request: Request, exc: JobNotFound) -> JSONResponse:
+    @app.exception_handler(DeploymentNotFound)
+    async def _not_found(_request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(status_code=404, content={"detail": str(exc)})
+
+    @app.exception_handler(PredictError)
+    async def _predict_error(_request: Request, exc: PredictError) -> JSONResponse:
+        headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
+        return JSONResponse(status_code=exc.status, content={"detail": str(exc)}, headers=headers)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -106,7 +144,65 @@ def create_app(
             raise HTTPException(status_code=503, detail="no cluster view configured")
         return cluster_view()
 
+    if serving is not None:
+        _serving_routes(app, serving)
     return app
+
+
+def _serving_routes(app: FastAPI, serving: Serving) -> None:
+    deployments = serving.deployments
+    router = serving.router
+
+    def out(name: str) -> DeploymentOut:
+        return deployment_out(deployments.get(name), deployments.replicas(name))
+
+    @app.post(
+        "/deployments",
+        status_code=201,
+        response_model=DeploymentOut,
+        responses={200: {"model": DeploymentOut}, 422: {"model": ConfigRejected}},
+        openapi_extra=_CONFIG_BODY,
+    )
+    async def deploy(request: Request, response: Response) -> DeploymentOut:
+        """Deploy a model (201), or update the deployment of that name (200)."""
+        record, created = await asyncio.to_thread(deployments.deploy, await _body_text(request))
+        if not created:
+            response.status_code = 200
+        return out(record.name)
+
+    @app.get("/deployments", response_model=list[DeploymentOut])
+    def list_deployments() -> list[DeploymentOut]:
+        return [deployment_out(r, deployments.replicas(r.name)) for r in deployments.all()]
+
+    @app.get("/deployments/{name}", response_model=DeploymentOut)
+    def get_deployment(name: str) -> DeploymentOut:
+        return out(name)
+
+    @app.delete("/deployments/{name}", status_code=204)
+    def undeploy(name: str) -> Response:
+        deployments.undeploy(name)
+        return Response(status_code=204)
+
+    @app.post(
+        "/v1/models/{name}/predict",
+        responses={422: {}, 429: {}, 503: {}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"example": {"inputs": [[0.1, 0.2]]}}},
+            }
+        },
+    )
+    async def predict(name: str, request: Request) -> Response:
+        """Predict: ``{"inputs": [[...]]}`` → outputs, model name, version and run id."""
+        shape, dtype = router.schema(name)
+        inputs = parse_inputs(await request.body(), shape, dtype)
+        body, headers = render(await router.predict(name, inputs))
+        return Response(body, media_type="application/json", headers=headers)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(serving.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
 async def _body_text(request: Request) -> str:

@@ -25,3 +25,21 @@ class IllegalTransition(JobworkerError):
 
 class WorkerLost(JobworkerError):
     """The worker running a job disappeared (actor died, node gone)."""
+
+
+class DeploymentNotFound(JobworkerError):
+    """No deployment with that name."""
+
+
+class PredictError(JobworkerError):
+    """A prediction refused or failed; ``status`` is its HTTP status.
+
+    422 the input does not match the model's signature; 429 overloaded
+    (``retry_after_s`` set); 503 no ready replica, or the replica died while
+    serving; 500 the model itself raised.
+    """
+
+    def __init__(self, status: int, message: str, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after_s = retry_after_s

@@ -37,6 +37,18 @@ class ClusterSource(Protocol):
         ...
 
 
+class RealtimeLane(Protocol):
+    """The real-time lane (``scheduler/deployments.py``), reconciled before batch jobs."""
+
+    def holdings(self) -> tuple[Holding, ...]:
+        """Capacity its replicas hold."""
+        ...
+
+    def reconcile(
+        self, snapshot: Callable[[], ClusterSnapshot], policy: PlacementPolicy
+    ) -> None: ...
+
+
 @dataclass
 class LoopSettings:
     tracking_uri: str
@@ -94,8 +106,10 @@ class Scheduler:
         cluster: ClusterSource,
         settings: LoopSettings,
         clock: Callable[[], float] = time.time,
+        realtime: RealtimeLane | None = None,
     ) -> None:
         self._store = store
+        self._realtime = realtime
         self._executor = executor
         self._cluster = cluster
         self._settings = settings
@@ -137,10 +151,21 @@ class Scheduler:
         pending = self._cancel_pending(pending)
         self._request_stops(active)
         self._observe(active)
+        if self._realtime is not None:
+            self._realtime.reconcile(self._snapshot, self._settings.policy)
         self._place(pending)
 
     def log_path(self, job_id: str) -> Path:
         return self._settings.log_dir / f"{job_id}.log"
+
+    def _snapshot(self) -> ClusterSnapshot:
+        """Telemetry plus every holding: running jobs' and real-time replicas'."""
+        holdings = tuple(
+            h for j in self._store.find(list(ACTIVE)) if (h := holding_of(j)) is not None
+        )
+        if self._realtime is not None:
+            holdings += self._realtime.holdings()
+        return ClusterSnapshot(nodes=self._cluster.nodes(), holdings=holdings)
 
     def _cancel_pending(self, pending: list[JobRecord]) -> list[JobRecord]:
         keep = []
@@ -215,10 +240,7 @@ class Scheduler:
     def _place(self, pending: list[JobRecord]) -> None:
         if not pending:
             return
-        holdings = tuple(
-            h for j in self._store.find(list(ACTIVE)) if (h := holding_of(j)) is not None
-        )
-        snapshot = ClusterSnapshot(nodes=self._cluster.nodes(), holdings=holdings)
+        snapshot = self._snapshot()
         # Priority first, then arrival: the queue-policy issue replaces this ordering.
         order = sorted(pending, key=lambda j: (-j.priority, j.submitted_at))
         by_id = {j.id: j for j in order}

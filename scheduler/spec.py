@@ -102,6 +102,8 @@ class TrainingSpec(_Strict):
     priority: int = Field(default=0, ge=-100, le=100)
     max_retries: int = Field(default=0, ge=0, le=20)
     register_as: str | None = Field(default=None, pattern=_NAME)
+    # Point this alias of the registered model at the new version (deployments follow it).
+    register_alias: str | None = Field(default=None, pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,99}$")
     team: str = Field(default="default", pattern=_NAME)
     tags: dict[str, str] = Field(default_factory=dict)
 
@@ -122,6 +124,8 @@ class TrainingSpec(_Strict):
     def _one_program(self) -> Self:
         if (self.model is None) == (self.entrypoint is None):
             raise ValueError("set exactly one of model or entrypoint")
+        if self.register_alias and not self.register_as:
+            raise ValueError("register_alias needs register_as (the model to alias)")
         if self.model is not None:
             self.train_params()  # the model must fit the data: input shape, classes
         return self

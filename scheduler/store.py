@@ -112,7 +112,7 @@ class JobStore:
 
     def __init__(self, url: str, clock: Clock = time.time) -> None:
         self.url = url
-        self._clock = clock
+        self.clock = clock
         self.engine = sa.create_engine(url, future=True)
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -144,7 +144,7 @@ class JobStore:
         source_text: str,
     ) -> JobRecord:
         """Store a new PENDING job and its first history entry, atomically."""
-        now = self._clock()
+        now = self.clock()
         job_id = f"j-{time.strftime('%Y%m%d', time.gmtime(now))}-{secrets.token_hex(4)}"
         with self._tx() as conn:
             conn.execute(
@@ -205,7 +205,7 @@ class JobStore:
         Raises :class:`IllegalTransition` for a move the state machine forbids,
         leaving the job untouched.
         """
-        now = self._clock()
+        now = self.clock()
         with self._tx() as conn:
             query = sa.select(jobs.c.state, jobs.c.started_at).where(jobs.c.id == job_id)
             if self.engine.dialect.name != "sqlite":
@@ -238,7 +238,7 @@ class JobStore:
         if "state" in fields:
             raise ValueError("state changes go through transition()")
         values = _encode(fields)
-        values["updated_at"] = self._clock()
+        values["updated_at"] = self.clock()
         with self._tx() as conn:
             result = conn.execute(jobs.update().where(jobs.c.id == job_id).values(**values))
         if result.rowcount == 0:

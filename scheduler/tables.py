@@ -41,3 +41,17 @@ job_events = sa.Table(
     sa.Column("to_state", sa.String(16), nullable=False),
     sa.Column("reason", sa.Text, nullable=False),
 )
+
+deployments = sa.Table(
+    "deployments",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("spec_json", sa.Text, nullable=False),
+    sa.Column("source_text", sa.Text, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("message", sa.Text, nullable=True),
+    sa.Column("model_version", sa.String(32), nullable=True),
+    sa.Column("run_id", sa.String(64), nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)

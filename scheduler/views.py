@@ -1,4 +1,4 @@
-"""The HTTP representations of jobs (pydantic), shared by the API and the client."""
+"""The HTTP representations of jobs and deployments (pydantic), shared by the API and client."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from scheduler.deployment_store import DeploymentRecord
 from scheduler.store import JobEvent, JobRecord
 
 
@@ -99,4 +100,46 @@ def job_out(job: JobRecord, ui_url: str | None, history: list[JobEvent] | None =
             if history is not None
             else None
         ),
+    )
+
+
+class ReplicaOut(BaseModel):
+    id: str
+    phase: str
+    routed: bool
+    retiring: bool
+    node: str
+    gpu_indices: list[int]
+    model_version: str | None
+    model_uri: str
+    error: str | None
+
+
+class DeploymentOut(BaseModel):
+    name: str
+    state: str
+    message: str | None
+    model: str
+    model_version: str | None
+    run_id: str | None
+    predict_path: str
+    replicas: list[ReplicaOut]
+    spec: dict[str, Any]
+    created_at: float
+    updated_at: float
+
+
+def deployment_out(record: DeploymentRecord, replicas: list[dict[str, Any]]) -> DeploymentOut:
+    return DeploymentOut(
+        name=record.name,
+        state=record.state.value,
+        message=record.message,
+        model=record.spec["model"],
+        model_version=record.model_version,
+        run_id=record.run_id,
+        predict_path=f"/v1/models/{record.name}/predict",
+        replicas=[ReplicaOut(**r) for r in replicas],
+        spec=record.spec,
+        created_at=record.created_at,
+        updated_at=record.updated_at,
     )

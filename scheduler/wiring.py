@@ -9,13 +9,21 @@ from pathlib import Path
 import psutil
 from fastapi import FastAPI
 
-from scheduler.api import create_app
+from scheduler.api import Serving, create_app
 from scheduler.cluster_view import cluster_table
+from scheduler.deployment_service import DeploymentService
+from scheduler.deployment_store import DeploymentStore
+from scheduler.deployments import DeploymentController, ServeSettings
 from scheduler.loop import LoopSettings, Scheduler
+from scheduler.router import Router
 from scheduler.service import JobService
+from scheduler.serving_metrics import ServingMetrics
 from scheduler.store import JobStore, sqlite_url
+from workers.mlflow_models import resolve
 from workers.ray_cluster import RayCluster, connect
 from workers.ray_executor import RayExecutor
+from workers.ray_replicas import RayReplicaLauncher
+from workers.replicas import ResolvedModel
 from workers.sim_backend import SimClusterSpec, SimGpuSpec, SimNodeSpec, load_cluster_config
 
 
@@ -66,12 +74,14 @@ class ControlPlane:
     cluster: RayCluster
     executor: RayExecutor
     app: FastAPI
+    controller: DeploymentController
 
     def start(self) -> None:
         self.scheduler.start()
 
     def stop(self) -> None:
         self.scheduler.stop()
+        self.controller.close()
         self.cluster.close()
         self.store.close()
 
@@ -100,11 +110,34 @@ def build(settings: Settings) -> ControlPlane:
         python_path=(os.getcwd(),),
         simulated_usage_dir=str(usage_dir),
     )
-    scheduler = Scheduler(store, executor, cluster, loop_settings)
+    metrics = ServingMetrics()
+    router = Router(metrics)
+
+    def resolver(uri: str) -> ResolvedModel:
+        return resolve(uri, settings.tracking_uri)
+
+    deployment_store = DeploymentStore(store)
+    controller = DeploymentController(
+        deployment_store,
+        RayReplicaLauncher(namespace=settings.namespace),
+        router,
+        metrics,
+        resolver,
+        ServeSettings(
+            tracking_uri=settings.tracking_uri,
+            python_path=loop_settings.python_path,
+            simulated_usage_dir=str(usage_dir),
+        ),
+    )
+    scheduler = Scheduler(store, executor, cluster, loop_settings, realtime=controller)
     service = JobService(store, loop_settings.log_dir, wake=scheduler.wake)
+    deployments = DeploymentService(
+        deployment_store, resolver, controller.replicas_view, wake=scheduler.wake
+    )
     app = create_app(
         service,
         mlflow_ui_url=settings.ui_url,
         cluster_view=lambda: cluster_table(cluster.nodes(), store),
+        serving=Serving(deployments, router, metrics),
     )
-    return ControlPlane(store, scheduler, service, cluster, executor, app)
+    return ControlPlane(store, scheduler, service, cluster, executor, app, controller)

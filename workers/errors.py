@@ -6,6 +6,7 @@ The tree is small on purpose; the scheduler maps these to its own refusals::
     ├── NvmlUnavailable      NVML cannot start here (no library, no driver, mismatch)
     └── GpuLost              one device stopped answering (internal to a read)
     ClusterConfigError       a simulated-cluster YAML file is invalid (a ValueError)
+    ModelUnavailable         a model to serve cannot be resolved or loaded from MLflow
 
 Library errors (``pynvml.NVMLError``) never cross this boundary: the NVML
 adapter translates them.
@@ -55,3 +56,7 @@ class ClusterConfigError(ValueError):
     def __init__(self, message: str, problems: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.problems = problems
+
+
+class ModelUnavailable(Exception):
+    """A model to serve cannot be found or loaded; the message names the URI and why."""

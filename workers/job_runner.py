@@ -77,7 +77,9 @@ def _run_program(ctx: MlflowJobContext, launch: Mapping[str, Any]) -> TrainResul
     return train(ctx, TrainParams(**launch["train_params"]))
 
 
-def _log_model(run_id: str, result: TrainResult, register_as: str | None) -> str | None:
+def _log_model(
+    client: MlflowClient, result: TrainResult, register_as: str | None, alias: str | None
+) -> str | None:
     model = result.model.to("cpu").eval()
     example = result.example_input.to("cpu")
     with torch.no_grad():
@@ -93,7 +95,11 @@ def _log_model(run_id: str, result: TrainResult, register_as: str | None) -> str
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
     )
     version = info.registered_model_version
-    return str(version) if version is not None else None
+    if version is None:
+        return None
+    if register_as and alias:
+        client.set_registered_model_alias(register_as, alias, str(version))
+    return str(version)
 
 
 def _exit_with_parent() -> None:
@@ -146,7 +152,9 @@ def main(work_dir: Path) -> int:
         result = _run_program(ctx, launch)
         if result is not None:
             outcome["metrics"] = result.metrics
-            outcome["model_version"] = _log_model(run_id, result, spec.get("register_as"))
+            outcome["model_version"] = _log_model(
+                client, result, spec.get("register_as"), spec.get("register_alias")
+            )
         outcome["status"] = "succeeded"
     except StopRequested:
         outcome["status"] = "stopped"

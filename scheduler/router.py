@@ -1,0 +1,413 @@
+"""The predict path: admission control, dynamic batching, least-loaded replica.
+
+Runs on the API's event loop. Per deployment there is one queue of admitted
+requests. A replica with no batch in flight takes everything queued (up to
+``max_batch_size`` rows) at once, so a request that finds a replica idle goes
+straight out, and what arrives while every replica is busy forms the next
+batch: batching costs nothing at low load and grows with load. The batch goes
+to the ready replica with the fewest outstanding rows, as one call.
+
+Admission: a request is refused with 429 when the queue holds ``max_queue``
+requests or when the expected latency — queued batches spread over the ready
+replicas times the recent batch service time — exceeds ``slo.p99_ms``.
+
+The controller (another thread) calls :meth:`Router.configure`,
+:meth:`Router.set_replicas`, :meth:`Router.remove`, :meth:`Router.load` and
+:meth:`Router.drained`; they are thread-safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from scheduler.errors import DeploymentNotFound, PredictError
+from scheduler.serving_metrics import ServingMetrics
+from workers.replica_channel import ChannelClient, ReplicaFailed, ReplicaGone
+
+log = logging.getLogger(__name__)
+
+_EWMA = 0.2  # weight of the newest batch in the service-time estimate
+_LATENCY_WINDOW_S = 10.0
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """What the router needs of a deployment."""
+
+    name: str
+    max_batch_size: int
+    max_wait_ms: float
+    slo_p99_ms: float
+    max_queue: int
+    request_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class ReplicaEndpoint:
+    """A ready replica, the model version it serves and its input schema."""
+
+    replica_id: str
+    host: str
+    port: int
+    model_name: str
+    model_version: str | None
+    run_id: str | None
+    input_shape: tuple[int, ...] | None
+    input_dtype: str | None
+
+
+@dataclass(frozen=True)
+class RouteLoad:
+    """A deployment's load, as the autoscaler reads it."""
+
+    queue_depth: int
+    in_flight: int
+    p99_ms: float | None
+    ready_replicas: int
+
+
+@dataclass(frozen=True)
+class Prediction:
+    outputs: np.ndarray
+    endpoint: ReplicaEndpoint
+
+
+@dataclass(eq=False)
+class _Request:
+    inputs: np.ndarray
+    future: asyncio.Future[Prediction]
+    enqueued_at: float
+    retried: bool = False
+
+
+@dataclass(eq=False)
+class _Replica:
+    endpoint: ReplicaEndpoint
+    client: ChannelClient
+    batches: int = 0  # in flight
+    rows: int = 0  # in flight
+    draining: bool = False
+
+    @property
+    def usable(self) -> bool:
+        return not self.draining and self.client.alive
+
+
+@dataclass(eq=False)
+class _Route:
+    config: RouteConfig
+    replicas: dict[str, _Replica] = field(default_factory=dict)
+    queue: deque[_Request] = field(default_factory=deque)
+    queued_rows: int = 0
+    batch_s: float = 0.0  # EWMA of one batch's service time
+    latencies: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=4096))
+    wait_timer: asyncio.TimerHandle | None = None
+
+
+class Router:
+    """Routes predictions of every deployment to its replicas.
+
+    Example::
+
+        router = Router(metrics)
+        router.bind(asyncio.get_running_loop())       # at API start-up
+        router.configure(RouteConfig("mlp", 32, 0, 100, 256))
+        router.set_replicas("mlp", [endpoint])
+        prediction = await router.predict("mlp", np.zeros((1, 64), np.float32))
+    """
+
+    def __init__(
+        self, metrics: ServingMetrics, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
+        self._metrics = metrics
+        self._clock = clock
+        self._routes: dict[str, _Route] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._early: list[Callable[[], None]] = []  # calls made before bind()
+        self._lock = threading.Lock()
+
+    # -- control (any thread) ----------------------------------------------------------
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            self._loop = loop
+            early, self._early = self._early, []
+        for call in early:
+            loop.call_soon_threadsafe(call)
+
+    def configure(self, config: RouteConfig) -> None:
+        """Create or update a deployment's route (batching, SLO, queue bound)."""
+        self._call(lambda: self._configure(config))
+
+    def set_replicas(self, name: str, endpoints: list[ReplicaEndpoint]) -> None:
+        """The replicas to route to from now on; others drain and are closed."""
+        self._call(lambda: self._set_replicas(name, endpoints))
+
+    def remove(self, name: str) -> None:
+        """Stop routing a deployment; queued requests fail with 503."""
+        self._call(lambda: self._remove(name))
+
+    def load(self, name: str) -> RouteLoad:
+        route = self._routes.get(name)
+        if route is None:
+            return RouteLoad(0, 0, None, 0)
+        replicas = list(route.replicas.values())
+        return RouteLoad(
+            queue_depth=len(route.queue),
+            in_flight=sum(r.rows for r in replicas),
+            p99_ms=self._p99_ms(route),
+            ready_replicas=sum(1 for r in replicas if r.usable),
+        )
+
+    def drained(self, name: str, replica_id: str) -> bool:
+        """True once ``replica_id`` takes no traffic and has nothing in flight."""
+        route = self._routes.get(name)
+        rep = route.replicas.get(replica_id) if route else None
+        return rep is None
+
+    def schema(self, name: str) -> tuple[tuple[int, ...] | None, str | None]:
+        """The input shape and dtype that the deployment's replicas declare."""
+        route = self._routes.get(name)
+        if route is None:
+            raise DeploymentNotFound(f"no deployment named {name!r}")
+        for rep in route.replicas.values():
+            if rep.usable:
+                return rep.endpoint.input_shape, rep.endpoint.input_dtype
+        return None, None
+
+    def routed(self, name: str) -> set[str]:
+        """Replica ids that currently receive traffic."""
+        route = self._routes.get(name)
+        return {r.endpoint.replica_id for r in route.replicas.values()} if route else set()
+
+    def _call(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            loop = self._loop
+            if loop is None:
+                self._early.append(fn)
+                return
+        loop.call_soon_threadsafe(fn)
+
+    # -- control (event loop) ----------------------------------------------------------
+    def _configure(self, config: RouteConfig) -> None:
+        route = self._routes.get(config.name)
+        if route is None:
+            self._routes[config.name] = _Route(config)
+        else:
+            route.config = config
+
+    def _set_replicas(self, name: str, endpoints: list[ReplicaEndpoint]) -> None:
+        route = self._routes.get(name)
+        if route is None:
+            return
+        wanted = {e.replica_id: e for e in endpoints}
+        for rid, rep in list(route.replicas.items()):
+            if rid not in wanted:
+                rep.draining = True
+                self._retire_if_idle(route, rep)
+        for rid, endpoint in wanted.items():
+            if rid not in route.replicas:
+                asyncio.get_running_loop().create_task(self._connect(route, endpoint))
+        self._metrics.replicas(name, len(wanted))
+
+    async def _connect(self, route: _Route, endpoint: ReplicaEndpoint) -> None:
+        try:
+            client = await ChannelClient.connect(endpoint.host, endpoint.port)
+        except (OSError, TimeoutError) as exc:
+            log.warning("cannot reach replica %s: %s", endpoint.replica_id, exc)
+            return
+        if self._routes.get(route.config.name) is not route:
+            client.close()
+            return
+        route.replicas[endpoint.replica_id] = _Replica(endpoint, client)
+        self._pump(route)
+
+    def _remove(self, name: str) -> None:
+        route = self._routes.pop(name, None)
+        if route is None:
+            return
+        self._fail_queue(route, f"deployment {name!r} was removed")
+        for rep in route.replicas.values():
+            rep.client.close()
+        self._metrics.replicas(name, 0)
+
+    def _retire_if_idle(self, route: _Route, rep: _Replica) -> None:
+        if rep.batches == 0 and (rep.draining or not rep.client.alive):
+            route.replicas.pop(rep.endpoint.replica_id, None)
+            rep.client.close()
+
+    # -- the predict path (event loop) -------------------------------------------------
+    async def predict(self, name: str, inputs: np.ndarray) -> Prediction:
+        """Outputs for ``inputs`` (rows along axis 0), or a :class:`PredictError`."""
+        route = self._routes.get(name)
+        if route is None:
+            raise DeploymentNotFound(f"no deployment named {name!r}")
+        self._admit(route, len(inputs))
+        started = self._clock()
+        future: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
+        route.queue.append(_Request(inputs, future, started))
+        route.queued_rows += len(inputs)
+        self._pump(route)
+        try:
+            result = await asyncio.wait_for(future, route.config.request_timeout_s)
+        except TimeoutError:
+            raise PredictError(
+                503,
+                f"no answer from deployment {name!r} within {route.config.request_timeout_s:g} s",
+                retry_after_s=1,
+            ) from None
+        latency_s = self._clock() - started
+        route.latencies.append((started, latency_s))
+        self._metrics.observe_latency(name, latency_s)
+        return result
+
+    def _admit(self, route: _Route, rows: int) -> None:
+        cfg = route.config
+        usable = sum(1 for r in route.replicas.values() if r.usable)
+        if usable == 0:
+            self._metrics.shed(cfg.name, "unavailable")
+            raise PredictError(
+                503, f"deployment {cfg.name!r} has no ready replica yet", retry_after_s=2
+            )
+        if len(route.queue) >= cfg.max_queue:
+            self._metrics.shed(cfg.name, "queue_full")
+            raise PredictError(
+                429,
+                f"deployment {cfg.name!r} is overloaded: {len(route.queue)} requests queued "
+                f"(max_queue {cfg.max_queue})",
+                retry_after_s=self._drain_s(route, usable),
+            )
+        batches_ahead = math.ceil((route.queued_rows + rows) / cfg.max_batch_size) / usable
+        expected_ms = route.batch_s * (batches_ahead + 1) * 1000
+        if expected_ms > cfg.slo_p99_ms:
+            self._metrics.shed(cfg.name, "slo")
+            raise PredictError(
+                429,
+                f"deployment {cfg.name!r} is overloaded: expected latency {expected_ms:.0f} ms "
+                f"exceeds its p99 target of {cfg.slo_p99_ms:g} ms",
+                retry_after_s=self._drain_s(route, usable),
+            )
+
+    def _drain_s(self, route: _Route, usable: int) -> int:
+        batches = route.queued_rows / route.config.max_batch_size / max(usable, 1)
+        return max(1, math.ceil(batches * route.batch_s))
+
+    def _pump(self, route: _Route, waited: bool = False) -> None:
+        """Send batches to idle replicas while requests are queued."""
+        cfg = route.config
+        while route.queue:
+            rep = self._least_loaded(route)
+            if rep is None:
+                return
+            if cfg.max_wait_ms > 0 and not waited and route.queued_rows < cfg.max_batch_size:
+                wait_s = route.queue[0].enqueued_at + cfg.max_wait_ms / 1000 - self._clock()
+                if wait_s > 0:
+                    if route.wait_timer is None:
+                        route.wait_timer = asyncio.get_running_loop().call_later(
+                            wait_s, self._wait_over, route
+                        )
+                    return
+            batch = self._take(route)
+            rep.batches += 1
+            rep.rows += sum(len(r.inputs) for r in batch)
+            asyncio.get_running_loop().create_task(self._send(route, rep, batch))
+
+    def _wait_over(self, route: _Route) -> None:
+        route.wait_timer = None
+        self._pump(route, waited=True)
+
+    def _least_loaded(self, route: _Route) -> _Replica | None:
+        best: _Replica | None = None
+        for rep in route.replicas.values():
+            if rep.batches == 0 and rep.usable and (best is None or rep.rows < best.rows):
+                best = rep
+        return best
+
+    def _take(self, route: _Route) -> list[_Request]:
+        limit = route.config.max_batch_size
+        batch = [route.queue.popleft()]
+        rows = len(batch[0].inputs)
+        while route.queue and rows + len(route.queue[0].inputs) <= limit:
+            req = route.queue.popleft()
+            rows += len(req.inputs)
+            batch.append(req)
+        route.queued_rows -= rows
+        return batch
+
+    async def _send(self, route: _Route, rep: _Replica, batch: list[_Request]) -> None:
+        name = route.config.name
+        inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([r.inputs for r in batch])
+        started = self._clock()
+        try:
+            outputs = await rep.client.call(inputs)
+        except ReplicaGone as exc:
+            self._replica_lost(route, rep, batch, str(exc))
+        except ReplicaFailed as exc:
+            _fail(batch, PredictError(500, f"the model of {name!r} raised {exc}"))
+        else:
+            elapsed = self._clock() - started
+            route.batch_s = (
+                elapsed if route.batch_s == 0 else ((1 - _EWMA) * route.batch_s + _EWMA * elapsed)
+            )
+            self._metrics.observe_batch(name, len(inputs))
+            _deliver(batch, outputs, rep.endpoint)
+        finally:
+            rep.batches -= 1
+            rep.rows -= len(inputs)
+            self._retire_if_idle(route, rep)
+            self._pump(route)
+
+    def _replica_lost(self, route: _Route, rep: _Replica, batch: list[_Request], why: str) -> None:
+        """Retry each request once on another replica; else fail it fast with 503."""
+        others = any(r.usable and r is not rep for r in route.replicas.values())
+        for req in reversed(batch):
+            if others and not req.retried and not req.future.done():
+                req.retried = True
+                route.queue.appendleft(req)
+                route.queued_rows += len(req.inputs)
+            elif not req.future.done():
+                req.future.set_exception(
+                    PredictError(
+                        503,
+                        f"replica {rep.endpoint.replica_id} of {route.config.name!r} died "
+                        f"while serving this request ({why}); retry",
+                        retry_after_s=1,
+                    )
+                )
+
+    def _fail_queue(self, route: _Route, why: str) -> None:
+        while route.queue:
+            req = route.queue.popleft()
+            if not req.future.done():
+                req.future.set_exception(PredictError(503, why, retry_after_s=1))
+        route.queued_rows = 0
+
+    def _p99_ms(self, route: _Route) -> float | None:
+        horizon = self._clock() - _LATENCY_WINDOW_S
+        recent = sorted(lat for at, lat in list(route.latencies) if at >= horizon)
+        if not recent:
+            return None
+        return recent[min(len(recent) - 1, int(0.99 * len(recent)))] * 1000
+
+
+def _deliver(batch: list[_Request], outputs: np.ndarray, endpoint: ReplicaEndpoint) -> None:
+    start = 0
+    for req in batch:
+        end = start + len(req.inputs)
+        if not req.future.done():
+            req.future.set_result(Prediction(outputs[start:end], endpoint))
+        start = end
+
+
+def _fail(batch: list[_Request], exc: PredictError) -> None:
+    for req in batch:
+        if not req.future.done():
+            req.future.set_exception(exc)
