@@ -7,17 +7,26 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from scheduler.client import ApiError, ApiUnreachable, Client
+from scheduler import cli_serving
+from scheduler.cli_common import (
+    TERMINAL,
+    ApiOpt,
+    HomeOpt,
+    err,
+    guard,
+    out,
+    read_text,
+    state_text,
+    when,
+)
+from scheduler.client import ApiUnreachable, Client
 from scheduler.errors import ConfigError
 from scheduler.spec import load_spec
 
@@ -26,53 +35,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True, soft_wrap=True)
-T = TypeVar("T")
-
-ApiOpt = Annotated[str, typer.Option("--api", envvar="JOBWORKER_API", help="API address.")]
-HomeOpt = Annotated[Path, typer.Option("--home", envvar="JOBWORKER_HOME", help="State directory.")]
-TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
-STATE_STYLE = {
-    "SUCCEEDED": "green",
-    "FAILED": "red",
-    "CANCELLED": "yellow",
-    "RUNNING": "cyan",
-    "PENDING": "magenta",
-}
-
-
-def _guard(fn: Callable[[], T]) -> T:
-    """Run an API call; turn refusals into readable messages and exit codes."""
-    try:
-        return fn()
-    except ApiUnreachable as exc:
-        err.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(3) from exc
-    except ApiError as exc:
-        if exc.errors:
-            err.print(f"[red]rejected ({exc.status}):[/]")
-            for loc, msg in exc.errors:
-                err.print(f"  [bold]{loc or '(config)'}[/]: {msg}")
-        else:
-            err.print(f"[red]error ({exc.status}):[/] {exc}")
-        raise typer.Exit(2) from exc
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text()
-    except OSError as exc:
-        err.print(f"[red]error:[/] cannot read {path}: {exc.strerror}")
-        raise typer.Exit(2) from exc
-
-
-def _when(ts: float | None) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
-
-
-def _state(state: str) -> str:
-    return f"[{STATE_STYLE.get(state, 'white')}]{state}[/]"
 
 
 # -- servers ------------------------------------------------------------------------------
@@ -207,7 +169,7 @@ def demo(
         )
         if started.returncode != 0:
             raise typer.Exit(started.returncode) from None
-    job = _guard(lambda: client.submit(_read(config)))
+    job = guard(lambda: client.submit(read_text(config)))
     out.print(f"submitted [bold]{job['id']}[/] from {config}")
     final = _wait(client, job["id"])
     out.print(
@@ -221,7 +183,7 @@ def demo(
 def validate(file: Path) -> None:
     """Check a training config without submitting it."""
     try:
-        spec = load_spec(_read(file))
+        spec = load_spec(read_text(file))
     except ConfigError as exc:
         err.print(f"[red]invalid:[/] {file}")
         for loc, msg in exc.errors:
@@ -238,7 +200,7 @@ def submit(
 ) -> None:
     """Submit a training config (YAML or JSON)."""
     client = Client(api)
-    job = _guard(lambda: client.submit(_read(file)))
+    job = guard(lambda: client.submit(read_text(file)))
     out.print(f"submitted [bold]{job['id']}[/] ({job['name']})")
     if wait:
         final = _wait(client, job["id"])
@@ -254,18 +216,18 @@ def _wait(client: Client, job_id: str) -> dict[str, Any]:
         TimeElapsedColumn(),
         console=out,
     ) as progress:
-        job = _guard(lambda: client.get(job_id))
+        job = guard(lambda: client.get(job_id))
         train = job.get("spec", {})
         task = progress.add_task(job_id, total=None, detail="")
         while True:
-            job = _guard(lambda: client.get(job_id))
+            job = guard(lambda: client.get(job_id))
             p = job.get("progress") or {}
             metrics = p.get("metrics") or {}
             loss = f" loss {metrics['loss']:.4f}" if "loss" in metrics else ""
             step = f"step {p['step']}" if p.get("step") is not None else ""
             progress.update(
                 task,
-                description=f"{job_id} {_state(job['state'])}",
+                description=f"{job_id} {state_text(job['state'])}",
                 detail=f"{step}{loss}",
                 total=p.get("max_steps") or train.get("max_steps"),
                 completed=p.get("step") or 0,
@@ -278,7 +240,7 @@ def _wait(client: Client, job_id: str) -> dict[str, Any]:
 
 
 def _print_job(job: dict[str, Any]) -> None:
-    out.print(f"[bold]{job['id']}[/] {job['name']}: {_state(job['state'])}")
+    out.print(f"[bold]{job['id']}[/] {job['name']}: {state_text(job['state'])}")
     if job.get("error"):
         out.print(f"  error: [red]{job['error']}[/]")
     if job.get("assignment"):
@@ -301,14 +263,16 @@ def status(
     """One job with its history, or a table of jobs."""
     client = Client(api)
     if job_id:
-        job = _guard(lambda: client.get(job_id))
+        job = guard(lambda: client.get(job_id))
         _print_job(job)
         table = Table("at", "from", "to", "reason", title="history")
         for e in job.get("history") or []:
-            table.add_row(_when(e["at"]), e["from_state"] or "", _state(e["to_state"]), e["reason"])
+            table.add_row(
+                when(e["at"]), e["from_state"] or "", state_text(e["to_state"]), e["reason"]
+            )
         out.print(table)
         return
-    jobs = _guard(lambda: client.list([s.upper() for s in state or []]))
+    jobs = guard(lambda: client.jobs([s.upper() for s in state or []]))
     table = Table("id", "name", "state", "step", "loss", "node", "submitted")
     for j in jobs:
         p = j.get("progress") or {}
@@ -316,11 +280,11 @@ def status(
         table.add_row(
             j["id"],
             j["name"],
-            _state(j["state"]),
+            state_text(j["state"]),
             str(p.get("step") or ""),
             f"{loss:.4f}" if loss is not None else "",
             (j.get("assignment") or {}).get("hostname", ""),
-            _when(j["submitted_at"]),
+            when(j["submitted_at"]),
         )
     out.print(table)
 
@@ -336,9 +300,9 @@ def logs(
     """Print a job's output."""
     client = Client(api)
     if follow:
-        _guard(lambda: _stream(client, job_id))
+        guard(lambda: _stream(client, job_id))
         return
-    text, _ = _guard(lambda: client.logs(job_id))
+    text, _ = guard(lambda: client.logs(job_id))
     sys.stdout.write(text)
 
 
@@ -352,18 +316,18 @@ def _stream(client: Client, job_id: str) -> None:
 def cancel(job_id: str, api: ApiOpt = "http://127.0.0.1:8000") -> None:
     """Cancel a pending or running job."""
     client = Client(api)
-    job = _guard(lambda: client.cancel(job_id))
+    job = guard(lambda: client.cancel(job_id))
     if job["state"] in TERMINAL:
-        out.print(f"{job_id} already finished: {_state(job['state'])}")
+        out.print(f"{job_id} already finished: {state_text(job['state'])}")
     else:
-        out.print(f"cancelling {job_id} (was {_state(job['state'])})")
+        out.print(f"cancelling {job_id} (was {state_text(job['state'])})")
 
 
 @app.command()
 def cluster(api: ApiOpt = "http://127.0.0.1:8000") -> None:
     """Nodes and GPUs: type, memory, utilization, and the jobs on each."""
     client = Client(api)
-    view = _guard(client.cluster)
+    view = guard(client.cluster)
     table = Table("node", "GPU", "type", "used GiB", "free GiB", "util %", "jobs")
     gib = 2**30
     for node in view["nodes"]:
@@ -384,6 +348,12 @@ def cluster(api: ApiOpt = "http://127.0.0.1:8000") -> None:
             )
     out.print(table)
 
+
+# -- the real-time lane -------------------------------------------------------------------
+app.command()(cli_serving.deploy)
+app.command()(cli_serving.deployments)
+app.command()(cli_serving.undeploy)
+app.command()(cli_serving.predict)
 
 if __name__ == "__main__":
     app()

@@ -18,11 +18,21 @@ from scheduler.errors import JobworkerError
 
 
 class ApiError(JobworkerError):
-    """The API refused a request; ``errors`` holds ``(field, message)`` pairs for a 422."""
+    """The API refused a request; ``errors`` holds ``(field, message)`` pairs for a 422.
 
-    def __init__(self, status: int, message: str, errors: list[tuple[str, str]] | None = None):
+    ``retry_after_s`` is set when the API said when to retry (429, 503).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        errors: list[tuple[str, str]] | None = None,
+        retry_after_s: int | None = None,
+    ):
         self.status = status
         self.errors = errors or []
+        self.retry_after_s = retry_after_s
         super().__init__(message)
 
 
@@ -45,7 +55,7 @@ class Client:
             ) from exc
         if response.status_code >= 400:
             raise _api_error(response)
-        return response.json()
+        return response.json() if response.content else None
 
     def healthz(self) -> dict[str, Any]:
         result: dict[str, Any] = self._call("GET", "/healthz")
@@ -67,7 +77,7 @@ class Client:
         result: dict[str, Any] = self._call("GET", f"/jobs/{job_id}")
         return result
 
-    def list(self, states: list[str] | None = None) -> list[dict[str, Any]]:
+    def jobs(self, states: list[str] | None = None) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self._call("GET", "/jobs", params={"state": states or []})
         return result
 
@@ -99,6 +109,31 @@ class Client:
         result: dict[str, Any] = self._call("GET", "/cluster")
         return result
 
+    # -- the real-time lane ---------------------------------------------------------------
+    def deploy(self, text: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call(
+            "POST", "/deployments", content=text, headers={"content-type": "application/yaml"}
+        )
+        return result
+
+    def deployments(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", "/deployments")
+        return result
+
+    def deployment(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", f"/deployments/{name}")
+        return result
+
+    def undeploy(self, name: str) -> None:
+        self._call("DELETE", f"/deployments/{name}")
+
+    def predict(self, name: str, inputs: Any) -> dict[str, Any]:
+        """``{"outputs", "model", "version", "run_id"}``; a 429 or 503 raises :class:`ApiError`."""
+        result: dict[str, Any] = self._call(
+            "POST", f"/v1/models/{name}/predict", json={"inputs": inputs}
+        )
+        return result
+
 
 def _api_error(response: httpx.Response) -> ApiError:
     try:
@@ -109,4 +144,5 @@ def _api_error(response: httpx.Response) -> ApiError:
         errors = [(str(d.get("loc", "")), str(d.get("msg", ""))) for d in detail]
         message = "; ".join(f"{loc}: {msg}" if loc else msg for loc, msg in errors)
         return ApiError(response.status_code, message, errors)
-    return ApiError(response.status_code, str(detail))
+    retry = response.headers.get("retry-after")
+    return ApiError(response.status_code, str(detail), retry_after_s=int(retry) if retry else None)

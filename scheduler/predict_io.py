@@ -34,7 +34,7 @@ def parse_inputs(body: bytes, shape: tuple[int, ...] | None, dtype: str | None) 
     except ValueError as exc:
         raise PredictError(422, f"inputs: not a rectangular array ({exc})") from None
     want = f"{_shape_text(shape)} {dtype}" if shape is not None else "a signature"
-    if array.ndim == 0 or array.shape[0] == 0:
+    if array.ndim == 0 or array.size == 0:  # size: [[]] is a row of nothing
         raise PredictError(422, f"inputs: expected at least one row of shape {want}")
     if array.dtype.kind not in "biuf":
         raise PredictError(422, f"inputs: expected numbers of shape {want}, got {array.dtype}")
@@ -43,6 +43,12 @@ def parse_inputs(body: bytes, shape: tuple[int, ...] | None, dtype: str | None) 
     expected = np.dtype(dtype)
     if expected.kind in "iu" and array.dtype.kind == "f":
         raise PredictError(422, f"inputs: expected integers ({dtype}) of shape {want}")
+    if expected.kind in "iu" and array.dtype.kind in "iu":
+        low, high = np.iinfo(expected).min, np.iinfo(expected).max
+        if int(array.min()) < low or int(array.max()) > high:  # the cast would wrap around
+            raise PredictError(
+                422, f"inputs: expected integers in [{low}, {high}] ({dtype}) of shape {want}"
+            )
     fits = len(shape) == array.ndim and all(
         d in (-1, got) for d, got in zip(shape, array.shape, strict=True)
     )

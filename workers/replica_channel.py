@@ -47,12 +47,12 @@ class ReplicaFailed(RuntimeError):
 
 def encode_array(array: np.ndarray) -> bytes:
     """``array`` as an ARRAY body; its dtype must be one of the supported ones."""
-    array = np.ascontiguousarray(array)
+    array = np.asarray(array)  # not ascontiguousarray: it turns a 0-d array into 1-d
     code = _CODES.get(array.dtype)
     if code is None:
         raise TypeError(f"dtype {array.dtype} cannot travel to a replica")
     dims = struct.pack(f"!BB{array.ndim}I", code, array.ndim, *array.shape)
-    return dims + array.tobytes()
+    return dims + array.tobytes(order="C")
 
 
 def decode_array(body: bytes | bytearray) -> np.ndarray:
@@ -84,6 +84,8 @@ class ChannelServer:
         self._sock = socket.create_server((host, 0))
         self._lock = threading.Lock()  # one batch at a time on the model
         self._closed = False
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -94,16 +96,32 @@ class ChannelServer:
         threading.Thread(target=self._accept, name="replica-accept", daemon=True).start()
 
     def close(self) -> None:
-        self._closed = True
+        """Stop accepting and drop every connection, as a dying replica would.
+
+        Calls in flight fail on the router's side with :class:`ReplicaGone`.
+        """
+        with self._conns_lock:
+            self._closed = True
+            conns = list(self._conns)
+        # close() alone neither wakes a thread blocked in accept() (Linux) nor stops the
+        # socket from listening until accept() returns; shutdown() does both.
+        for sock in (self._sock, *conns):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             self._sock.close()
 
     def _accept(self) -> None:
-        while not self._closed:
+        while True:
             try:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
+            with self._conns_lock:
+                if self._closed:
+                    conn.close()
+                    return
+                self._conns.add(conn)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
@@ -117,6 +135,9 @@ class ChannelServer:
                     conn.sendall(self._answer(request_id, body))
             except (ConnectionError, OSError):
                 return
+            finally:
+                with self._conns_lock:
+                    self._conns.discard(conn)
 
     def _answer(self, request_id: int, body: bytearray) -> bytes:
         try:
@@ -175,11 +196,12 @@ class ChannelClient:
         """Send ``array``; its result, or :class:`ReplicaGone` / :class:`ReplicaFailed`."""
         if self._closed is not None:
             raise ReplicaGone(str(self._closed))
+        body = encode_array(array)  # before registering: a TypeError leaves nothing pending
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF
         request_id = self._next_id
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
-        self._writer.write(frame(request_id, ARRAY, encode_array(array)))
+        self._writer.write(frame(request_id, ARRAY, body))
         return await future
 
     def close(self) -> None:

@@ -66,6 +66,7 @@ class Api:
     http: httpx.Client
     home: Path
     tracking_uri: str
+    namespace: str
 
     def wait_for(self, job_id: str, states: set[JobState], timeout_s: float = 120.0) -> JobRecord:
         deadline = time.monotonic() + timeout_s
@@ -112,7 +113,7 @@ def make_api(ray_session: None, tmp_path: Path) -> Iterator[Callable[..., Api]]:
         plane.start()
         server, thread, url = serve(plane)
         started.append((plane, server, thread))
-        return Api(plane, httpx.Client(base_url=url, timeout=30), home, tracking_uri)
+        return Api(plane, httpx.Client(base_url=url, timeout=30), home, tracking_uri, namespace)
 
     yield make
     for plane, server, thread in started:

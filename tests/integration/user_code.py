@@ -1,4 +1,4 @@
-"""User entrypoints the integration tests submit (``tests.integration.user_code:fn``)."""
+"""User code the integration tests submit (entrypoints) or serve (models)."""
 
 from __future__ import annotations
 
@@ -60,3 +60,19 @@ def ignore_stop(ctx: JobContext, config: dict[str, Any]) -> None:
         step += 1
         ctx.log_metrics({"loss": 1.0}, step=step)
         time.sleep(0.05)
+
+
+class SlowModel(torch.nn.Module):
+    """A 64 -> 10 linear model that takes ``delay_s`` per batch: capacity is easy to exceed.
+
+    Logged with pickle serialization (a traced program would drop the sleep).
+    """
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+        self.linear = torch.nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.delay_s)
+        return self.linear(x)
