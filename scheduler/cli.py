@@ -153,11 +153,12 @@ def down(home: HomeOpt = Path(".jobworker")) -> None:
 @app.command()
 def demo(
     config: Path = Path("configs/train/mlp_synthetic.yaml"),
+    deployment: Path = Path("configs/serve/mlp_synthetic.yaml"),
     home: HomeOpt = Path(".jobworker"),
     api: ApiOpt = "http://127.0.0.1:8000",
     mlflow_port: Annotated[int, typer.Option(envvar="JOBWORKER_MLFLOW_PORT")] = 5000,
 ) -> None:
-    """Start everything in the background, train the example, print where to look."""
+    """Start everything in the background, train the example, serve it, print where to look."""
     client = Client(api)
     try:
         client.healthz()
@@ -172,10 +173,22 @@ def demo(
     job = guard(lambda: client.submit(read_text(config)))
     out.print(f"submitted [bold]{job['id']}[/] from {config}")
     final = _wait(client, job["id"])
+    if final["state"] != "SUCCEEDED":
+        raise typer.Exit(1)
+    dep = guard(lambda: client.deploy(read_text(deployment)))
+    out.print(f"\ndeploying [bold]{dep['name']}[/] ({dep['model']}) from {deployment}")
+    served = cli_serving.wait_ready(client, dep["name"], timeout_s=300)
+    if served["state"] != "READY":
+        raise typer.Exit(1)
+    example = [[round(0.01 * i, 2) for i in range(64)]]
+    answer = guard(lambda: client.predict(dep["name"], example))
+    out.print(
+        f"POST {api}{served['predict_path']} → class scores {answer['outputs'][0][:3]}… "
+        f"from {answer['model']} version {answer['version']}"
+    )
     out.print(
         f"\nMLflow UI: [bold]http://127.0.0.1:{mlflow_port}[/]  (stop everything: `make stop`)"
     )
-    raise typer.Exit(0 if final["state"] == "SUCCEEDED" else 1)
 
 
 # -- jobs ---------------------------------------------------------------------------------
