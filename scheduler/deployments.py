@@ -132,7 +132,13 @@ class DeploymentController:
             self._teardown(self._deps.pop(name))
 
     # -- one pass (the loop's thread) ----------------------------------------------------
-    def reconcile(self, snapshot: Callable[[], ClusterSnapshot], policy: PlacementPolicy) -> None:
+    def reconcile(
+        self,
+        snapshot: Callable[[], ClusterSnapshot],
+        policy: PlacementPolicy,
+        preempt: Callable[[ClusterSnapshot, Demand], str | None] | None = None,
+    ) -> None:
+        """One pass; ``preempt`` (the batch lane's) makes room for a replica that fits nowhere."""
         records = {r.name: r for r in self._store.list()}
         for name in list(self._deps):
             if name not in records:
@@ -147,7 +153,7 @@ class DeploymentController:
             self._resolve(dep, now)
             self._poll(dep, now)
             wanted.extend((dep, demand) for demand in self._demands(dep, now, snap))
-        self._start(wanted, snap, policy, now)
+        self._start(wanted, snap, policy, now, preempt)
         for dep in self._deps.values():
             self._route(dep, now)
             self._retire(dep, now)
@@ -279,15 +285,23 @@ class DeploymentController:
         snapshot: Callable[[], ClusterSnapshot],
         policy: PlacementPolicy,
         now: float,
+        preempt: Callable[[ClusterSnapshot, Demand], str | None] | None,
     ) -> None:
         if not wanted:
             return
         snap = snapshot()
         decisions = place(snap, [d for _, d in wanted], policy)
         nodes: dict[str, NodeReading] = {n.node_id: n for n in snap.nodes}
+        preempted = False
         for (dep, demand), decision in zip(wanted, decisions, strict=True):
             if not decision.placed or dep.resolved is None:
                 dep.waiting = "; ".join(decision.reasons) or "no node"
+                # The real-time lane outranks batch jobs: make room, one replica a pass.
+                if preempt is not None and demand.gpus and not preempted:
+                    preempted = True
+                    action = preempt(snap, demand)
+                    if action:
+                        dep.waiting = action
                 continue
             target = decision.placement[0]
             hostname = nodes[target.node_id].hostname if target.node_id in nodes else "?"

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from scheduler.placement import ClusterSnapshot, Demand, Holding, PlacementPolicy, place
+from scheduler.preemption import choose_victims, without_jobs
 from scheduler.spec import TrainingSpec
 from scheduler.states import JobState
 from scheduler.store import JobRecord, JobStore
@@ -45,8 +46,13 @@ class RealtimeLane(Protocol):
         ...
 
     def reconcile(
-        self, snapshot: Callable[[], ClusterSnapshot], policy: PlacementPolicy
-    ) -> None: ...
+        self,
+        snapshot: Callable[[], ClusterSnapshot],
+        policy: PlacementPolicy,
+        preempt: Callable[[ClusterSnapshot, Demand], str | None],
+    ) -> None:
+        """Reconcile replicas; ``preempt`` makes room for a replica that fits nowhere."""
+        ...
 
 
 @dataclass
@@ -55,6 +61,9 @@ class LoopSettings:
     log_dir: Path
     interval_s: float = 0.5
     stop_grace_s: float = 5.0
+    preempt_grace_s: float = 30.0  # time to checkpoint before a preempted job is killed
+    retry_backoff_s: float = 2.0  # first retry after a lost worker; doubles, up to the max
+    retry_backoff_max_s: float = 60.0
     python_path: tuple[str, ...] = ()
     simulated_usage_dir: str | None = None
     policy: PlacementPolicy = field(default_factory=PlacementPolicy)
@@ -152,7 +161,7 @@ class Scheduler:
         self._request_stops(active)
         self._observe(active)
         if self._realtime is not None:
-            self._realtime.reconcile(self._snapshot, self._settings.policy)
+            self._realtime.reconcile(self._snapshot, self._settings.policy, self._preempt_for)
         self._place(pending)
 
     def log_path(self, job_id: str) -> Path:
@@ -221,14 +230,28 @@ class Scheduler:
                 model_version=report.model_version,
                 **updates,
             )
-        elif phase is WorkerPhase.STOPPED or job.cancel_requested:
+        elif job.cancel_requested:
             self._store.transition(job.id, JobState.CANCELLED, "cancelled by request", **updates)
-        elif phase is WorkerPhase.LOST and job.attempts <= job.spec["max_retries"]:
+        elif preempt_reason := (job.assignment or {}).get("preempt_reason"):
+            self._requeue_preempted(job, preempt_reason, updates)
+        elif phase is WorkerPhase.STOPPED:
+            self._store.transition(job.id, JobState.CANCELLED, "stopped", **updates)
+        elif (
+            phase is WorkerPhase.LOST
+            and (retry := job.attempts - job.preemptions) <= job.spec["max_retries"]
+        ):
+            backoff_s = min(
+                self._settings.retry_backoff_max_s,
+                self._settings.retry_backoff_s * 2 ** (retry - 1),
+            )
             self._store.transition(
                 job.id,
                 JobState.PENDING,
-                f"{report.error}; retry {job.attempts} of {job.spec['max_retries']}",
+                f"{report.error}; retry {retry} of {job.spec['max_retries']} in {backoff_s:g} s, "
+                "from the last checkpoint",
                 assignment=None,
+                not_before=self._clock() + backoff_s,
+                resume_reason=f"retry {retry} after: {report.error}",
                 **updates,
             )
         else:
@@ -237,7 +260,57 @@ class Scheduler:
         self._stopping.discard(job.id)
         self._executor.release(job.id)
 
+    def _requeue_preempted(self, job: JobRecord, reason: str, updates: dict[str, Any]) -> None:
+        if job.state is JobState.SCHEDULED:  # stopped before it ran: nothing to checkpoint
+            self._store.transition(job.id, JobState.PENDING, reason, assignment=None, **updates)
+            return
+        self._store.transition(job.id, JobState.PREEMPTED, reason, **updates)
+        self._store.transition(
+            job.id,
+            JobState.PENDING,
+            "requeued; it resumes from its last checkpoint in the same MLflow run",
+            assignment=None,
+            preemptions=job.preemptions + 1,
+            resume_reason=reason,
+        )
+
+    def _preempt_for(self, snapshot: ClusterSnapshot, demand: Demand) -> str | None:
+        """Stop the cheapest batch jobs whose capacity lets ``demand`` (a replica) fit.
+
+        Returns what is being done to make room, or None when preempting would
+        not help. Jobs already stopping count as freed: no second victim is
+        chosen while the first one checkpoints.
+        """
+        active = self._store.find(list(ACTIVE))
+        stopping = [j for j in active if (j.assignment or {}).get("preempt_reason")]
+        base = without_jobs(snapshot, [j.id for j in stopping])
+        if stopping and place(base, [demand], self._settings.policy)[0].placed:
+            return "waiting for " + ", ".join(j.id for j in stopping) + " to checkpoint and stop"
+        candidates = sorted(
+            (j for j in active if j not in stopping and j.assignment and j.assignment["gpu_uuids"]),
+            key=lambda j: (j.priority, -(j.started_at or j.submitted_at)),
+        )
+        victims = choose_victims(base, demand, [j.id for j in candidates], self._settings.policy)
+        if not victims:
+            return None
+        by_id = {j.id: j for j in candidates}
+        for job_id in victims:
+            job = by_id[job_id]
+            reason = f"preempted to make room for real-time replica {demand.job_id}"
+            self._store.update(
+                job_id, assignment={**(job.assignment or {}), "preempt_reason": reason}
+            )
+            self._executor.stop(job_id, self._settings.preempt_grace_s)
+        return "preempting " + ", ".join(victims) + " (they checkpoint, then requeue)"
+
     def _place(self, pending: list[JobRecord]) -> None:
+        now = self._clock()
+        for job in pending:
+            if job.not_before is not None and job.not_before > now:
+                reasons = [f"retry: backing off for {job.not_before - now:.0f} s more"]
+                if reasons != job.pending_reasons:
+                    self._store.update(job.id, pending_reasons=reasons)
+        pending = [j for j in pending if j.not_before is None or j.not_before <= now]
         if not pending:
             return
         snapshot = self._snapshot()
@@ -301,6 +374,8 @@ class Scheduler:
             tracking_uri=self._settings.tracking_uri,
             train_params=train_params,
             run_id=job.run_id,
+            resume_reason=job.resume_reason,
+            preemptions=job.preemptions,
             tags=tags,
             python_path=self._settings.python_path,
             simulated_usage_dir=self._settings.simulated_usage_dir,

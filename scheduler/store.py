@@ -60,6 +60,9 @@ class JobRecord:
     progress: dict[str, Any] | None
     pending_reasons: list[str] | None
     cancel_requested: bool
+    not_before: float | None = None  # a retry waits for its backoff until then
+    preemptions: int = 0
+    resume_reason: str | None = None  # why the previous attempt ended, for the next one
 
     @property
     def terminal(self) -> bool:

@@ -29,6 +29,9 @@ jobs = sa.Table(
     sa.Column("progress_json", sa.Text, nullable=True),
     sa.Column("pending_reasons_json", sa.Text, nullable=True),
     sa.Column("cancel_requested", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("not_before", sa.Float, nullable=True),
+    sa.Column("preemptions", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("resume_reason", sa.Text, nullable=True),
 )
 
 job_events = sa.Table(

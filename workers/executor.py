@@ -28,6 +28,8 @@ class LaunchRequest:
     tracking_uri: str
     train_params: dict[str, Any] | None = None  # ``jobs.train.TrainParams`` fields (built-ins)
     run_id: str | None = None
+    resume_reason: str | None = None  # why an earlier attempt ended (preempted, worker lost)
+    preemptions: int = 0
     tags: dict[str, str] = field(default_factory=dict)
     python_path: tuple[str, ...] = ()
     simulated_usage_dir: str | None = None

@@ -24,7 +24,7 @@ from typing import Any
 
 import mlflow
 import torch
-from mlflow.entities import Param
+from mlflow.entities import Param, RunTag
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
@@ -49,12 +49,25 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def _open_run(client: MlflowClient, launch: Mapping[str, Any]) -> tuple[str, str]:
-    """The run to report to, ``(run_id, experiment_id)``: the job's own on a resume."""
+    """The run to report to, ``(run_id, experiment_id)``: the job's own on a resume.
+
+    A job whose run id the scheduler never learnt (it crashed first) finds its
+    run by the ``jobworker.job_id`` tag, so that no job ever gets two runs.
+    """
     spec = launch["spec"]
-    if launch.get("run_id"):
-        run = client.get_run(launch["run_id"])
-        return run.info.run_id, run.info.experiment_id
+    run_id = launch.get("run_id")
     experiment = client.get_experiment_by_name(spec["experiment"])
+    if run_id is None and experiment is not None:
+        found = client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.`jobworker.job_id` = '{launch['job_id']}'",
+            max_results=1,
+        )
+        run_id = found[0].info.run_id if found else None
+    if run_id is not None:
+        run = client.get_run(run_id)
+        _record_resume(client, run_id, launch)
+        return run.info.run_id, run.info.experiment_id
     experiment_id = (
         experiment.experiment_id if experiment else client.create_experiment(spec["experiment"])
     )
@@ -65,6 +78,16 @@ def _open_run(client: MlflowClient, launch: Mapping[str, Any]) -> tuple[str, str
         client.log_batch(run.info.run_id, params=params[i : i + _MAX_PARAMS])
     client.log_text(run.info.run_id, launch["source_text"], "config.yaml")
     return run.info.run_id, experiment_id
+
+
+def _record_resume(client: MlflowClient, run_id: str, launch: Mapping[str, Any]) -> None:
+    """Tag the run with this attempt and why the job came back (preemption, worker lost)."""
+    attempt = launch["attempt"]
+    tags = {k: v for k, v in launch["tags"].items() if k != "jobworker.queue_wait_s"}
+    tags[f"jobworker.resume.{attempt}"] = launch.get("resume_reason") or "resumed"
+    if launch.get("preemptions"):
+        tags["jobworker.preemptions"] = str(launch["preemptions"])
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
 
 def _run_program(ctx: MlflowJobContext, launch: Mapping[str, Any]) -> TrainResult | None:

@@ -41,7 +41,7 @@ class RayExecutor:
         self._work_root = work_root.resolve()
         self._poll_timeout_s = poll_timeout_s
         self._actors: dict[str, Any] = {}
-        self._log_offsets: dict[str, int] = {}
+        self._log_offsets: dict[str, int] = {}  # absent after a restart: the actor knows
         self._starts: dict[str, Any] = {}
 
     def launch(self, request: LaunchRequest) -> None:
@@ -64,7 +64,7 @@ class RayExecutor:
             if actor is None:
                 reports[job_id] = WorkerReport(job_id, WorkerPhase.LOST, error="no worker found")
             else:
-                refs[job_id] = actor.poll.remote(self._log_offsets.get(job_id, 0))
+                refs[job_id] = actor.poll.remote(self._log_offsets.get(job_id))
         for job_id, ref in refs.items():
             reports[job_id] = self._report(job_id, ref)
         return reports
@@ -88,7 +88,7 @@ class RayExecutor:
         except Exception as exc:  # the start call raised: the job process could not start
             self._forget(job_id)
             return WorkerReport(job_id, WorkerPhase.FAILED, error=f"could not start: {exc}")
-        self._log_offsets[job_id] = self._log_offsets.get(job_id, 0) + raw["log_bytes"]
+        self._log_offsets[job_id] = raw["log_offset"] + raw["log_bytes"]
         progress = raw["progress"] or {}
         result = raw["result"]
         common: dict[str, Any] = {

@@ -45,6 +45,7 @@ class TrainingWorker:
         self._work_dir.mkdir(parents=True, exist_ok=True)
         self._proc: subprocess.Popen[bytes] | None = None
         self._stop_timer: threading.Timer | None = None
+        self._log_sent = 0
 
     def start(self) -> int:
         """Start the job process; returns its pid."""
@@ -89,8 +90,14 @@ class TrainingWorker:
             )
         return self._proc.pid
 
-    def poll(self, log_offset: int) -> dict[str, Any]:
-        """State, progress, and log output from byte ``log_offset`` on."""
+    def poll(self, log_offset: int | None = None) -> dict[str, Any]:
+        """State, progress, and log output from byte ``log_offset`` on.
+
+        Without an offset (a restarted scheduler re-attaching), from where the
+        previous poll's output ended, so that no log line is copied twice.
+        """
+        if log_offset is None:
+            log_offset = self._log_sent
         proc = self._proc
         code = proc.poll() if proc else None
         logs = b""
@@ -105,9 +112,11 @@ class TrainingWorker:
             "exit_code": code,
             "logs": logs.decode("utf-8", "replace"),
             "log_bytes": len(logs),
+            "log_offset": log_offset,
             "progress": _read_json(self._work_dir / "progress.json"),
             "result": None,
         }
+        self._log_sent = log_offset + len(logs)
         if code is not None:
             if self._stop_timer:
                 self._stop_timer.cancel()

@@ -76,3 +76,23 @@ class SlowModel(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         time.sleep(self.delay_s)
         return self.linear(x)
+
+
+def count_steps(ctx: JobContext, config: dict[str, Any]) -> None:
+    """Count to ``steps`` at ``step_s`` a step, checkpointing every ``checkpoint_every``.
+
+    Resumes from its last checkpoint and stops cooperatively (checkpoint first), so
+    a preempted or retried job shows its step metric continuing, not restarting.
+    """
+    restored = ctx.load_checkpoint()
+    start = restored[1] + 1 if restored else 1
+    every = int(config.get("checkpoint_every", 5))
+    print(f"count_steps: starting at step {start}", flush=True)
+    for step in range(start, int(config["steps"]) + 1):
+        ctx.log_metrics({"counted": float(step)}, step=step)
+        if step % every == 0:
+            ctx.save_checkpoint({"step": step}, step=step)
+        if ctx.should_stop():
+            ctx.save_checkpoint({"step": step}, step=step)
+            raise StopRequested
+        time.sleep(float(config.get("step_s", 0.1)))

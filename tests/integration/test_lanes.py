@@ -1,0 +1,111 @@
+"""The lanes on real Ray: preemption for the real-time lane, retries after a lost worker."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ray
+import torch
+
+from scheduler.states import JobState
+from tests.integration.conftest import Api, entrypoint_yaml
+from tests.integration.serving_helpers import deploy, deploy_yaml, log_model, wait_deployment
+
+
+def _submit(api: Api, text: str) -> str:
+    r = api.http.post("/jobs", content=text, headers={"content-type": "application/yaml"})
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])
+
+
+def _wait_step(api: Api, job_id: str, step: int, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = api.plane.store.get(job_id)
+        if job.state is JobState.RUNNING and (job.progress or {}).get("step", 0) >= step:
+            return
+        assert not job.terminal, (job.state, job.error)
+        time.sleep(0.2)
+    raise AssertionError(f"{job_id} never reached step {step}")
+
+
+def _counted(api: Api, run_id: str) -> list[int]:
+    history = api.mlflow().get_metric_history(run_id, "counted")
+    return sorted(int(m.step) for m in history)
+
+
+def test_deployment_preempts_lowest_priority_job_which_resumes_in_the_same_run(
+    make_api: Any,
+) -> None:
+    api: Api = make_api()  # node "local": two 40 GB A100s, one with 8 GB held by another tenant
+    steps = 60
+    low = _submit(
+        api,
+        entrypoint_yaml("low", "count_steps", gpus=1, gpu_memory_gb=30, steps=steps)
+        + "priority: -10\n",
+    )
+    high = _submit(
+        api,
+        entrypoint_yaml("high", "count_steps", gpus=1, gpu_memory_gb=30, steps=steps)
+        + "priority: 10\n",
+    )
+    _wait_step(api, low, 12)
+    _wait_step(api, high, 1)
+    log_model(api.tracking_uri, "big", torch.nn.Sequential(torch.nn.Linear(64, 10)))
+    deploy(api, deploy_yaml("big", "models:/big/1", resources="{gpu_memory_gb: 20, cpus: 1}"))
+
+    preempted = api.wait_for(low, {JobState.PENDING, JobState.PREEMPTED}, 120)
+    events = [e.to_state for e in api.plane.store.history(low)]
+    assert JobState.PREEMPTED in events
+    assert "real-time replica" in next(
+        e.reason for e in api.plane.store.history(low) if e.to_state is JobState.PREEMPTED
+    )
+    stopped_at = max(_counted(api, str(preempted.run_id)))
+    assert api.plane.store.get(high).state is JobState.RUNNING  # the higher priority job runs on
+    wait_deployment(api, "big")
+
+    # Capacity comes back when the deployment goes; the job resumes where it stopped.
+    assert api.http.delete("/deployments/big").status_code == 204
+    done = api.wait_for(low, {JobState.SUCCEEDED, JobState.FAILED}, 180)
+    assert done.state is JobState.SUCCEEDED, done.error
+    assert done.run_id == preempted.run_id and done.preemptions == 1
+    counted = _counted(api, str(done.run_id))
+    assert counted[-1] == steps
+    assert set(range(1, steps + 1)) <= set(counted)
+    # Resumed from its last checkpoint: at most the steps since it were counted twice.
+    assert len(counted) - steps <= 5 and stopped_at < steps
+    run = api.mlflow().get_run(str(done.run_id))
+    assert run.data.tags["jobworker.preemptions"] == "1"
+    assert "real-time replica" in run.data.tags["jobworker.resume.2"]
+    runs = api.mlflow().search_runs(
+        [run.info.experiment_id], filter_string=f"tags.`jobworker.job_id` = '{low}'"
+    )
+    assert len(runs) == 1
+    api.wait_for(high, {JobState.SUCCEEDED}, 180)
+
+
+def test_lost_worker_is_retried_with_backoff_and_resumes(make_api: Any) -> None:
+    api: Api = make_api()
+    steps = 40
+    job_id = _submit(api, entrypoint_yaml("lost", "count_steps", steps=steps) + "max_retries: 1\n")
+    _wait_step(api, job_id, 12)
+    ray.kill(ray.get_actor(f"jobworker-train-{job_id}", namespace=api.namespace))
+
+    done = api.wait_for(job_id, {JobState.SUCCEEDED, JobState.FAILED}, 180)
+    assert done.state is JobState.SUCCEEDED, done.error
+    history = api.plane.store.history(job_id)
+    retry = next(e for e in history if e.to_state is JobState.PENDING and e.from_state)
+    assert "worker lost" in retry.reason and "retry 1 of 1" in retry.reason
+    assert done.attempts == 2
+    counted = _counted(api, str(done.run_id))
+    assert counted[-1] == steps and len(counted) - steps <= 5  # resumed, not restarted
+    assert [e.to_state for e in history].count(JobState.SUCCEEDED) == 1
+
+
+def test_user_exception_fails_at_once_even_with_retries_left(make_api: Any) -> None:
+    api: Api = make_api()
+    job_id = _submit(api, entrypoint_yaml("boom", "explode") + "max_retries: 3\n")
+    done = api.wait_for(job_id, {JobState.SUCCEEDED, JobState.FAILED}, 120)
+    assert done.state is JobState.FAILED and done.attempts == 1
+    assert "Traceback" in api.http.get(f"/jobs/{job_id}/logs").json()["text"]
