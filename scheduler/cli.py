@@ -26,6 +26,7 @@ from scheduler.cli_common import (
     state_text,
     when,
 )
+from scheduler.cli_simulate import simulate
 from scheduler.client import ApiUnreachable, Client
 from scheduler.errors import ConfigError
 from scheduler.spec import load_spec
@@ -367,6 +368,9 @@ app.command()(cli_serving.deploy)
 app.command()(cli_serving.deployments)
 app.command()(cli_serving.undeploy)
 app.command()(cli_serving.predict)
+
+# -- the trace-driven simulator -----------------------------------------------------------
+app.command()(simulate)
 
 if __name__ == "__main__":
     app()
