@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
 
 from scheduler.deployment_service import DeploymentService
 from scheduler.errors import ConfigError, DeploymentNotFound, JobNotFound, PredictError
@@ -24,6 +25,7 @@ from scheduler.views import (
     DeploymentOut,
     JobOut,
     LogsOut,
+    QueueEntryOut,
     ValidationOk,
     deployment_out,
     job_out,
@@ -54,8 +56,10 @@ def create_app(
     mlflow_ui_url: str | None = None,
     cluster_view: Callable[[], dict[str, Any]] | None = None,
     serving: Serving | None = None,
+    queue_view: Callable[[], list[dict[str, Any]]] | None = None,
 ) -> FastAPI:
-    """The API over a job service. ``cluster_view`` serves ``GET /cluster``."""
+    """The API over a job service. ``cluster_view`` serves ``GET /cluster``,
+    ``queue_view`` ``GET /queue``."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -138,6 +142,13 @@ def create_app(
             return LogsOut(text=text, next_offset=next_offset)
         return StreamingResponse(_follow(service, job_id, offset), media_type="text/plain")
 
+    @app.get("/queue", response_model=list[QueueEntryOut])
+    def queue() -> list[QueueEntryOut]:
+        """Pending jobs in the order the scheduler considers them, with why each waits."""
+        if queue_view is None:
+            raise HTTPException(status_code=503, detail="no queue view configured")
+        return [QueueEntryOut(position=i, **e) for i, e in enumerate(queue_view(), start=1)]
+
     @app.get("/cluster")
     def cluster() -> dict[str, Any]:
         if cluster_view is None:
@@ -183,6 +194,19 @@ def _serving_routes(app: FastAPI, serving: Serving) -> None:
         deployments.undeploy(name)
         return Response(status_code=204)
 
+    async def predict(request: Request) -> Response:
+        """Predict: ``{"inputs": [[...]]}`` → outputs, model name, version and run id."""
+        name = request.path_params["name"]
+        shape, dtype = router.schema(name)
+        inputs = parse_inputs(await request.body(), shape, dtype)
+        body, headers = render(await router.predict(name, inputs))
+        return Response(body, media_type="application/json", headers=headers)
+
+    # The hot path is a plain Starlette route, ahead of FastAPI's: it skips the
+    # per-request parameter solving (see bench/serving.py). The FastAPI route
+    # below, never reached, documents the endpoint in the OpenAPI schema.
+    app.router.routes.insert(0, Route("/v1/models/{name}/predict", predict, methods=["POST"]))
+
     @app.post(
         "/v1/models/{name}/predict",
         responses={422: {}, 429: {}, 503: {}},
@@ -193,12 +217,13 @@ def _serving_routes(app: FastAPI, serving: Serving) -> None:
             }
         },
     )
-    async def predict(name: str, request: Request) -> Response:
-        """Predict: ``{"inputs": [[...]]}`` → outputs, model name, version and run id."""
-        shape, dtype = router.schema(name)
-        inputs = parse_inputs(await request.body(), shape, dtype)
-        body, headers = render(await router.predict(name, inputs))
-        return Response(body, media_type="application/json", headers=headers)
+    async def predict_documented(name: str, request: Request) -> Response:
+        """Predict: ``{"inputs": [[...]]}`` → outputs, model name, version and run id.
+
+        422 when the input does not match the model's signature, 429 with
+        ``Retry-After`` when overloaded, 503 while no replica is ready.
+        """
+        return await predict(request)
 
     @app.get("/metrics")
     def metrics() -> Response:

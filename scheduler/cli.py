@@ -59,6 +59,10 @@ def up(
         Path | None, typer.Option(envvar="JOBWORKER_CLUSTER_CONFIG", help="Simulated GPUs.")
     ] = None,
     gpu_backend: Annotated[str, typer.Option(envvar="JOBWORKER_GPU_BACKEND")] = "auto",
+    queue_config: Annotated[
+        Path | None,
+        typer.Option(envvar="JOBWORKER_QUEUE_CONFIG", help="Queue rules: quotas, fair share."),
+    ] = None,
     detach: Annotated[bool, typer.Option(help="Run in the background; see `down`.")] = False,
 ) -> None:
     """Start the API (and local Ray and an MLflow server unless addresses are given)."""
@@ -84,6 +88,7 @@ def up(
             ray_address=ray_address,
             cluster_config=cluster_config,
             gpu_backend=gpu_backend,
+            queue_config=queue_config,
         )
         _serve(settings, host, port)
     finally:
@@ -335,6 +340,24 @@ def cancel(job_id: str, api: ApiOpt = "http://127.0.0.1:8000") -> None:
         out.print(f"{job_id} already finished: {state_text(job['state'])}")
     else:
         out.print(f"cancelling {job_id} (was {state_text(job['state'])})")
+
+
+@app.command()
+def queue(api: ApiOpt = "http://127.0.0.1:8000") -> None:
+    """Pending jobs in the order the scheduler will consider them, and why each waits."""
+    entries = guard(Client(api).queue)
+    table = Table("#", "job", "name", "team", "priority", "submitted", "waiting because")
+    for e in entries:
+        table.add_row(
+            str(e["position"]),
+            e["job_id"],
+            e["name"],
+            e["team"],
+            str(e["priority"]),
+            when(e["submitted_at"]),
+            "\n".join(e["reasons"]),
+        )
+    out.print(table if entries else "no pending jobs")
 
 
 @app.command()

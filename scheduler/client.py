@@ -105,6 +105,10 @@ class Client:
         except httpx.TransportError as exc:
             raise ApiUnreachable(f"lost the log stream from {self.base_url}: {exc}") from exc
 
+    def queue(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", "/queue")
+        return result
+
     def cluster(self) -> dict[str, Any]:
         result: dict[str, Any] = self._call("GET", "/cluster")
         return result

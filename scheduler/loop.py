@@ -18,8 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from scheduler.demands import GIB, demand_of, holding_of, queued_job, running_job
 from scheduler.placement import ClusterSnapshot, Demand, Holding, PlacementPolicy, place
 from scheduler.preemption import choose_victims, without_jobs
+from scheduler.queue_placement import place_plan
+from scheduler.queue_policy import QueuePolicy
+from scheduler.queue_policy import plan as plan_queue
 from scheduler.spec import TrainingSpec
 from scheduler.states import JobState
 from scheduler.store import JobRecord, JobStore
@@ -28,7 +32,6 @@ from workers.telemetry import NodeReading
 
 log = logging.getLogger(__name__)
 
-GIB = 2**30
 ACTIVE = (JobState.SCHEDULED, JobState.RUNNING)
 
 
@@ -67,35 +70,19 @@ class LoopSettings:
     python_path: tuple[str, ...] = ()
     simulated_usage_dir: str | None = None
     policy: PlacementPolicy = field(default_factory=PlacementPolicy)
+    queue: QueuePolicy = field(default_factory=QueuePolicy)
 
 
-def demand_of(job: JobRecord) -> Demand:
-    res = job.spec["resources"]
-    return Demand(
-        job_id=job.id,
-        gpus=res["gpus"],
-        gpu_memory_bytes=int(res["gpu_memory_gb"] * GIB),
-        cpus=res["cpus"],
-        memory_bytes=int(res["memory_gb"] * GIB),
-        gpu_type=res.get("gpu_type"),
-        nodes=res.get("nodes", 1),
-    )
+@dataclass(frozen=True)
+class QueueEntry:
+    """A pending job as ``GET /queue`` shows it."""
 
-
-def holding_of(job: JobRecord) -> Holding | None:
-    a = job.assignment
-    if not a:
-        return None
-    res = job.spec["resources"]
-    return Holding(
-        job_id=job.id,
-        node_id=a["node_id"],
-        gpu_uuids=tuple(a["gpu_uuids"]),
-        gpu_memory_bytes=int(res["gpu_memory_gb"] * GIB),
-        cpus=res["cpus"],
-        memory_bytes=int(res["memory_gb"] * GIB),
-        pid=a.get("pid"),
-    )
+    job_id: str
+    name: str
+    team: str
+    priority: int
+    submitted_at: float
+    reasons: list[str]
 
 
 class Scheduler:
@@ -127,6 +114,7 @@ class Scheduler:
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping: set[str] = set()
+        self._queue: list[QueueEntry] = []
         settings.log_dir.mkdir(parents=True, exist_ok=True)
 
     # -- lifecycle --------------------------------------------------------------------
@@ -295,37 +283,64 @@ class Scheduler:
             return None
         by_id = {j.id: j for j in candidates}
         for job_id in victims:
-            job = by_id[job_id]
-            reason = f"preempted to make room for real-time replica {demand.job_id}"
-            self._store.update(
-                job_id, assignment={**(job.assignment or {}), "preempt_reason": reason}
+            self._request_preemption(
+                by_id[job_id], f"preempted to make room for real-time replica {demand.job_id}"
             )
-            self._executor.stop(job_id, self._settings.preempt_grace_s)
         return "preempting " + ", ".join(victims) + " (they checkpoint, then requeue)"
+
+    def queue(self) -> list[QueueEntry]:
+        """The pending jobs in the order the last pass considered them, with why each waits."""
+        return list(self._queue)
 
     def _place(self, pending: list[JobRecord]) -> None:
         now = self._clock()
+        reasons: dict[str, list[str]] = {}
         for job in pending:
             if job.not_before is not None and job.not_before > now:
-                reasons = [f"retry: backing off for {job.not_before - now:.0f} s more"]
-                if reasons != job.pending_reasons:
-                    self._store.update(job.id, pending_reasons=reasons)
-        pending = [j for j in pending if j.not_before is None or j.not_before <= now]
-        if not pending:
-            return
+                reasons[job.id] = [f"retry: backing off for {job.not_before - now:.0f} s more"]
+        ready = [j for j in pending if j.id not in reasons]
+        placed: set[str] = set()
+        order: list[str] = []
+        if ready:
+            order, placed = self._place_ready(ready, now, reasons)
+        self._record_queue(pending, order, placed, reasons)
+
+    def _place_ready(
+        self, ready: list[JobRecord], now: float, reasons: dict[str, list[str]]
+    ) -> tuple[list[str], set[str]]:
+        """Plan with the queue policy, preempt what it says, place what may start."""
         snapshot = self._snapshot()
-        # Priority first, then arrival: the queue-policy issue replaces this ordering.
-        order = sorted(pending, key=lambda j: (-j.priority, j.submitted_at))
-        by_id = {j.id: j for j in order}
-        decisions = place(snapshot, [demand_of(j) for j in order], self._settings.policy)
+        active = self._store.find(list(ACTIVE))
+        plan = plan_queue(
+            [queued_job(j) for j in ready],
+            [r for j in active if (r := running_job(j)) is not None],
+            {n.node_id: len(n.gpus) for n in snapshot.nodes},
+            self._settings.queue,
+            now,
+        )
+        by_id = {j.id: j for j in [*ready, *active]}
+        for beneficiary, victims in plan.victims_of.items():
+            for victim in victims:
+                job = by_id.get(victim)
+                if job is not None and not (job.assignment or {}).get("preempt_reason"):
+                    self._request_preemption(
+                        job, f"preempted by the queue policy for {beneficiary}"
+                    )
+            reasons[beneficiary] = [
+                "preemption: waiting for " + ", ".join(victims) + " to checkpoint and stop"
+            ]
+        for job_id, why in plan.reasons.items():
+            reasons[job_id] = [why]
+        demands = {j: demand_of(by_id[j]) for j in plan.order if j not in plan.victims_of}
+        decisions = place_plan(snapshot, plan, demands, self._settings.policy)
         nodes_by_id: dict[str, NodeReading] = {n.node_id: n for n in snapshot.nodes}
+        placed: set[str] = set()
         for decision in decisions:
             job = by_id[decision.job_id]
             if not decision.placed:
-                reasons = list(decision.reasons)
-                if reasons != job.pending_reasons:
-                    self._store.update(job.id, pending_reasons=reasons)
+                reasons[job.id] = list(decision.reasons)
                 continue
+            placed.add(job.id)
             # The spec admits single-node jobs only, so a placement has one node.
             target = decision.placement[0]
             node = nodes_by_id[target.node_id]
@@ -344,6 +359,33 @@ class Scheduler:
                 pending_reasons=None,
             )
             self._launch(job, assignment)
+        return list(plan.order), placed
+
+    def _record_queue(
+        self,
+        pending: list[JobRecord],
+        order: list[str],
+        placed: set[str],
+        reasons: dict[str, list[str]],
+    ) -> None:
+        """Store each waiting job's reasons and keep the queue's order for ``queue()``."""
+        position = {job_id: i for i, job_id in enumerate(order)}
+        waiting = sorted(
+            (j for j in pending if j.id not in placed),
+            key=lambda j: (position.get(j.id, len(order)), -j.priority, j.submitted_at),
+        )
+        entries = []
+        for j in waiting:
+            why = reasons.get(j.id) or ["next: may start when placed"]
+            if why != j.pending_reasons:
+                self._store.update(j.id, pending_reasons=why)
+            entries.append(QueueEntry(j.id, j.name, j.team, j.priority, j.submitted_at, why))
+        self._queue = entries
+
+    def _request_preemption(self, job: JobRecord, reason: str) -> None:
+        """Write the reason first (a restarted loop still knows), then ask the job to stop."""
+        self._store.update(job.id, assignment={**(job.assignment or {}), "preempt_reason": reason})
+        self._executor.stop(job.id, self._settings.preempt_grace_s)
 
     def _launch(self, job: JobRecord, assignment: dict[str, Any]) -> None:
         queue_wait_s = self._clock() - job.submitted_at

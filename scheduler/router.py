@@ -19,6 +19,7 @@ The controller (another thread) calls :meth:`Router.configure`,
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import threading
@@ -31,7 +32,7 @@ import numpy as np
 
 from scheduler.errors import DeploymentNotFound, PredictError
 from scheduler.serving_metrics import ServingMetrics
-from workers.replica_channel import ChannelClient, ReplicaFailed, ReplicaGone
+from workers.replica_channel import ChannelClient, ReplicaGone
 
 log = logging.getLogger(__name__)
 
@@ -269,18 +270,17 @@ class Router:
             raise DeploymentNotFound(f"no deployment named {name!r}")
         expected_s = self._admit(route, len(inputs))
         started = self._clock()
-        future: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
-        route.queue.append(_Request(inputs, future, started))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Prediction] = loop.create_future()
+        request = _Request(inputs, future, started)
+        route.queue.append(request)
         route.queued_rows += len(inputs)
         self._pump(route)
+        timer = loop.call_later(route.config.request_timeout_s, self._expire, route, request)
         try:
-            result = await asyncio.wait_for(future, route.config.request_timeout_s)
-        except TimeoutError:
-            raise PredictError(
-                503,
-                f"no answer from deployment {name!r} within {route.config.request_timeout_s:g} s",
-                retry_after_s=1,
-            ) from None
+            result = await future
+        finally:
+            timer.cancel()
         latency_s = self._clock() - started
         route.latencies.append((started, latency_s))
         # What the estimate misses (the API's own work, event-loop lag) is learnt here:
@@ -292,6 +292,24 @@ class Router:
             route.overhead_s = ranked[int(0.95 * (len(ranked) - 1))]
         self._metrics.observe_latency(name, latency_s)
         return result
+
+    def _expire(self, route: _Route, request: _Request) -> None:
+        """A request unanswered for ``request_timeout_s``: out of the queue, 503."""
+        if request.future.done():
+            return
+        try:
+            route.queue.remove(request)
+            route.queued_rows -= len(request.inputs)
+        except ValueError:
+            pass  # already sent: its batch's answer, when it comes, finds the future done
+        timeout_s = route.config.request_timeout_s
+        request.future.set_exception(
+            PredictError(
+                503,
+                f"no answer from deployment {route.config.name!r} within {timeout_s:g} s",
+                retry_after_s=1,
+            )
+        )
 
     def _admit(self, route: _Route, rows: int) -> float:
         """Refuse the request (429, 503) or return its expected latency in seconds."""
@@ -365,10 +383,7 @@ class Router:
                             wait_s, self._wait_over, route
                         )
                     return
-            batch = self._take(route)
-            rep.batches += 1
-            rep.rows += sum(len(r.inputs) for r in batch)
-            asyncio.get_running_loop().create_task(self._send(route, rep, batch))
+            self._send(route, rep, self._take(route))
 
     def _wait_over(self, route: _Route) -> None:
         route.wait_timer = None
@@ -400,27 +415,44 @@ class Router:
         route.queued_rows -= rows
         return batch
 
-    async def _send(self, route: _Route, rep: _Replica, batch: list[_Request]) -> None:
-        name = route.config.name
+    def _send(self, route: _Route, rep: _Replica, batch: list[_Request]) -> None:
+        """One call to the replica for the whole batch; answers are handed out on return."""
         inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([r.inputs for r in batch])
-        started = self._clock()
+        rep.batches += 1
+        rep.rows += len(inputs)
+        answer = rep.client.submit(inputs)
+        answer.add_done_callback(
+            functools.partial(self._answered, route, rep, batch, len(inputs), self._clock())
+        )
+
+    def _answered(
+        self,
+        route: _Route,
+        rep: _Replica,
+        batch: list[_Request],
+        rows: int,
+        started: float,
+        answer: asyncio.Future[np.ndarray],
+    ) -> None:
+        name = route.config.name
         try:
-            outputs = await rep.client.call(inputs)
-        except ReplicaGone as exc:
-            self._replica_lost(route, rep, batch, str(exc))
-        except ReplicaFailed as exc:
-            _fail(batch, PredictError(500, f"the model of {name!r} raised {exc}"))
-        else:
-            elapsed = self._clock() - started
-            route.batch_s = (
-                elapsed if route.batch_s == 0 else ((1 - _EWMA) * route.batch_s + _EWMA * elapsed)
-            )
-            route.done.append((self._clock(), len(inputs)))
-            self._metrics.observe_batch(name, len(inputs))
-            _deliver(batch, outputs, rep.endpoint)
+            exc = answer.exception()
+            if isinstance(exc, ReplicaGone):
+                self._replica_lost(route, rep, batch, str(exc))
+            elif exc is not None:
+                _fail(batch, PredictError(500, f"the model of {name!r} raised {exc}"))
+            else:
+                now = self._clock()
+                elapsed = now - started
+                route.batch_s = (
+                    elapsed if route.batch_s == 0 else (1 - _EWMA) * route.batch_s + _EWMA * elapsed
+                )
+                route.done.append((now, rows))
+                self._metrics.observe_batch(name, rows)
+                _deliver(batch, answer.result(), rep.endpoint)
         finally:
             rep.batches -= 1
-            rep.rows -= len(inputs)
+            rep.rows -= rows
             self._retire_if_idle(route, rep)
             self._pump(route)
 

@@ -143,3 +143,13 @@ def deployment_out(record: DeploymentRecord, replicas: list[dict[str, Any]]) -> 
         created_at=record.created_at,
         updated_at=record.updated_at,
     )
+
+
+class QueueEntryOut(BaseModel):
+    position: int
+    job_id: str
+    name: str
+    team: str
+    priority: int
+    submitted_at: float
+    reasons: list[str]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ from scheduler.deployment_service import DeploymentService
 from scheduler.deployment_store import DeploymentStore
 from scheduler.deployments import DeploymentController, ServeSettings
 from scheduler.loop import LoopSettings, Scheduler
+from scheduler.queue_config import load_queue_config
+from scheduler.queue_policy import QueuePolicy
 from scheduler.router import Router
 from scheduler.service import JobService
 from scheduler.serving_metrics import ServingMetrics
@@ -37,6 +40,7 @@ class Settings:
     mlflow_ui_url: str | None = None  # default: the tracking URI when it is http(s)
     ray_address: str | None = None  # default: a local Ray started in-process
     cluster_config: Path | None = None
+    queue_config: Path | None = None
     gpu_backend: str = "auto"  # auto | nvml | simulated
     namespace: str = "jobworker"
     loop_interval_s: float = 0.5
@@ -109,6 +113,7 @@ def build(settings: Settings) -> ControlPlane:
         interval_s=settings.loop_interval_s,
         python_path=(os.getcwd(),),
         simulated_usage_dir=str(usage_dir),
+        queue=load_queue_config(settings.queue_config) if settings.queue_config else QueuePolicy(),
     )
     metrics = ServingMetrics()
     router = Router(metrics)
@@ -139,5 +144,6 @@ def build(settings: Settings) -> ControlPlane:
         mlflow_ui_url=settings.ui_url,
         cluster_view=lambda: cluster_table(cluster.nodes(), store),
         serving=Serving(deployments, router, metrics),
+        queue_view=lambda: [dataclasses.asdict(e) for e in scheduler.queue()],
     )
     return ControlPlane(store, scheduler, service, cluster, executor, app, controller)

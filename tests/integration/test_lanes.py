@@ -7,7 +7,9 @@ from typing import Any
 
 import ray
 import torch
+from typer.testing import CliRunner
 
+from scheduler.cli import app as cli
 from scheduler.states import JobState
 from tests.integration.conftest import Api, entrypoint_yaml
 from tests.integration.serving_helpers import deploy, deploy_yaml, log_model, wait_deployment
@@ -109,3 +111,37 @@ def test_user_exception_fails_at_once_even_with_retries_left(make_api: Any) -> N
     done = api.wait_for(job_id, {JobState.SUCCEEDED, JobState.FAILED}, 120)
     assert done.state is JobState.FAILED and done.attempts == 1
     assert "Traceback" in api.http.get(f"/jobs/{job_id}/logs").json()["text"]
+
+
+def test_queue_shows_the_order_and_reasons_and_jobs_start_in_it(make_api: Any) -> None:
+    api: Api = make_api()
+    blockers = [
+        _submit(api, entrypoint_yaml(f"block{i}", "run_until_stopped", gpus=1, gpu_memory_gb=30))
+        for i in range(2)
+    ]
+    for job_id in blockers:
+        api.wait_for(job_id, {JobState.RUNNING}, 120)
+    low = _submit(api, entrypoint_yaml("later", "explode", gpus=1, gpu_memory_gb=30))
+    high = _submit(
+        api, entrypoint_yaml("urgent", "explode", gpus=1, gpu_memory_gb=30) + "priority: 5\n"
+    )
+    deadline = time.monotonic() + 30
+    queue: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        queue = api.http.get("/queue").json()
+        if [e["job_id"] for e in queue] == [high, low] and all(e["reasons"] for e in queue):
+            break
+        time.sleep(0.2)
+    assert [e["job_id"] for e in queue] == [high, low], queue
+    assert [e["position"] for e in queue] == [1, 2]
+    assert all("GiB" in " ".join(e["reasons"]) or "GPU" in " ".join(e["reasons"]) for e in queue)
+    shown = CliRunner().invoke(cli, ["queue", "--api", str(api.http.base_url)])
+    assert shown.exit_code == 0 and shown.output.index("urgent") < shown.output.index("later")
+
+    api.http.post(f"/jobs/{blockers[0]}/cancel")  # one GPU frees: the higher priority goes
+    started = api.wait_for(high, {JobState.SCHEDULED, JobState.RUNNING, JobState.FAILED}, 60)
+    assert started.state is not JobState.PENDING
+    assert api.plane.store.get(low).state is JobState.PENDING
+    api.http.post(f"/jobs/{blockers[1]}/cancel")
+    api.wait_for(low, {JobState.FAILED}, 120)
+    assert api.http.get("/queue").json() == []

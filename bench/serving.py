@@ -1,0 +1,396 @@
+"""Benchmark model serving: jobworker against plain FastAPI and three Ray Serve set-ups.
+
+Run from anywhere::
+
+    .venv/bin/python bench/serving.py [--servers fastapi,rayserve,rayserve-batch,
+        rayserve-direct,jobworker] [--duration 5] [--warmup 1] [--concurrency 1,8,32]
+        [--rate 1000] [--connections 64] [--batch-wait-ms 0] [--ray-worker-niceness 0]
+        [--keep]
+
+The same model, an MLP 64→256→256→10 in float32 on CPU with one torch thread per server
+process (``bench/serving_model.py``, fixed seed), behind ``POST`` JSON
+``{"inputs": [[64 floats]]}`` → ``{"outputs": [[10 floats]], …}``:
+
+- ``fastapi``: FastAPI + uvicorn (uvloop, httptools) calling torch in-process
+  (``bench/serving_fastapi.py``).
+- ``rayserve``: Ray Serve, one replica (``num_cpus=1``), through Serve's HTTP proxy.
+- ``rayserve-batch``: the same with ``@serve.batch(max_batch_size=32)``.
+- ``rayserve-direct``: Ray Serve's throughput-optimized mode
+  (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``, which turns on direct ingress), ``@serve.batch``
+  on, requests sent straight to the replica's own HTTP port (``bench/serving_rayserve.py``).
+- ``jobworker``: ``jobworker up`` with ``models:/bench-mlp/1`` logged to a fresh MLflow
+  store and deployed with batching 32 / 0 ms (``bench/serving_jobworker.py``).
+
+Servers run one at a time (the machine has two cores), each started fresh, checked (the
+first response must hold one row of 10 outputs, or the bench fails), loaded, and torn
+down with every process it spawned. All on 127.0.0.1, access logs off. Ray-based servers
+get ``RAY_worker_niceness=0`` (``--ray-worker-niceness``): Ray's default nice 15 for its
+workers would hand the request path's Ray processes a fraction of a shared core next to
+the nice-0 load generator and API processes.
+
+For each server the load generator (``bench/serving_loadgen.py``, its own process, raw
+asyncio HTTP/1.1 keep-alive) runs closed loops at each ``--concurrency`` and one open
+loop at ``--rate`` req/s (Poisson arrivals over ``--connections`` connections, latency
+from the scheduled send time). Each load gets ``--warmup`` unmeasured seconds, then
+``--duration`` measured. A server that cannot keep up with the open loop shows its
+capacity as req/s, latencies that grow with the backlog, and the arrivals still unsent
+a few seconds after the end as ``dropped``.
+
+It prints a table (req/s, p50/p95/p99 ms, non-200 count per server and load), the targets,
+and last::
+
+    RESULT serving c32_vs_best_rayserve_x=… c1_p50_vs_fastapi_x=… c32_rps=… c1_p50_ms=…
+
+``c32_vs_best_rayserve_x`` is jobworker's req/s at concurrency 32 over that of the Ray
+Serve variant with the most req/s there; ``c1_p50_vs_fastapi_x`` is jobworker's p50 at
+concurrency 1 over FastAPI's; ``c32_rps`` and ``c1_p50_ms`` are jobworker's. A field whose
+server was not run (or failed) prints ``nan``. Exit status 1 if any server failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import httpx  # noqa: E402
+
+from bench.serving_model import OUT_FEATURES, request_body  # noqa: E402
+from bench.serving_procs import (  # noqa: E402
+    ServerFailed,
+    ServerProcess,
+    free_port,
+    http_ok,
+    launch,
+    ready_line,
+    stop,
+)
+
+BENCH_DIR = REPO_ROOT / "bench"
+SERVERS = ("fastapi", "rayserve", "rayserve-batch", "rayserve-direct", "jobworker")
+RAY_VARIANTS = {"rayserve": "proxy", "rayserve-batch": "batch", "rayserve-direct": "direct"}
+START_TIMEOUT_S = 180.0
+SETTLE_S = 2.0  # between servers: let the last one's exit finish before the next starts
+
+
+@dataclass(frozen=True)
+class Load:
+    """One load pattern: a closed loop at ``concurrency`` or an open loop at ``rate``."""
+
+    mode: str
+    concurrency: int = 0
+    rate: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return f"c{self.concurrency}" if self.mode == "closed" else f"open@{self.rate:g}/s"
+
+    def loadgen_args(self, connections: int) -> list[str]:
+        if self.mode == "closed":
+            return ["--mode", "closed", "--concurrency", str(self.concurrency)]
+        return ["--mode", "open", "--rate", str(self.rate), "--connections", str(connections)]
+
+
+@dataclass
+class Row:
+    server: str
+    load: Load
+    result: dict[str, Any]
+
+    def non_200(self) -> int:
+        statuses: dict[str, int] = self.result.get("statuses", {})
+        bad = sum(n for status, n in statuses.items() if status != "200")
+        return bad + int(self.result.get("dropped", 0))
+
+
+# -- servers -------------------------------------------------------------------------------
+def start_fastapi(log_dir: Path, launched: list[ServerProcess]) -> str:
+    port = free_port()
+    cmd = [sys.executable, str(BENCH_DIR / "serving_fastapi.py"), "--port", str(port)]
+    server = launch("fastapi", cmd, log_dir)
+    launched.append(server)
+    # A GET on a POST route answers 405 once uvicorn serves; /docs answers 200.
+    http_ok(server, f"http://127.0.0.1:{port}/docs", START_TIMEOUT_S)
+    return f"http://127.0.0.1:{port}/predict"
+
+
+def ray_env(args: argparse.Namespace) -> dict[str, str]:
+    """The environment of a server that starts its own local Ray."""
+    env = {k: v for k, v in os.environ.items() if k not in {"RAY_ADDRESS", "JOBWORKER_RAY_ADDRESS"}}
+    if args.ray_worker_niceness != "ray":
+        # Ray starts its workers (Serve's proxy and replicas, jobworker's replicas) at
+        # nice 15; on two shared cores that starves them next to the nice-0 load generator
+        # and API processes, so by default every process on the request path gets nice 0.
+        env["RAY_worker_niceness"] = args.ray_worker_niceness
+    return env
+
+
+def start_rayserve(
+    name: str, log_dir: Path, args: argparse.Namespace, launched: list[ServerProcess]
+) -> str:
+    variant = RAY_VARIANTS[name]
+    temp_dir = tempfile.mkdtemp(prefix=f"ray_sv_{variant}_", dir="/tmp")
+    env = ray_env(args)
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    if variant == "direct":
+        env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+        # Teardown only: a direct-ingress replica otherwise drains for 30 s on shutdown.
+        env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"
+    cmd = [
+        sys.executable,
+        str(BENCH_DIR / "serving_rayserve.py"),
+        "--variant",
+        variant,
+        "--port",
+        str(free_port()),
+        "--temp-dir",
+        temp_dir,
+        "--batch-wait-ms",
+        str(args.batch_wait_ms),
+    ]
+    server = launch(
+        name,
+        cmd,
+        log_dir,
+        env=env,
+        markers=[temp_dir],
+        keep_stdin=True,
+        remove_dirs=[Path(temp_dir)],
+    )
+    launched.append(server)
+    return ready_line(server, START_TIMEOUT_S)
+
+
+def start_server(
+    name: str, workdir: Path, args: argparse.Namespace, launched: list[ServerProcess]
+) -> str:
+    """Start server ``name`` (appending its process to ``launched`` first); its predict URL."""
+    log_dir = workdir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    if name == "fastapi":
+        return start_fastapi(log_dir, launched)
+    if name in RAY_VARIANTS:
+        return start_rayserve(name, log_dir, args, launched)
+    from bench.serving_jobworker import register_model, start_jobworker
+
+    print(f"  registered {register_model(workdir)} in {workdir / 'mlflow.db'}", flush=True)
+    return start_jobworker(workdir, log_dir, ray_env(args), launched)
+
+
+def verify(server: ServerProcess, url: str, body: bytes) -> None:
+    """The first response must be 200 with one row of ``OUT_FEATURES`` outputs."""
+    resp = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=30)
+    try:
+        outputs = resp.json()["outputs"]
+        ok = resp.status_code == 200 and len(outputs) == 1 and len(outputs[0]) == OUT_FEATURES
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise server.fail(f"bad first response from {url}: {resp.status_code} {resp.text[:300]}")
+
+
+@contextlib.contextmanager
+def serving(name: str, workdir: Path, args: argparse.Namespace, body: bytes) -> Iterator[str]:
+    """Start server ``name``, check its first answer, yield its URL, then tear it down."""
+    t0 = time.monotonic()
+    launched: list[ServerProcess] = []
+    try:
+        url = start_server(name, workdir, args, launched)
+        verify(launched[-1], url, body)
+        print(f"  {name} ready at {url} after {time.monotonic() - t0:.1f}s", flush=True)
+        yield url
+    finally:
+        for server in launched:
+            leftovers = stop(server)
+            if leftovers:
+                print(f"  {name}: killed {len(leftovers)} leftover processes", flush=True)
+        time.sleep(SETTLE_S)
+
+
+# -- load ----------------------------------------------------------------------------------
+def run_load(url: str, load: Load, body_file: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Run the load generator in its own process; its JSON summary."""
+    parsed = httpx.URL(url)
+    cmd = [
+        sys.executable,
+        str(BENCH_DIR / "serving_loadgen.py"),
+        "--host",
+        parsed.host,
+        "--port",
+        str(parsed.port),
+        "--path",
+        parsed.raw_path.decode(),
+        "--body-file",
+        str(body_file),
+        "--duration",
+        str(args.duration),
+        "--warmup",
+        str(args.warmup),
+        *load.loadgen_args(args.connections),
+    ]
+    timeout_s = args.warmup + args.duration + 60
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"load generator failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def bench_server(
+    name: str, loads: Sequence[Load], workdir: Path, args: argparse.Namespace, body: bytes
+) -> list[Row]:
+    body_file = workdir / "body.json"
+    rows = []
+    with serving(name, workdir, args, body) as url:
+        for load in loads:
+            row = Row(name, load, run_load(url, load, body_file, args))
+            rows.append(row)
+            r = row.result
+            print(
+                f"  {name:16s} {load.name:14s} {r['rps']:9.0f} req/s  p50 {r['p50_ms']:.3f} ms"
+                f"  p99 {r['p99_ms']:.3f} ms  non-200 {row.non_200()}",
+                flush=True,
+            )
+    return rows
+
+
+# -- report --------------------------------------------------------------------------------
+def _notes(row: Row) -> str:
+    statuses: dict[str, int] = row.result.get("statuses", {})
+    parts = [f"{s}:{n}" for s, n in sorted(statuses.items()) if s != "200"]
+    if row.result.get("dropped"):
+        parts.append(f"dropped:{row.result['dropped']}")
+    if "send_lag_p50_ms" in row.result:
+        parts.append(f"send-lag p50 {row.result['send_lag_p50_ms']:.3f} ms")
+    return " ".join(parts)
+
+
+def print_table(rows: Sequence[Row]) -> None:
+    head = (
+        f"{'server':16s} {'load':14s} {'req/s':>9s} {'p50 ms':>9s} {'p95 ms':>9s} "
+        f"{'p99 ms':>9s} {'non-200':>8s}  notes"
+    )
+    print("\n" + head + "\n" + "-" * len(head))
+    for row in rows:
+        r = row.result
+        print(
+            f"{row.server:16s} {row.load.name:14s} {r['rps']:9.0f} {r['p50_ms']:9.3f} "
+            f"{r['p95_ms']:9.3f} {r['p99_ms']:9.3f} {row.non_200():8d}  {_notes(row)}"
+        )
+
+
+def _find(rows: Sequence[Row], server: str, concurrency: int) -> dict[str, Any] | None:
+    for row in rows:
+        if row.server == server and row.load == Load("closed", concurrency=concurrency):
+            return row.result
+    return None
+
+
+def _field(result: dict[str, Any] | None, key: str) -> float:
+    return float(result[key]) if result is not None else math.nan
+
+
+def result_line(rows: Sequence[Row]) -> str:
+    """The targets, then the ``RESULT serving …`` line (NaN where a server is missing)."""
+    ray_c32 = {name: r for name in RAY_VARIANTS if (r := _find(rows, name, 32)) is not None}
+    best_name = max(ray_c32, key=lambda name: float(ray_c32[name]["rps"]), default=None)
+    best = ray_c32.get(best_name) if best_name is not None else None
+    jw32, jw1, fa1 = (
+        _find(rows, "jobworker", 32),
+        _find(rows, "jobworker", 1),
+        _find(rows, "fastapi", 1),
+    )
+    c32_x = _field(jw32, "rps") / _field(best, "rps")
+    c1_x = _field(jw1, "p50_ms") / _field(fa1, "p50_ms")
+    print(
+        f"\nbest Ray Serve at c32: {best_name} ({_field(best, 'rps'):.0f} req/s, "
+        f"p99 {_field(best, 'p99_ms'):.3f} ms); jobworker c32: {_field(jw32, 'rps'):.0f} req/s, "
+        f"p99 {_field(jw32, 'p99_ms'):.3f} ms"
+    )
+    print(
+        f"targets: c32 throughput x {c32_x:.2f} (>= 1.0) at p99 {_field(jw32, 'p99_ms'):.3f} "
+        f"<= {_field(best, 'p99_ms'):.3f} ms; c1 p50 x {c1_x:.2f} (<= 3.0)"
+    )
+    return (
+        f"RESULT serving c32_vs_best_rayserve_x={c32_x:.2f} c1_p50_vs_fastapi_x={c1_x:.2f} "
+        f"c32_rps={_field(jw32, 'rps'):.0f} c1_p50_ms={_field(jw1, 'p50_ms'):.3f}"
+    )
+
+
+def _loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+# -- main ----------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--servers", default=",".join(SERVERS), help="comma list, in run order")
+    p.add_argument("--duration", type=float, default=5.0, help="measured seconds per load")
+    p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds per load")
+    p.add_argument("--concurrency", default="1,8,32", help="closed-loop connection counts")
+    p.add_argument("--rate", type=float, default=1000.0, help="open-loop req/s (0: none)")
+    p.add_argument("--connections", type=int, default=64, help="open-loop connection pool")
+    p.add_argument("--batch-wait-ms", type=float, default=0.0, help="@serve.batch wait")
+    p.add_argument(
+        "--ray-worker-niceness",
+        default="0",
+        help="RAY_worker_niceness for the Ray-based servers ('ray': leave Ray's default, 15)",
+    )
+    p.add_argument("--keep", action="store_true", help="keep the work dir (logs, MLflow)")
+    args = p.parse_args(argv)
+    args.server_list = [s.strip() for s in args.servers.split(",") if s.strip()]
+    unknown = sorted(set(args.server_list) - set(SERVERS))
+    if unknown:
+        p.error(f"unknown servers {unknown}; choose from {', '.join(SERVERS)}")
+    args.concurrency_list = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    loads = [Load("closed", concurrency=c) for c in args.concurrency_list]
+    if args.rate > 0:
+        loads.append(Load("open", rate=args.rate))
+    workdir = Path(tempfile.mkdtemp(prefix="bench_serving_"))
+    body = request_body()
+    (workdir / "body.json").write_bytes(body)
+    rows: list[Row] = []
+    failed: list[str] = []
+    print(f"{os.cpu_count()} CPUs; load average at start {_loadavg()}", flush=True)
+    try:
+        for name in args.server_list:
+            print(f"[{name}] starting", flush=True)
+            try:
+                rows += bench_server(name, loads, workdir, args, body)
+            except (ServerFailed, RuntimeError, subprocess.TimeoutExpired, httpx.HTTPError) as exc:
+                failed.append(name)
+                print(f"\n!!! {name} FAILED: {exc}\n", file=sys.stderr, flush=True)
+    finally:
+        if args.keep:
+            print(f"work dir kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print_table(rows)
+    print(f"load average at end {_loadavg()} (other work on the machine skews the numbers)")
+    if failed:
+        print(f"\nFAILED servers: {', '.join(failed)} (see the messages above)")
+    print(result_line(rows), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,47 @@
+"""The queue config file: every example loads; bad fields are named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from scheduler.errors import ConfigError
+from scheduler.queue_config import load_queue_config
+
+CONFIGS = sorted((Path(__file__).parents[2] / "configs" / "queue").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_examples_load(path: Path) -> None:
+    policy = load_queue_config(path)
+    assert policy.quotas and policy.weights
+
+
+def test_example_folder_is_not_empty() -> None:
+    assert CONFIGS
+
+
+@pytest.mark.parametrize(
+    ("text", "loc"),
+    [
+        ("mode: random\n", "mode"),
+        ("quotas: {vision: many}\n", "quotas.vision"),
+        ("aging_s_per_priority: 0\n", "aging_s_per_priority"),
+        ("min_run_s: -1\n", "min_run_s"),
+        ("backfil: true\n", "backfil"),
+        ("weights: {nlp: 0}\n", ""),
+        ("quotas: {nlp: -2}\n", ""),
+    ],
+)
+def test_bad_fields_are_named(tmp_path: Path, text: str, loc: str) -> None:
+    path = tmp_path / "q.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_queue_config(path)
+    assert loc in [where for where, _ in info.value.errors]
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_queue_config(tmp_path / "absent.yaml")
