@@ -9,6 +9,7 @@ from pathlib import Path
 
 import psutil
 from fastapi import FastAPI
+from mlflow.tracking import MlflowClient
 
 from scheduler.api import Serving, create_app
 from scheduler.cluster_view import cluster_table
@@ -103,6 +104,9 @@ def build(settings: Settings) -> ControlPlane:
     usage_dir = home / "simgpu"
     usage_dir.mkdir(exist_ok=True)
     store = JobStore(settings.store_url)
+    if settings.tracking_uri.startswith("sqlite:"):
+        # Create MLflow's tables here, once: job processes starting together would race.
+        MlflowClient(settings.tracking_uri).search_experiments(max_results=1)
     cluster = RayCluster(
         namespace=settings.namespace, mode=settings.gpu_backend, sim=sim, usage_dir=usage_dir
     )
