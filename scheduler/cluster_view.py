@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
+from scheduler.demands import assigned_nodes
 from scheduler.states import JobState
 from scheduler.store import JobStore
 from workers.telemetry import NodeReading
@@ -18,9 +19,10 @@ def cluster_table(nodes: Sequence[NodeReading], store: JobStore) -> dict[str, An
     for job in store.find([JobState.SCHEDULED, JobState.RUNNING]):
         if not job.assignment:
             continue
-        on_node.setdefault(job.assignment["node_id"], []).append(job.id)
-        for uuid in job.assignment["gpu_uuids"]:
-            on_gpu.setdefault(uuid, []).append(job.id)
+        for placed in assigned_nodes(job.assignment):
+            on_node.setdefault(placed["node_id"], []).append(job.id)
+            for uuid in placed["gpu_uuids"]:
+                on_gpu.setdefault(uuid, []).append(job.id)
     out = []
     for node in nodes:
         entry = asdict(node)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from scheduler.placement import Demand, Holding
 from scheduler.queue_policy import QueuedJob, RunningJob
 from scheduler.store import JobRecord
@@ -34,32 +36,46 @@ def queued_job(job: JobRecord) -> QueuedJob:
     )
 
 
+def assigned_nodes(assignment: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per node (rank order): node id, hostname, GPU indices and UUIDs, job process pid."""
+    nodes = assignment.get("nodes")
+    if nodes:
+        return list(nodes)
+    keys = ("node_id", "hostname", "gpu_indices", "gpu_uuids", "pid")
+    return [{k: assignment.get(k) for k in keys}]
+
+
 def running_job(job: JobRecord) -> RunningJob | None:
     a = job.assignment
     if not a or not a["gpu_uuids"]:
         return None
+    nodes = assigned_nodes(a)
     return RunningJob(
         job_id=job.id,
         team=job.team,
         priority=job.priority,
         gpus=len(a["gpu_uuids"]),
-        node_ids=(a["node_id"],),
+        node_ids=tuple(n["node_id"] for n in nodes),
         started_at=job.started_at or job.updated_at,
         preemptible=not a.get("preempt_reason"),
     )
 
 
-def holding_of(job: JobRecord) -> Holding | None:
+def holdings_of(job: JobRecord) -> list[Holding]:
+    """What a scheduled or running job holds: one holding per node of its gang."""
     a = job.assignment
     if not a:
-        return None
+        return []
     res = job.spec["resources"]
-    return Holding(
-        job_id=job.id,
-        node_id=a["node_id"],
-        gpu_uuids=tuple(a["gpu_uuids"]),
-        gpu_memory_bytes=int(res["gpu_memory_gb"] * GIB),
-        cpus=res["cpus"],
-        memory_bytes=int(res["memory_gb"] * GIB),
-        pid=a.get("pid"),
-    )
+    return [
+        Holding(
+            job_id=job.id,
+            node_id=n["node_id"],
+            gpu_uuids=tuple(n["gpu_uuids"]),
+            gpu_memory_bytes=int(res["gpu_memory_gb"] * GIB),
+            cpus=res["cpus"],
+            memory_bytes=int(res["memory_gb"] * GIB),
+            pid=n.get("pid"),
+        )
+        for n in assigned_nodes(a)
+    ]

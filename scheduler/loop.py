@@ -13,12 +13,20 @@ import dataclasses
 import logging
 import threading
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from scheduler.demands import GIB, demand_of, holding_of, queued_job, running_job
+from scheduler.demands import (
+    GIB,
+    assigned_nodes,
+    demand_of,
+    holdings_of,
+    queued_job,
+    running_job,
+)
 from scheduler.placement import ClusterSnapshot, Demand, Holding, PlacementPolicy, place
 from scheduler.preemption import choose_victims, without_jobs
 from scheduler.queue_placement import place_plan
@@ -83,6 +91,25 @@ class QueueEntry:
     priority: int
     submitted_at: float
     reasons: list[str]
+
+
+def rendezvous_port(job_id: str, attempt: int) -> int:
+    """A gang's torch.distributed port on rank 0's node, the same for all its ranks.
+
+    Derived from the job and attempt, in 29500-39499: two gangs whose rank 0
+    share a node collide only with probability 1/10,000.
+    """
+    return 29500 + zlib.crc32(f"{job_id}/{attempt}".encode()) % 10000
+
+
+def _with_pids(
+    assignment: dict[str, Any], pids: tuple[int | None, ...], leader_pid: int | None
+) -> dict[str, Any]:
+    """The assignment with each rank's job process pid (placement matches NVML by pid)."""
+    nodes = [
+        {**node, "pid": pid} for node, pid in zip(assigned_nodes(assignment), pids, strict=False)
+    ]
+    return {**assignment, "pid": leader_pid, "nodes": nodes}
 
 
 class Scheduler:
@@ -157,9 +184,7 @@ class Scheduler:
 
     def _snapshot(self) -> ClusterSnapshot:
         """Telemetry plus every holding: running jobs' and real-time replicas'."""
-        holdings = tuple(
-            h for j in self._store.find(list(ACTIVE)) if (h := holding_of(j)) is not None
-        )
+        holdings = tuple(h for j in self._store.find(list(ACTIVE)) for h in holdings_of(j))
         if self._realtime is not None:
             holdings += self._realtime.holdings()
         return ClusterSnapshot(nodes=self._cluster.nodes(), holdings=holdings)
@@ -182,7 +207,8 @@ class Scheduler:
     def _observe(self, active: Sequence[JobRecord]) -> None:
         if not active:
             return
-        reports = self._executor.poll([j.id for j in active])
+        world = {j.id: len(assigned_nodes(j.assignment)) for j in active if j.assignment}
+        reports = self._executor.poll([j.id for j in active], world)
         for job in active:
             self._apply(job, reports[job.id])
 
@@ -195,8 +221,11 @@ class Scheduler:
             updates["progress"] = report.progress
         if report.run_id and report.run_id != job.run_id:
             updates["run_id"] = report.run_id
-        if report.pid and job.assignment and job.assignment.get("pid") != report.pid:
-            updates["assignment"] = {**job.assignment, "pid": report.pid}
+        pids = report.rank_pids or (report.pid,)
+        if job.assignment and any(pids):
+            known = tuple(n.get("pid") for n in assigned_nodes(job.assignment))
+            if pids != known:
+                updates["assignment"] = _with_pids(job.assignment, pids, report.pid)
         phase = report.phase
         if phase is WorkerPhase.RUNNING and job.state is JobState.SCHEDULED:
             self._store.transition(
@@ -341,19 +370,22 @@ class Scheduler:
                 reasons[job.id] = list(decision.reasons)
                 continue
             placed.add(job.id)
-            # The spec admits single-node jobs only, so a placement has one node.
-            target = decision.placement[0]
-            node = nodes_by_id[target.node_id]
-            assignment = {
-                "node_id": target.node_id,
-                "hostname": node.hostname,
-                "gpu_indices": list(target.gpu_indices),
-                "gpu_uuids": list(target.gpu_uuids),
-            }
+            nodes = [
+                {
+                    "node_id": p.node_id,
+                    "hostname": nodes_by_id[p.node_id].hostname,
+                    "gpu_indices": list(p.gpu_indices),
+                    "gpu_uuids": list(p.gpu_uuids),
+                }
+                for p in decision.placement
+            ]
+            # Rank 0's node at the top level; every node (rank order) under "nodes".
+            assignment = {**nodes[0], "nodes": nodes}
+            where = "; ".join(f"{n['hostname']} GPUs {n['gpu_indices'] or 'none'}" for n in nodes)
             job = self._store.transition(
                 job.id,
                 JobState.SCHEDULED,
-                f"placed on {node.hostname} GPUs {list(target.gpu_indices) or 'none'}",
+                f"placed on {where}",
                 assignment=assignment,
                 attempts=job.attempts + 1,
                 pending_reasons=None,
@@ -403,12 +435,38 @@ class Scheduler:
             if job.spec.get("model")
             else None
         )
-        request = LaunchRequest(
+        nodes = assigned_nodes(assignment)
+        if len(nodes) > 1:
+            tags["jobworker.nodes"] = ",".join(n["hostname"] for n in nodes)
+            tags["jobworker.node_ids"] = ",".join(n["node_id"] for n in nodes)
+        try:
+            for rank, node in enumerate(nodes):
+                self._executor.launch(
+                    self._request(job, node, rank, len(nodes), tags, train_params, nodes[0])
+                )
+        except Exception as exc:
+            log.exception("launch of %s failed", job.id)
+            self._executor.release(job.id)
+            self._store.transition(
+                job.id, JobState.FAILED, f"launch failed: {exc}", error=f"launch failed: {exc}"
+            )
+
+    def _request(
+        self,
+        job: JobRecord,
+        node: dict[str, Any],
+        rank: int,
+        world_size: int,
+        tags: dict[str, str],
+        train_params: dict[str, Any] | None,
+        leader: dict[str, Any],
+    ) -> LaunchRequest:
+        return LaunchRequest(
             job_id=job.id,
             attempt=job.attempts,
-            node_id=assignment["node_id"],
-            gpu_indices=tuple(assignment["gpu_indices"]),
-            gpu_uuids=tuple(assignment["gpu_uuids"]),
+            node_id=node["node_id"],
+            gpu_indices=tuple(node["gpu_indices"]),
+            gpu_uuids=tuple(node["gpu_uuids"]),
             gpu_memory_bytes=int(job.spec["resources"]["gpu_memory_gb"] * GIB),
             cpus=job.spec["resources"]["cpus"],
             spec=job.spec,
@@ -421,11 +479,8 @@ class Scheduler:
             tags=tags,
             python_path=self._settings.python_path,
             simulated_usage_dir=self._settings.simulated_usage_dir,
+            rank=rank,
+            world_size=world_size,
+            master_node_id=leader["node_id"] if world_size > 1 else None,
+            master_port=rendezvous_port(job.id, job.attempts) if world_size > 1 else None,
         )
-        try:
-            self._executor.launch(request)
-        except Exception as exc:
-            log.exception("launch of %s failed", job.id)
-            self._store.transition(
-                job.id, JobState.FAILED, f"launch failed: {exc}", error=f"launch failed: {exc}"
-            )

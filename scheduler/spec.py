@@ -72,9 +72,9 @@ class Resources(_Strict):
     gpu_type: str | None = None
     cpus: int = Field(default=1, ge=1, le=256)
     memory_gb: float = Field(default=1.0, gt=0)
-    # Placement handles multi-node gangs; launching one worker per node is not built yet,
-    # so such jobs are refused here rather than run on one node.
-    nodes: int = Field(default=1, ge=1, le=1)
+    # More than one: a data-parallel gang, `gpus` on each of `nodes` distinct nodes,
+    # placed all-or-nothing, one process per node (torch.distributed, jobs/distributed.py).
+    nodes: int = Field(default=1, ge=1, le=64)
 
     @model_validator(mode="after")
     def _gpu_memory_needs_gpus(self) -> Self:

@@ -6,7 +6,7 @@ values; ``workers/ray_executor.py`` implements it on Ray.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
@@ -33,6 +33,11 @@ class LaunchRequest:
     tags: dict[str, str] = field(default_factory=dict)
     python_path: tuple[str, ...] = ()
     simulated_usage_dir: str | None = None
+    # A multi-node job is a gang: one worker per node, rank 0 on the first node.
+    rank: int = 0
+    world_size: int = 1
+    master_node_id: str | None = None  # rank 0's node: its address is MASTER_ADDR
+    master_port: int | None = None
 
 
 class WorkerPhase(StrEnum):
@@ -60,6 +65,57 @@ class WorkerReport:
     model_version: str | None = None
     error: str | None = None
     pid: int | None = None
+    rank_pids: tuple[int | None, ...] = ()  # a gang's job process per rank
+
+
+def combine_ranks(job_id: str, reports: Sequence[WorkerReport]) -> WorkerReport:
+    """One report for a gang from its ranks' reports (rank 0 first).
+
+    The gang is lost or failed as soon as one rank is (the loop then stops the
+    others); it succeeded when every rank did, and it runs once all ranks run.
+    Progress, run id and model version are rank 0's; other ranks' output is
+    prefixed with their rank.
+
+    >>> r = combine_ranks("j", [WorkerReport("j", WorkerPhase.RUNNING, pid=7)])
+    >>> r.phase, r.rank_pids
+    (<WorkerPhase.RUNNING: 'RUNNING'>, (7,))
+    """
+    leader = reports[0]
+    logs = leader.logs + "".join(
+        "".join(f"[rank {k}] {line}\n" for line in r.logs.splitlines())
+        for k, r in enumerate(reports[1:], start=1)
+    )
+    phases = [r.phase for r in reports]
+    phase = leader.phase
+    error = leader.error
+    for bad in (WorkerPhase.LOST, WorkerPhase.FAILED):
+        culprit = next((k for k, r in enumerate(reports) if r.phase is bad), None)
+        if culprit is not None:
+            phase = bad
+            error = f"rank {culprit}: {reports[culprit].error}" if len(reports) > 1 else error
+            break
+    else:
+        if all(p is WorkerPhase.SUCCEEDED for p in phases):
+            phase = WorkerPhase.SUCCEEDED
+        elif all(p.finished for p in phases) and WorkerPhase.STOPPED in phases:
+            phase = WorkerPhase.STOPPED
+        elif any(p is WorkerPhase.STARTING for p in phases) or (
+            leader.phase.finished and not all(p.finished for p in phases)
+        ):
+            phase = WorkerPhase.RUNNING if leader.phase.finished else WorkerPhase.STARTING
+        else:
+            phase = WorkerPhase.RUNNING
+    return WorkerReport(
+        job_id,
+        phase,
+        logs=logs,
+        progress=leader.progress,
+        run_id=leader.run_id,
+        model_version=leader.model_version,
+        error=error,
+        pid=leader.pid,
+        rank_pids=tuple(r.pid for r in reports),
+    )
 
 
 class Executor(Protocol):
@@ -67,8 +123,13 @@ class Executor(Protocol):
         """Start the job's worker on ``request.node_id``; returns without waiting for it."""
         ...
 
-    def poll(self, job_ids: Sequence[str]) -> dict[str, WorkerReport]:
-        """Report on each job's worker; a job with no worker at all reports ``LOST``."""
+    def poll(
+        self, job_ids: Sequence[str], world_sizes: Mapping[str, int] | None = None
+    ) -> dict[str, WorkerReport]:
+        """Report on each job's workers (``world_sizes[job]`` ranks, default 1), combined.
+
+        A job with no worker at all reports ``LOST``.
+        """
         ...
 
     def stop(self, job_id: str, grace_s: float) -> None:

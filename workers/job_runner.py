@@ -80,6 +80,27 @@ def _open_run(client: MlflowClient, launch: Mapping[str, Any]) -> tuple[str, str
     return run.info.run_id, experiment_id
 
 
+def _follow_run(client: MlflowClient, launch: Mapping[str, Any]) -> tuple[str, str]:
+    """A rank > 0 of a multi-node job: the run rank 0 opened (found by the job-id tag)."""
+    experiment_name = launch["spec"]["experiment"]
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if launch.get("run_id"):
+            run = client.get_run(launch["run_id"])
+            return run.info.run_id, run.info.experiment_id
+        experiment = client.get_experiment_by_name(experiment_name)
+        if experiment is not None:
+            found = client.search_runs(
+                [experiment.experiment_id],
+                filter_string=f"tags.`jobworker.job_id` = '{launch['job_id']}'",
+                max_results=1,
+            )
+            if found:
+                return found[0].info.run_id, experiment.experiment_id
+        time.sleep(0.5)
+    raise RuntimeError(f"rank 0 of {launch['job_id']} opened no MLflow run within 300 s")
+
+
 def _record_resume(client: MlflowClient, run_id: str, launch: Mapping[str, Any]) -> None:
     """Tag the run with this attempt and why the job came back (preemption, worker lost)."""
     attempt = launch["attempt"]
@@ -145,7 +166,8 @@ def main(work_dir: Path) -> int:
     mlflow.set_tracking_uri(launch["tracking_uri"])
     client = MlflowClient(launch["tracking_uri"])
     result_path = work_dir / "result.json"
-    run_id, experiment_id = _open_run(client, launch)
+    leader = launch["rank"] == 0
+    run_id, experiment_id = _open_run(client, launch) if leader else _follow_run(client, launch)
     ctx = MlflowJobContext(
         client=client,
         run_id=run_id,
@@ -153,12 +175,13 @@ def main(work_dir: Path) -> int:
         work_dir=work_dir,
         gpu_ids=tuple(launch["gpu_indices"]),
         cpus=int(launch["cpus"]),
+        leader=leader,
     )
-
-    # MLflow's own system-metrics monitor (CPU, memory, and GPU through NVML when present).
-    mlflow.set_system_metrics_sampling_interval(2)  # type: ignore[no-untyped-call]
-    mlflow.set_system_metrics_samples_before_logging(1)  # type: ignore[no-untyped-call]
-    mlflow.start_run(run_id=run_id, log_system_metrics=True)
+    if leader:
+        # MLflow's own system-metrics monitor (CPU, memory, and GPU through NVML when present).
+        mlflow.set_system_metrics_sampling_interval(2)  # type: ignore[no-untyped-call]
+        mlflow.set_system_metrics_samples_before_logging(1)  # type: ignore[no-untyped-call]
+        mlflow.start_run(run_id=run_id, log_system_metrics=True)
 
     def on_sigterm(_signum: int, _frame: FrameType | None) -> None:
         ctx.request_stop()
@@ -166,14 +189,15 @@ def main(work_dir: Path) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     print(
         f"jobworker: job {launch['job_id']} attempt {launch['attempt']} run {run_id} "
-        f"gpus={launch['gpu_indices']} cpus={launch['cpus']}",
+        f"gpus={launch['gpu_indices']} cpus={launch['cpus']} "
+        f"rank {launch['rank']} of {launch['world_size']}",
         flush=True,
     )
     outcome: dict[str, Any] = {"run_id": run_id}
     status = "FINISHED"
     try:
         result = _run_program(ctx, launch)
-        if result is not None:
+        if result is not None and leader:
             outcome["metrics"] = result.metrics
             outcome["model_version"] = _log_model(
                 client, result, spec.get("register_as"), spec.get("register_alias")
@@ -190,8 +214,9 @@ def main(work_dir: Path) -> int:
         logging_errors = ctx.close()
         for err in logging_errors:
             print(f"jobworker: {err}", file=sys.stderr, flush=True)
-        client.set_tag(run_id, "jobworker.outcome", outcome.get("status", "failed"))
-        mlflow.end_run(status=status)
+        if leader:
+            client.set_tag(run_id, "jobworker.outcome", outcome.get("status", "failed"))
+            mlflow.end_run(status=status)
         write_json_atomic(result_path, outcome)
     return 0 if outcome["status"] != "failed" else 1
 

@@ -27,7 +27,11 @@ _MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 
 
 class MlflowJobContext:
-    """Reports one job attempt to one MLflow run and to its progress file."""
+    """Reports one job attempt to one MLflow run and to its progress file.
+
+    In a multi-node job only rank 0 (``leader``) records metrics and
+    checkpoints; the other ranks read the same checkpoints, so all resume alike.
+    """
 
     def __init__(
         self,
@@ -39,7 +43,9 @@ class MlflowJobContext:
         gpu_ids: tuple[int, ...],
         cpus: int,
         flush_interval_s: float = 1.0,
+        leader: bool = True,
     ) -> None:
+        self._leader = leader
         self._client = client
         self.run_id = run_id
         self._work_dir = work_dir
@@ -77,6 +83,8 @@ class MlflowJobContext:
         return self._cpus
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if not self._leader:
+            return
         now_ms = int(time.time() * 1000)
         with self._lock:
             self._metrics.extend(
@@ -90,6 +98,8 @@ class MlflowJobContext:
             self._write_progress()
 
     def save_checkpoint(self, state: Mapping[str, Any], step: int) -> None:
+        if not self._leader:
+            return
         local = self._work_dir / CHECKPOINT_DIR
         local.mkdir(exist_ok=True)
         path = local / f"step-{step:09d}.pt"

@@ -2,7 +2,9 @@
 
 Each actor is pinned to the node the scheduler chose with a hard node-affinity
 strategy; it reserves no Ray CPUs or GPUs, because the scheduler, not Ray's
-logical counts, owns the assignment.
+logical counts, owns the assignment. A multi-node job has one actor per node
+(``jobworker-train-<job>`` for rank 0, ``…-<job>.r<k>`` for rank k), polled,
+stopped and released together.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +20,18 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from workers.executor import LaunchRequest, WorkerPhase, WorkerReport
+from workers.executor import LaunchRequest, WorkerPhase, WorkerReport, combine_ranks
 from workers.ray_training_worker import TrainingWorker
 
 log = logging.getLogger(__name__)
 
 _ACTOR_PREFIX = "jobworker-train-"
+_RANK_SEP = ".r"
+
+
+def worker_key(job_id: str, rank: int) -> str:
+    """The name suffix of a job's worker actor of ``rank`` (rank 0: the job id itself)."""
+    return job_id if rank == 0 else f"{job_id}{_RANK_SEP}{rank}"
 
 
 class RayExecutor:
@@ -43,31 +51,61 @@ class RayExecutor:
         self._actors: dict[str, Any] = {}
         self._log_offsets: dict[str, int] = {}  # absent after a restart: the actor knows
         self._starts: dict[str, Any] = {}
+        self._world: dict[str, int] = {}  # ranks per job launched by this process
 
     def launch(self, request: LaunchRequest) -> None:
+        key = worker_key(request.job_id, request.rank)
         work_dir = self._work_root / request.job_id / f"attempt-{request.attempt}"
+        if request.world_size > 1:
+            work_dir = work_dir / f"rank-{request.rank}"
+        self._world[request.job_id] = request.world_size
+        launch = dataclasses.asdict(request)
+        if request.master_node_id is not None:
+            launch["master_addr"] = self._node_address(request.master_node_id)
         actor = TrainingWorker.options(  # type: ignore[attr-defined]
-            name=f"{_ACTOR_PREFIX}{request.job_id}",
+            name=f"{_ACTOR_PREFIX}{key}",
             namespace=self._namespace,
             lifetime="detached",
             scheduling_strategy=NodeAffinitySchedulingStrategy(request.node_id, soft=False),
-        ).remote(dataclasses.asdict(request), str(work_dir))
-        self._actors[request.job_id] = actor
-        self._log_offsets[request.job_id] = 0
-        self._starts[request.job_id] = actor.start.remote()
+        ).remote(launch, str(work_dir))
+        self._actors[key] = actor
+        self._log_offsets[key] = 0
+        self._starts[key] = actor.start.remote()
 
-    def poll(self, job_ids: Sequence[str]) -> dict[str, WorkerReport]:
+    def poll(
+        self, job_ids: Sequence[str], world_sizes: Mapping[str, int] | None = None
+    ) -> dict[str, WorkerReport]:
+        keys = {job_id: self._keys(job_id, (world_sizes or {}).get(job_id)) for job_id in job_ids}
         refs: dict[str, Any] = {}
-        reports: dict[str, WorkerReport] = {}
-        for job_id in job_ids:
-            actor = self._actor(job_id)
+        by_key: dict[str, WorkerReport] = {}
+        for key in (k for ks in keys.values() for k in ks):
+            actor = self._actor(key)
             if actor is None:
-                reports[job_id] = WorkerReport(job_id, WorkerPhase.LOST, error="no worker found")
+                by_key[key] = WorkerReport(key, WorkerPhase.LOST, error="no worker found")
             else:
-                refs[job_id] = actor.poll.remote(self._log_offsets.get(job_id))
-        for job_id, ref in refs.items():
-            reports[job_id] = self._report(job_id, ref)
+                refs[key] = actor.poll.remote(self._log_offsets.get(key))
+        for key, ref in refs.items():
+            by_key[key] = self._report(key, ref)
+        reports: dict[str, WorkerReport] = {}
+        for job_id, ks in keys.items():
+            ranks = [by_key[k] for k in ks]
+            reports[job_id] = (
+                combine_ranks(job_id, ranks)
+                if len(ranks) > 1
+                else dataclasses.replace(ranks[0], job_id=job_id)
+            )
         return reports
+
+    def _keys(self, job_id: str, world_size: int | None = None) -> list[str]:
+        world = world_size or self._world.get(job_id) or 1
+        return [worker_key(job_id, rank) for rank in range(world)]
+
+    def _node_address(self, node_id: str) -> str:
+        """The IP of a Ray node (``ray.nodes()``): a gang's rendezvous address."""
+        for node in ray.nodes():  # type: ignore[no-untyped-call]
+            if node["NodeID"] == node_id:
+                return str(node["NodeManagerAddress"])
+        raise RuntimeError(f"node {node_id} is not in the Ray cluster")
 
     def _report(self, job_id: str, ref: Any) -> WorkerReport:
         try:
@@ -120,29 +158,41 @@ class RayExecutor:
         )
 
     def stop(self, job_id: str, grace_s: float) -> None:
-        actor = self._actor(job_id)
-        if actor is not None:
-            try:
-                ray.get(actor.stop.remote(grace_s), timeout=self._poll_timeout_s)
-            except (RayActorError, GetTimeoutError) as exc:
-                log.warning("stop of %s failed: %s", job_id, exc)
+        for key in self._keys(job_id, self._discover(job_id)):
+            actor = self._actor(key)
+            if actor is not None:
+                try:
+                    ray.get(actor.stop.remote(grace_s), timeout=self._poll_timeout_s)
+                except (RayActorError, GetTimeoutError) as exc:
+                    log.warning("stop of %s failed: %s", key, exc)
 
     def release(self, job_id: str) -> None:
-        actor = self._actor(job_id)
-        if actor is not None:
-            # An actor that is already gone has nothing left to free.
-            with contextlib.suppress(RayActorError, GetTimeoutError):
-                ray.get(actor.kill.remote(), timeout=self._poll_timeout_s)
-            ray.kill(actor)
-        self._forget(job_id)
+        for key in self._keys(job_id, self._discover(job_id)):
+            actor = self._actor(key)
+            if actor is not None:
+                # An actor that is already gone has nothing left to free.
+                with contextlib.suppress(RayActorError, GetTimeoutError):
+                    ray.get(actor.kill.remote(), timeout=self._poll_timeout_s)
+                ray.kill(actor)
+            self._forget(key)
+        self._world.pop(job_id, None)
 
     def active(self) -> set[str]:
+        return {key.split(_RANK_SEP)[0] for key in self._named()}
+
+    def _named(self) -> list[str]:
         names = ray.util.list_named_actors(all_namespaces=True)
-        return {
+        return [
             n["name"].removeprefix(_ACTOR_PREFIX)
             for n in names
             if n["namespace"] == self._namespace and n["name"].startswith(_ACTOR_PREFIX)
-        }
+        ]
+
+    def _discover(self, job_id: str) -> int | None:
+        """How many ranks a job has, when this process did not launch it (after a restart)."""
+        if job_id in self._world:
+            return self._world[job_id]
+        return sum(1 for key in self._named() if key.split(_RANK_SEP)[0] == job_id) or None
 
     def _actor(self, job_id: str) -> Any | None:
         actor = self._actors.get(job_id)

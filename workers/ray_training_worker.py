@@ -64,6 +64,17 @@ class TrainingWorker:
             # Where Ray really put this actor: lets a job (and the tests) check the pinning.
             JOBWORKER_RAY_NODE_ID=ray.get_runtime_context().get_node_id(),
         )
+        if launch["world_size"] > 1:  # a gang: torch.distributed's rendezvous (jobs/distributed.py)
+            rank, world = str(launch["rank"]), str(launch["world_size"])
+            env.update(
+                JOBWORKER_RANK=rank,
+                JOBWORKER_WORLD_SIZE=world,
+                RANK=rank,
+                WORLD_SIZE=world,
+                LOCAL_RANK="0",
+                MASTER_ADDR=launch["master_addr"],
+                MASTER_PORT=str(launch["master_port"]),
+            )
         if launch["python_path"]:
             env["PYTHONPATH"] = os.pathsep.join(
                 [*launch["python_path"], env.get("PYTHONPATH", "")]

@@ -102,3 +102,32 @@ def test_job_too_big_for_any_node_stays_pending_with_reasons(make_api: Callable[
     assert any(r.startswith("node-b") for r in reasons), reasons
     api.http.post(f"/jobs/{job_id}/cancel")
     assert api.wait_for(job_id, DONE).state is JobState.CANCELLED
+
+
+def test_multi_node_gang_runs_one_rank_per_chosen_node(make_api: Callable[..., Api]) -> None:
+    api = make_api(cluster="two_nodes_sim.yaml")
+    text = (
+        "name: gang\nexperiment: it\nentrypoint: tests.integration.user_code:gang_allreduce\n"
+        "train: {max_steps: 1}\n"
+        "resources: {gpus: 1, gpu_memory_gb: 10, cpus: 1, memory_gb: 1, nodes: 2}\n"
+    )
+    response = api.http.post("/jobs", content=text)
+    assert response.status_code == 201, response.text
+    job_id = response.json()["id"]
+    done = api.wait_for(job_id, DONE, 180)
+    logs = api.http.get(f"/jobs/{job_id}/logs").json()["text"]
+    assert done.state is JobState.SUCCEEDED, (done.error, logs[-3000:])
+
+    placed = done.assignment["nodes"] if done.assignment else []
+    hostnames = {n["hostname"] for n in placed}
+    assert hostnames == {"node-a", "node-b"}  # all-or-nothing on two distinct nodes
+    for rank, node in enumerate(placed):
+        prefix = "" if rank == 0 else f"[rank {rank}] "
+        seen_node = re.search(rf"^{re.escape(prefix)}ray_node_id=(\S+)", logs, re.M)
+        seen_gpus = re.search(rf"^{re.escape(prefix)}cuda_visible_devices=(\S*)", logs, re.M)
+        assert seen_node and seen_node.group(1) == node["node_id"], (rank, logs[-2000:])
+        assert seen_gpus and seen_gpus.group(1) == ",".join(map(str, node["gpu_indices"]))
+        assert re.search(rf"^{re.escape(prefix)}rank={rank} world=2 allreduce=3$", logs, re.M)
+    run = api.mlflow().get_run(str(done.run_id))
+    assert run.data.tags["jobworker.nodes"] == ",".join(n["hostname"] for n in placed)
+    assert len(api.mlflow().get_metric_history(run.info.run_id, "allreduce")) == 1  # rank 0 only

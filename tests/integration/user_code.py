@@ -96,3 +96,19 @@ def count_steps(ctx: JobContext, config: dict[str, Any]) -> None:
             ctx.save_checkpoint({"step": step}, step=step)
             raise StopRequested
         time.sleep(float(config.get("step_s", 0.1)))
+
+
+def gang_allreduce(ctx: JobContext, config: dict[str, Any]) -> None:
+    """One rank of a multi-node job: report the environment, then all-reduce rank + 1."""
+    import torch.distributed as dist
+
+    report_environment(ctx, config)
+    rank, world = int(os.environ["JOBWORKER_RANK"]), int(os.environ["JOBWORKER_WORLD_SIZE"])
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        value = torch.tensor([float(rank + 1)])
+        dist.all_reduce(value)
+    finally:
+        dist.destroy_process_group()
+    print(f"rank={rank} world={world} allreduce={value.item():g}", flush=True)
+    ctx.log_metrics({"allreduce": value.item()}, step=1)

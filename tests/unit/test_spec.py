@@ -28,7 +28,7 @@ def test_example_configs_are_valid(path: Path) -> None:
         ("resources: {gpus: -1}", "resources.gpus", "Input should be greater than or equal to 0"),
         ("resources: {gpus: 0, gpu_memory_gb: 4}", "resources", "gpus is 0"),
         ("priority: 1000", "priority", "less than or equal to 100"),
-        ("resources: {nodes: 2}", "resources.nodes", "less than or equal to 1"),
+        ("resources: {nodes: 65}", "resources.nodes", "less than or equal to 64"),
         ("surprise: 1", "surprise", "unknown key 'surprise'"),
         ("train: {batch_size: 8}", "train", "set train.epochs or train.max_steps"),
         ("data: {name: imagenet}", "data", "imagenet"),

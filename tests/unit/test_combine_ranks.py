@@ -1,0 +1,50 @@
+"""A multi-node job's ranks reported as one job (workers.executor.combine_ranks)."""
+
+from __future__ import annotations
+
+import pytest
+
+from workers.executor import WorkerPhase, WorkerReport, combine_ranks
+
+P = WorkerPhase
+
+
+def _reports(*phases: WorkerPhase) -> list[WorkerReport]:
+    return [
+        WorkerReport(f"j.r{k}", phase, logs=f"line from {k}\n", pid=100 + k, error=f"e{k}")
+        for k, phase in enumerate(phases)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("phases", "expected"),
+    [
+        ((P.RUNNING, P.RUNNING), P.RUNNING),
+        ((P.RUNNING, P.STARTING), P.STARTING),
+        ((P.STARTING, P.RUNNING), P.STARTING),
+        ((P.SUCCEEDED, P.SUCCEEDED, P.SUCCEEDED), P.SUCCEEDED),
+        ((P.SUCCEEDED, P.RUNNING), P.RUNNING),  # rank 0 done: wait for the others
+        ((P.RUNNING, P.SUCCEEDED), P.RUNNING),
+        ((P.RUNNING, P.FAILED), P.FAILED),  # one failed rank fails the gang at once
+        ((P.RUNNING, P.LOST, P.FAILED), P.LOST),  # lost wins: the job is retried
+        ((P.STOPPED, P.STOPPED), P.STOPPED),
+        ((P.STOPPED, P.SUCCEEDED), P.STOPPED),
+        ((P.STOPPED, P.RUNNING), P.RUNNING),
+    ],
+)
+def test_phase_of_the_gang(phases: tuple[WorkerPhase, ...], expected: WorkerPhase) -> None:
+    assert combine_ranks("j", _reports(*phases)).phase is expected
+
+
+def test_error_names_the_rank_and_logs_are_prefixed() -> None:
+    combined = combine_ranks("j", _reports(P.RUNNING, P.FAILED))
+    assert combined.job_id == "j"
+    assert combined.error == "rank 1: e1"
+    assert combined.logs == "line from 0\n[rank 1] line from 1\n"
+    assert combined.pid == 100 and combined.rank_pids == (100, 101)
+
+
+def test_a_single_rank_is_its_own_report() -> None:
+    (only,) = _reports(P.FAILED)
+    combined = combine_ranks("j", [only])
+    assert (combined.phase, combined.error, combined.logs) == (P.FAILED, "e0", only.logs)
