@@ -5,6 +5,11 @@ resumable checkpoints, honours stop requests (cancel, preemption) and resumes
 from the context's last checkpoint at the next step. Batch order is a pure
 function of ``(seed, epoch)``, so a resumed run replays the same batches an
 uninterrupted one would have seen.
+
+Launched as several processes (``JOBWORKER_WORLD_SIZE`` > 1, see
+:mod:`jobs.distributed`), the same loop trains data-parallel: each rank takes
+its share of every epoch's batches and DistributedDataParallel averages the
+gradients, so one step is one optimizer step taken by all ranks together.
 """
 
 from __future__ import annotations
@@ -16,10 +21,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
 from jobs.context import JobContext, StopRequested
 from jobs.data import build_dataset, resolve_dataset_options, sample_shape
+from jobs.distributed import DistributedInfo, agree, all_sum, init_process_group, shutdown
 from jobs.zoo import build_model, example_input, input_shape, resolve_model_options
 
 OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
@@ -88,9 +95,13 @@ class TrainParams:
                 f"{self.data!r} has num_classes={data_opts['num_classes']}"
             )
 
-    def total_steps(self, n_samples: int) -> int:
-        """Global steps a full run takes on ``n_samples`` samples (last batch may be short)."""
-        steps_per_epoch = math.ceil(n_samples / self.batch_size)
+    def total_steps(self, n_samples: int, world_size: int = 1) -> int:
+        """Global steps a full run takes on ``n_samples`` samples (last batch may be short).
+
+        With ``world_size`` data-parallel ranks a step trains ``world_size``
+        batches at once, so an epoch takes ``ceil(batches / world_size)`` steps.
+        """
+        steps_per_epoch = _steps_per_epoch(n_samples, self.batch_size, world_size)
         limits = [self.max_steps] if self.max_steps is not None else []
         if self.epochs is not None:
             limits.append(self.epochs * steps_per_epoch)
@@ -126,49 +137,82 @@ def train(ctx: JobContext, params: TrainParams) -> TrainResult:
     ``checkpoint_every_steps`` steps, on a stop request and at the end. When
     ``ctx.should_stop()`` is true after a step that is not the last, the loop
     checkpoints that step and raises :class:`StopRequested`.
+
+    When the environment describes several ranks (:meth:`DistributedInfo.from_env`),
+    every rank runs this function on its own context: the ranks join a process
+    group on ``ctx.device`` and train one model with DistributedDataParallel.
+    A step is one optimizer step taken by all ranks together, on the batches
+    ``i`` with ``i % world_size == rank`` of the epoch's order (see
+    :func:`epoch_batches`), so an epoch takes ``ceil(batches / world_size)``
+    steps. Logged ``loss``/``accuracy`` are over all ranks' batches. Stop
+    requests are agreed every step: one rank's request stops every rank after
+    the same step. Only rank 0 logs metrics and saves checkpoints (of the
+    unwrapped model, so they resume with or without data parallelism); every
+    rank restores from its ``ctx.load_checkpoint()``, which must return rank
+    0's checkpoint. A checkpoint resumes at its step count; resumed with
+    another world size, that count is read in the new size's steps per epoch.
     """
+    info = DistributedInfo.from_env()
+    if not info.enabled:
+        return _train(ctx, params, info)
+    init_process_group(info, ctx.device)
+    try:
+        return _train(ctx, params, info)
+    finally:
+        shutdown()
+
+
+def _train(ctx: JobContext, params: TrainParams, info: DistributedInfo) -> TrainResult:
+    """:func:`train` as rank ``info.rank`` of ``info.world_size`` (inside its process group)."""
     torch.manual_seed(params.seed)  # model init is the only draw from the global RNG
     dataset = build_dataset(params.data, params.data_options, params.seed)
     model = build_model(params.model, params.model_options)
     device = torch.device(ctx.device)
     model.to(device)
     optimizer = _make_optimizer(params, model.parameters())
-    steps_per_epoch = math.ceil(len(dataset) / params.batch_size)
-    total_steps = params.total_steps(len(dataset))
+    steps_per_epoch = _steps_per_epoch(len(dataset), params.batch_size, info.world_size)
+    total_steps = params.total_steps(len(dataset), info.world_size)
     step, last_metrics = _restore(ctx, params, model, optimizer)
+    # Restored before wrapping: every rank loaded the same checkpoint, and DDP
+    # broadcasts rank 0's weights anyway. Checkpoints and evaluation use `model`.
+    forward = _data_parallel(model, device) if info.enabled else model
     saved_step = step if step > 0 else None
     loss_fn = nn.CrossEntropyLoss()
     train_accuracy: float | None = None
 
     def checkpoint() -> None:
         nonlocal saved_step
-        state = {
-            "model": _to_cpu(model.state_dict()),
-            "optimizer": _to_cpu(optimizer.state_dict()),
-            "step": step,
-            "epoch": step // steps_per_epoch,  # epochs completed
-            "metrics": dict(last_metrics),
-        }
-        ctx.save_checkpoint(state, step)
+        if info.is_leader:
+            state = {
+                "model": _to_cpu(model.state_dict()),
+                "optimizer": _to_cpu(optimizer.state_dict()),
+                "step": step,
+                "epoch": step // steps_per_epoch,  # epochs completed
+                "metrics": dict(last_metrics),
+            }
+            ctx.save_checkpoint(state, step)
         saved_step = step
 
     model.train()
     while step < total_steps:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        loader = _epoch_loader(dataset, params, epoch, done_in_epoch, device)
+        loader = _epoch_loader(dataset, params, epoch, done_in_epoch, device, info)
         for features, labels in loader:
             step += 1
             features = features.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            logits = model(features)
+            logits = forward(features)
             loss = loss_fn(logits, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             with torch.no_grad():
                 hits = (logits.argmax(dim=1) == labels).float().mean()
-                # One host sync for both values rather than one per .item().
-                loss_value, accuracy = torch.stack((loss.detach(), hits)).tolist()
+                if info.enabled:
+                    loss_value, accuracy = _mean_over_ranks(loss.detach(), hits, len(labels))
+                else:
+                    # One host sync for both values rather than one per .item().
+                    loss_value, accuracy = torch.stack((loss.detach(), hits)).tolist()
             last_metrics = {"loss": loss_value, "accuracy": accuracy}
             metrics = dict(last_metrics)
             train_accuracy = None
@@ -178,10 +222,15 @@ def train(ctx: JobContext, params: TrainParams) -> TrainResult:
                     "epoch": float(step // steps_per_epoch),
                     "train_accuracy": train_accuracy,
                 }
-            ctx.log_metrics(metrics, step=step)
+            if info.is_leader:
+                ctx.log_metrics(metrics, step=step)
 
             # A stop request on the last step is moot: the run is complete.
-            stop = step < total_steps and ctx.should_stop()
+            # Ranks agree every step (same step count on all), so none is left
+            # waiting in a gradient all-reduce that the others never join.
+            stop = step < total_steps and (
+                agree(ctx.should_stop()) if info.enabled else ctx.should_stop()
+            )
             every = params.checkpoint_every_steps
             if stop or (every is not None and step % every == 0):
                 checkpoint()
@@ -200,6 +249,54 @@ def train(ctx: JobContext, params: TrainParams) -> TrainResult:
         metrics={**last_metrics, "train_accuracy": train_accuracy},
         steps=step,
     )
+
+
+def epoch_batches(
+    n_samples: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1
+) -> list[torch.Tensor]:
+    """The index batches rank ``rank`` of ``world_size`` trains on in 0-based ``epoch``, in order.
+
+    The epoch's order is a permutation seeded by ``(seed, epoch)`` alone, cut
+    into batches of ``batch_size`` (the last may be short). A rank takes the
+    batches ``i`` with ``i % world_size == rank``; its ``k``-th batch is the
+    one trained in the epoch's ``k``-th step. When the batches do not divide
+    evenly, the last step's missing ones wrap around to the epoch's first
+    batches (as ``DistributedSampler`` pads), so every rank takes
+    ``ceil(batches / world_size)`` and all ranks step together.
+
+    Example::
+
+        epoch_batches(100, 32, seed=0, epoch=0)                  # 4 batches: 32, 32, 32, 4
+        epoch_batches(100, 32, 0, 0, rank=1, world_size=3)       # batches 1 and 0 (wrapped)
+    """
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)
+    order = torch.randperm(n_samples, generator=generator)
+    batches = list(torch.split(order, batch_size))
+    if world_size == 1:
+        return batches
+    steps = math.ceil(len(batches) / world_size)
+    return [batches[(k * world_size + rank) % len(batches)] for k in range(steps)]
+
+
+def _steps_per_epoch(n_samples: int, batch_size: int, world_size: int) -> int:
+    """Steps in one epoch when ``world_size`` ranks each train one batch per step."""
+    return math.ceil(math.ceil(n_samples / batch_size) / world_size)
+
+
+def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` wrapped in DistributedDataParallel (``device_ids`` only for CUDA)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return DistributedDataParallel(model, device_ids=[index])
+    return DistributedDataParallel(model)
+
+
+def _mean_over_ranks(loss: torch.Tensor, hits: torch.Tensor, n_samples: int) -> list[float]:
+    """``[loss, accuracy]`` over every rank's batch, weighted by batch size (one all-reduce)."""
+    weight = torch.tensor(float(n_samples), device=loss.device)
+    totals = all_sum(torch.stack((loss * weight, hits * weight, weight)))
+    means: list[float] = (totals[:2] / totals[2]).tolist()
+    return means
 
 
 def _make_optimizer(params: TrainParams, weights: Any) -> torch.optim.Optimizer:
@@ -241,17 +338,18 @@ def _epoch_loader(
     epoch: int,
     skip_batches: int,
     device: torch.device,
+    info: DistributedInfo,
 ) -> DataLoader[Any]:
-    """The shuffled batches of 0-based ``epoch``, less the first ``skip_batches``.
+    """This rank's shuffled batches of 0-based ``epoch``, less the first ``skip_batches``.
 
-    The order comes from a generator seeded by ``(seed, epoch)`` alone, so a
-    resumed run can skip exactly the batches already trained on. The loader
-    is handed whole index batches: one tensor gather per step instead of
-    ``batch_size`` ``__getitem__`` calls and a collate.
+    The order comes from :func:`epoch_batches`, a function of ``(seed, epoch)``
+    alone, so a resumed run can skip exactly the batches already trained on.
+    The loader is handed whole index batches: one tensor gather per step
+    instead of ``batch_size`` ``__getitem__`` calls and a collate.
     """
-    generator = torch.Generator().manual_seed((params.seed * 1_000_003 + epoch) % 2**63)
-    order = torch.randperm(len(dataset), generator=generator)
-    batches = list(torch.split(order, params.batch_size))[skip_batches:]
+    batches = epoch_batches(
+        len(dataset), params.batch_size, params.seed, epoch, info.rank, info.world_size
+    )[skip_batches:]
     return DataLoader(
         dataset,
         sampler=batches,

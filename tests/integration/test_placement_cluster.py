@@ -131,3 +131,28 @@ def test_multi_node_gang_runs_one_rank_per_chosen_node(make_api: Callable[..., A
     run = api.mlflow().get_run(str(done.run_id))
     assert run.data.tags["jobworker.nodes"] == ",".join(n["hostname"] for n in placed)
     assert len(api.mlflow().get_metric_history(run.info.run_id, "allreduce")) == 1  # rank 0 only
+
+
+def test_multi_node_builtin_training_is_data_parallel_in_one_run(
+    make_api: Callable[..., Api],
+) -> None:
+    api = make_api(cluster="two_nodes_sim.yaml")
+    text = (
+        "name: ddp\nexperiment: it\n"
+        "model: {name: mlp, options: {input_dim: 16, hidden: [16], num_classes: 4}}\n"
+        "data: {options: {n_samples: 256, input_dim: 16, num_classes: 4}}\n"
+        "train: {max_steps: 12, batch_size: 16, checkpoint_every_steps: 4}\n"
+        "resources: {gpus: 1, gpu_memory_gb: 4, cpus: 1, memory_gb: 1, nodes: 2}\n"
+        "register_as: ddp-mlp\n"
+    )
+    response = api.http.post("/jobs", content=text)
+    assert response.status_code == 201, response.text
+    job_id = response.json()["id"]
+    done = api.wait_for(job_id, DONE, 240)
+    logs = api.http.get(f"/jobs/{job_id}/logs").json()["text"]
+    assert done.state is JobState.SUCCEEDED, (done.error, logs[-3000:])
+    assert "rank 1 of 2" in logs and "rank 0 of 2" in logs
+    client = api.mlflow()
+    steps = [int(m.step) for m in client.get_metric_history(str(done.run_id), "loss")]
+    assert sorted(steps) == list(range(1, 13))  # one loss per synchronized step, rank 0's
+    assert done.model_version == "1"
