@@ -23,8 +23,7 @@ DIM = 64
 
 def log_model(tracking_uri: str, name: str, model: torch.nn.Module, pickle: bool = False) -> str:
     """Register ``model`` (64 float inputs) as a new version of ``name``; returns the version."""
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)  # the registry follows it (never set it globally)
     example = torch.randn(4, DIM)
     with torch.no_grad():
         output = model(example)

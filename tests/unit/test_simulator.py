@@ -20,7 +20,8 @@ from scheduler.sim_policies import POLICIES, SimPolicy
 from scheduler.simulator import JobResult, SimConfig, SimResult, shape, simulate
 from scheduler.traces import GIB, TraceError, TraceJob, read_philly
 
-PHILLY = Path(__file__).resolve().parents[3] / "shared" / "traces" / "philly_pollux.csv"
+# The first 400 jobs of VC 6c71a0 of the Philly trace (see tests/data/README.md).
+PHILLY = Path(__file__).resolve().parents[1] / "data" / "philly_6c71a0_first400.csv"
 HEADER = "timestamp,duration,num_gpus,gpu_time,cluster\n"
 
 
@@ -223,7 +224,6 @@ def test_jobs_that_cannot_fit_are_skipped_and_counted() -> None:
     assert [j.job_id for j in result.jobs] == ["ok"] and result.skipped == 1
 
 
-@pytest.mark.skipif(not PHILLY.exists(), reason=f"{PHILLY} is not here")
 def test_a_replay_of_the_real_trace_finishes_every_job() -> None:
     jobs = read_philly(PHILLY, cluster="6c71a0", jobs=150)
     assert len(jobs) == 150 and jobs[0].submit_s == 0.0
