@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import typer
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -170,8 +171,12 @@ def demo(
         client.healthz()
         out.print(f"jobworker already up at {api}")
     except ApiUnreachable:
+        port = urlsplit(api).port or 8000
         started = subprocess.run(
-            [sys.executable, "-m", "scheduler.cli", "up", "--detach", "--home", str(home)],
+            [
+                *(sys.executable, "-m", "scheduler.cli", "up", "--detach", "--home", str(home)),
+                *("--port", str(port), "--mlflow-port", str(mlflow_port)),
+            ],
             check=False,
         )
         if started.returncode != 0:

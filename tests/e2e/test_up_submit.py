@@ -62,6 +62,21 @@ def test_up_submit_wait_status_logs_down(tmp_path: Path) -> None:
         version = client.get_model_version("mlp-synthetic", job["model_version"])
         assert version.run_id == run.info.run_id
 
+        # The rest of `make demo`, on the same real MLflow server: train again (the alias
+        # moves to version 2), deploy configs/serve/mlp_synthetic.yaml, answer a prediction.
+        demo = jobworker(
+            "demo", "--home", str(home), "--api", api, "--mlflow-port", str(mlflow_port)
+        )
+        assert demo.returncode == 0, demo.stdout + demo.stderr
+        assert "already up" in demo.stdout and "READY" in demo.stdout
+        assert "from mlp-synthetic version 2" in demo.stdout
+        assert f"MLflow UI: http://127.0.0.1:{mlflow_port}" in demo.stdout
+        predicted = jobworker("predict", "mlp-synthetic", "--data", str([[0.5] * 64]), "--api", api)
+        assert predicted.returncode == 0, predicted.stderr
+        assert "model mlp-synthetic version 2" in predicted.stdout
+        listed = jobworker("deployments", "--api", api)
+        assert "mlp-synthetic" in listed.stdout and "READY" in listed.stdout
+
         missing = jobworker("status", "j-nope", "--api", api)
         assert missing.returncode == 2
         assert "no job 'j-nope'" in missing.stderr
