@@ -209,10 +209,14 @@ class DeploymentController:
         statuses = self._launcher.poll(list(dep.replicas))
         for rid, status in statuses.items():
             rep = dep.replicas[rid]
+            served = rep.status.phase is ReplicaPhase.READY
             rep.status = status
             if status.phase is ReplicaPhase.READY and status.pid and rep.holding.pid is None:
                 rep.holding = _with_pid(rep.holding, status.pid)
-            if status.phase is ReplicaPhase.FAILED:
+            # A replica that dies before it ever served is a start failure: back off too.
+            if status.phase is ReplicaPhase.FAILED or (
+                status.phase is ReplicaPhase.DEAD and not served
+            ):
                 dep.failures += 1
                 dep.start_error = status.error
                 backoff = self._settings.retry_backoff_s * 2 ** min(dep.failures - 1, 4)

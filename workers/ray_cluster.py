@@ -183,7 +183,9 @@ def connect(address: str | None, namespace: str) -> None:
     if ray.is_initialized():
         return
     ray.init(
-        address=address,
+        # "local": always a fresh local Ray. Without it, ray.init() joins whatever cluster
+        # this machine last started (/tmp/ray/ray_current_cluster), e.g. another user's.
+        address=address or "local",
         namespace=namespace,
         # A local Ray listens on loopback only; a cluster address brings its own.
         _node_ip_address="127.0.0.1" if address is None else None,
