@@ -24,7 +24,8 @@ from typing import Any
 from scheduler.autoscale import AutoscaleConfig, AutoscaleState, LoadSample, decide
 from scheduler.deployment_store import DeploymentRecord, DeploymentState, DeploymentStore
 from scheduler.placement import ClusterSnapshot, Demand, Holding, PlacementPolicy, place
-from scheduler.router import ReplicaEndpoint, RouteConfig, Router
+from scheduler.router import Router
+from scheduler.routes import ReplicaEndpoint, RouteConfig
 from scheduler.serve_spec import DeploymentSpec
 from scheduler.serving_metrics import ServingMetrics
 from workers.replicas import (

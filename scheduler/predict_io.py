@@ -14,7 +14,7 @@ import json
 import numpy as np
 
 from scheduler.errors import PredictError
-from scheduler.router import Prediction
+from scheduler.routes import Prediction
 
 
 def _shape_text(shape: tuple[int, ...]) -> str:

@@ -9,7 +9,7 @@ import pytest
 
 from scheduler.errors import PredictError
 from scheduler.predict_io import parse_inputs, render
-from scheduler.router import Prediction, ReplicaEndpoint
+from scheduler.routes import Prediction, ReplicaEndpoint
 
 MLP = ((-1, 64), "float32")  # the demo model's signature
 TOKENS = ((-1, 8), "int64")

@@ -22,7 +22,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from scheduler.errors import DeploymentNotFound, PredictError
-from scheduler.router import Prediction, ReplicaEndpoint, RouteConfig, RouteLoad, Router
+from scheduler.router import Router
+from scheduler.routes import Prediction, ReplicaEndpoint, RouteConfig, RouteLoad
 from scheduler.serving_metrics import ServingMetrics
 from workers.replica_channel import ChannelServer
 
