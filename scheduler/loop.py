@@ -96,10 +96,12 @@ class QueueEntry:
 def rendezvous_port(job_id: str, attempt: int) -> int:
     """A gang's torch.distributed port on rank 0's node, the same for all its ranks.
 
-    Derived from the job and attempt, in 29500-39499: two gangs whose rank 0
-    share a node collide only with probability 1/10,000.
+    Derived from the job and attempt, in 20000-31999: above Ray's worker ports
+    (10002-19999) and below Linux's ephemeral range (32768+), where outgoing
+    connections could take it first. Two gangs whose rank 0 share a node
+    collide with probability 1/12,000.
     """
-    return 29500 + zlib.crc32(f"{job_id}/{attempt}".encode()) % 10000
+    return 20000 + zlib.crc32(f"{job_id}/{attempt}".encode()) % 12000
 
 
 def _with_pids(

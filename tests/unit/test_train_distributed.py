@@ -9,8 +9,8 @@ there, as the runner's contexts do. Ranks report back through files in ``tmp_pat
 
 from __future__ import annotations
 
-import contextlib
 import os
+import random
 import socket
 import time
 from collections.abc import Mapping
@@ -115,17 +115,32 @@ def _rank_main(rank: int, out: str, phases: list[Phase], ports: list[int]) -> No
         torch.save(report, Path(out) / f"{phase.name}-{rank}.pt")
 
 
+def _rendezvous_ports(n: int) -> list[int]:
+    """``n`` ports free now, below Linux's ephemeral range (32768+) and above Ray's worker
+    ports (10002-19999): a port picked by binding port 0 comes from the ephemeral range,
+    where the outgoing connections of a Ray session running in this process may take it
+    before rank 0 binds it (a hang, seen in CI)."""
+    rng = random.Random()
+    ports: list[int] = []
+    while len(ports) < n:
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
 def run_ranks(out: Path, phases: list[Phase]) -> dict[str, list[dict[str, Any]]]:
     """Run ``phases`` in order on 2 spawned ranks; each phase's reports, by rank.
 
     The phases share the two processes because starting one (importing torch)
     costs far more than these runs; each phase still forms its own group.
     """
-    with contextlib.ExitStack() as stack:  # hold all probes open so the ports differ
-        probes = [stack.enter_context(socket.socket()) for _ in phases]
-        for probe in probes:
-            probe.bind(("127.0.0.1", 0))
-        ports = [probe.getsockname()[1] for probe in probes]
+    ports = _rendezvous_ports(len(phases))
     procs = mp.start_processes(
         _rank_main,
         args=(str(out), phases, ports),
