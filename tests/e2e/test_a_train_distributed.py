@@ -1,4 +1,7 @@
-"""Data-parallel training: ``jobs.distributed`` and ``train()`` run as 2 ranks on CPU (gloo).
+"""Runs first in the suite (tests/e2e/test_a_*), before the session Ray cluster starts:
+with one up in this process its spawned ranks have hung in CI (cause not found yet).
+
+Data-parallel training: ``jobs.distributed`` and ``train()`` run as 2 ranks on CPU (gloo).
 
 Each multi-rank test spawns two processes over loopback, each running
 ``train()`` against a :class:`RankContext`: rank 0 records like
