@@ -14,55 +14,7 @@ import torch
 from torch.nn import functional
 from torch.utils.data import TensorDataset
 
-from jobs._options import Option, Registry, defaults, int_at_least, non_negative_float, resolve
-
-_KIND = "dataset"
-
-_DATASETS: Registry = {
-    "synthetic_classification": {
-        "n_samples": Option(4096, int_at_least(1)),
-        "input_dim": Option(64, int_at_least(1)),
-        "num_classes": Option(10, int_at_least(2)),
-        # Std of the label noise relative to the unit-std teacher logits.
-        "noise": Option(0.1, non_negative_float),
-    },
-    "synthetic_images": {
-        "n_samples": Option(2048, int_at_least(1)),
-        "in_channels": Option(1, int_at_least(1)),
-        # At least 2 so a pattern has more than one pixel to normalise over.
-        "image_size": Option(28, int_at_least(2)),
-        "num_classes": Option(10, int_at_least(2)),
-        # Std of the pixel noise relative to the unit-std class patterns.
-        "noise": Option(1.0, non_negative_float),
-        # Random circular shift per image, up to this many pixels on each axis:
-        # without it a template match solves the task and the loss curve is flat.
-        "max_shift_px": Option(3, int_at_least(0)),
-    },
-}
-
-DATASET_NAMES: tuple[str, ...] = tuple(sorted(_DATASETS))
-"""Every dataset :func:`build_dataset` knows."""
-
-
-def dataset_options(name: str) -> dict[str, Any]:
-    """The default options of dataset ``name``; ``ValueError`` if the name is unknown."""
-    return defaults(_KIND, name, _DATASETS)
-
-
-def resolve_dataset_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """Defaults of ``name`` overlaid with ``options``, every name and value checked.
-
-    ``ValueError`` names the dataset and the bad option and lists the valid ones.
-    """
-    return resolve(_KIND, name, _DATASETS, options)
-
-
-def sample_shape(name: str, options: Mapping[str, Any]) -> tuple[int, ...]:
-    """The shape of one sample's features (no batch dimension), without generating data."""
-    opts = resolve_dataset_options(name, options)
-    if name == "synthetic_classification":
-        return (opts["input_dim"],)
-    return (opts["in_channels"], opts["image_size"], opts["image_size"])
+from jobs.params import resolve_dataset_options
 
 
 def build_dataset(name: str, options: Mapping[str, Any], seed: int) -> TensorDataset:

@@ -25,87 +25,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
 from jobs.context import JobContext, StopRequested
-from jobs.data import build_dataset, resolve_dataset_options, sample_shape
+from jobs.data import build_dataset
 from jobs.distributed import DistributedInfo, agree, all_sum, init_process_group, shutdown
-from jobs.zoo import build_model, example_input, input_shape, resolve_model_options
-
-OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
-"""Optimizer names :class:`TrainParams` accepts."""
+from jobs.params import TrainParams, steps_per_epoch
+from jobs.zoo import build_model, example_input
 
 _SGD_MOMENTUM = 0.9  # plain SGD without momentum crawls on these problems
 _EVAL_BATCH = 1024  # full-dataset accuracy is computed in chunks to bound memory
-
-
-@dataclass(frozen=True)
-class TrainParams:
-    """Everything that defines a training run; validated on construction.
-
-    Set ``epochs`` or ``max_steps`` (or both: training stops at whichever comes
-    first). Construction raises ``ValueError`` naming the bad field, including
-    unknown model/dataset names or options and a model that does not fit the data.
-
-    Example::
-
-        params = TrainParams(
-            model="mlp", model_options={"hidden": [32]},
-            data="synthetic_classification", data_options={"n_samples": 512},
-            batch_size=64, lr=1e-3, max_steps=100, checkpoint_every_steps=50,
-        )
-    """
-
-    model: str
-    model_options: Mapping[str, Any]
-    data: str
-    data_options: Mapping[str, Any]
-    batch_size: int
-    lr: float
-    epochs: int | None = None
-    max_steps: int | None = None
-    checkpoint_every_steps: int | None = None
-    seed: int = 0
-    optimizer: str = "adam"
-
-    def __post_init__(self) -> None:
-        """Reject an invalid run before any data or model is built."""
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
-        if self.epochs is None and self.max_steps is None:
-            raise ValueError("set epochs or max_steps")
-        for field in ("epochs", "max_steps", "checkpoint_every_steps"):
-            value = getattr(self, field)
-            if value is not None and value < 1:
-                raise ValueError(f"{field} must be >= 1, got {value}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(
-                f"unknown optimizer {self.optimizer!r}; valid optimizers: {', '.join(OPTIMIZERS)}"
-            )
-        model_opts = resolve_model_options(self.model, self.model_options)
-        data_opts = resolve_dataset_options(self.data, self.data_options)
-        expects, gives = input_shape(self.model, model_opts), sample_shape(self.data, data_opts)
-        if expects != gives:
-            raise ValueError(
-                f"model {self.model!r} expects samples of shape {expects} but dataset "
-                f"{self.data!r} gives {gives}; make model_options and data_options agree"
-            )
-        if model_opts["num_classes"] != data_opts["num_classes"]:
-            raise ValueError(
-                f"model {self.model!r} has num_classes={model_opts['num_classes']} but dataset "
-                f"{self.data!r} has num_classes={data_opts['num_classes']}"
-            )
-
-    def total_steps(self, n_samples: int, world_size: int = 1) -> int:
-        """Global steps a full run takes on ``n_samples`` samples (last batch may be short).
-
-        With ``world_size`` data-parallel ranks a step trains ``world_size``
-        batches at once, so an epoch takes ``ceil(batches / world_size)`` steps.
-        """
-        steps_per_epoch = _steps_per_epoch(n_samples, self.batch_size, world_size)
-        limits = [self.max_steps] if self.max_steps is not None else []
-        if self.epochs is not None:
-            limits.append(self.epochs * steps_per_epoch)
-        return min(limits)
 
 
 @dataclass
@@ -170,7 +96,7 @@ def _train(ctx: JobContext, params: TrainParams, info: DistributedInfo) -> Train
     device = torch.device(ctx.device)
     model.to(device)
     optimizer = _make_optimizer(params, model.parameters())
-    steps_per_epoch = _steps_per_epoch(len(dataset), params.batch_size, info.world_size)
+    per_epoch = steps_per_epoch(len(dataset), params.batch_size, info.world_size)
     total_steps = params.total_steps(len(dataset), info.world_size)
     step, last_metrics = _restore(ctx, params, model, optimizer)
     # Restored before wrapping: every rank loaded the same checkpoint, and DDP
@@ -187,7 +113,7 @@ def _train(ctx: JobContext, params: TrainParams, info: DistributedInfo) -> Train
                 "model": _to_cpu(model.state_dict()),
                 "optimizer": _to_cpu(optimizer.state_dict()),
                 "step": step,
-                "epoch": step // steps_per_epoch,  # epochs completed
+                "epoch": step // per_epoch,  # epochs completed
                 "metrics": dict(last_metrics),
             }
             ctx.save_checkpoint(state, step)
@@ -195,7 +121,7 @@ def _train(ctx: JobContext, params: TrainParams, info: DistributedInfo) -> Train
 
     model.train()
     while step < total_steps:
-        epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        epoch, done_in_epoch = divmod(step, per_epoch)
         loader = _epoch_loader(dataset, params, epoch, done_in_epoch, device, info)
         for features, labels in loader:
             step += 1
@@ -216,10 +142,10 @@ def _train(ctx: JobContext, params: TrainParams, info: DistributedInfo) -> Train
             last_metrics = {"loss": loss_value, "accuracy": accuracy}
             metrics = dict(last_metrics)
             train_accuracy = None
-            if step % steps_per_epoch == 0:
+            if step % per_epoch == 0:
                 train_accuracy = _dataset_accuracy(model, dataset, device)
                 metrics |= {
-                    "epoch": float(step // steps_per_epoch),
+                    "epoch": float(step // per_epoch),
                     "train_accuracy": train_accuracy,
                 }
             if info.is_leader:
@@ -276,11 +202,6 @@ def epoch_batches(
         return batches
     steps = math.ceil(len(batches) / world_size)
     return [batches[(k * world_size + rank) % len(batches)] for k in range(steps)]
-
-
-def _steps_per_epoch(n_samples: int, batch_size: int, world_size: int) -> int:
-    """Steps in one epoch when ``world_size`` ranks each train one batch per step."""
-    return math.ceil(math.ceil(n_samples / batch_size) / world_size)
 
 
 def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:

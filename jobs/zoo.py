@@ -2,9 +2,9 @@
 
 Configs name a model (``model: {name: cnn, options: {image_size: 32}}``); this
 module turns that into a ``torch.nn.Module`` and an example input of the shape
-the model accepts (used for the MLflow model signature). Option names and
-values are checked before anything is built, so a config validator can call
-:func:`resolve_model_options` cheaply.
+the model accepts (used for the MLflow model signature). The models' names,
+options and shapes are declared in :mod:`jobs.params` (torch-free, so the
+control plane can check a config without importing torch).
 """
 
 from __future__ import annotations
@@ -16,63 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from jobs._options import Option, Registry, defaults, int_at_least, int_list, resolve
-
-_KIND = "model"
-
-_MODELS: Registry = {
-    "mlp": {
-        "input_dim": Option(64, int_at_least(1)),
-        # An empty list is allowed: a single linear layer (logistic regression).
-        "hidden": Option([256, 256], int_list(min_len=0)),
-        "num_classes": Option(10, int_at_least(2)),
-    },
-    "cnn": {
-        "in_channels": Option(1, int_at_least(1)),
-        "image_size": Option(28, int_at_least(1)),
-        "num_classes": Option(10, int_at_least(2)),
-        # One conv+pool block per entry; each block halves the image side.
-        "channels": Option([16, 32], int_list(min_len=1)),
-    },
-}
-
-MODEL_NAMES: tuple[str, ...] = tuple(sorted(_MODELS))
-"""Every model :func:`build_model` knows."""
-
-
-def model_options(name: str) -> dict[str, Any]:
-    """The default options of model ``name``; ``ValueError`` if the name is unknown.
-
-    Example: ``model_options("mlp")["hidden"] == [256, 256]``.
-    """
-    return defaults(_KIND, name, _MODELS)
-
-
-def resolve_model_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """Defaults of ``name`` overlaid with ``options``, every name and value checked.
-
-    Raises ``ValueError`` naming the model and the bad option (listing the valid
-    ones), also for combinations that cannot be built, e.g. a cnn whose image
-    is too small for its number of pooling blocks.
-    """
-    resolved = resolve(_KIND, name, _MODELS, options)
-    if name == "cnn":
-        min_side_px = 2 ** len(resolved["channels"])
-        if resolved["image_size"] < min_side_px:
-            raise ValueError(
-                f"model 'cnn': option 'image_size' must be >= {min_side_px} for "
-                f"{len(resolved['channels'])} pooling blocks (option 'channels'), "
-                f"got {resolved['image_size']}"
-            )
-    return resolved
-
-
-def input_shape(name: str, options: Mapping[str, Any]) -> tuple[int, ...]:
-    """The shape of one input sample (no batch dimension) that model ``name`` accepts."""
-    opts = resolve_model_options(name, options)
-    if name == "mlp":
-        return (opts["input_dim"],)
-    return (opts["in_channels"], opts["image_size"], opts["image_size"])
+from jobs.params import input_shape, resolve_model_options
 
 
 def example_input(name: str, options: Mapping[str, Any], batch: int = 2) -> torch.Tensor:

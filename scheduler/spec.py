@@ -13,9 +13,7 @@ from typing import Any, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from jobs.data import resolve_dataset_options
-from jobs.train import TrainParams
-from jobs.zoo import resolve_model_options
+from jobs.params import TrainParams, resolve_dataset_options, resolve_model_options
 from scheduler.errors import ConfigError
 
 GIB = 2**30

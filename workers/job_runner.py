@@ -29,7 +29,8 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 from jobs.context import StopRequested
-from jobs.train import TrainParams, TrainResult, train
+from jobs.params import TrainParams
+from jobs.train import TrainResult, train
 from workers.files import write_json_atomic
 from workers.mlflow_context import MlflowJobContext
 

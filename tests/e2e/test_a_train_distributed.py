@@ -26,7 +26,8 @@ import torch.multiprocessing as mp
 
 from jobs.context import JobContext, StopRequested
 from jobs.distributed import DistributedInfo, agree, all_sum
-from jobs.train import TrainParams, epoch_batches, train
+from jobs.params import TrainParams
+from jobs.train import epoch_batches, train
 from tests.unit.test_jobs import RecordingContext, make_params
 
 WORLD_SIZE = 2

@@ -18,9 +18,17 @@ import torch
 from torch import nn
 
 from jobs.context import JobContext, StopRequested
-from jobs.data import DATASET_NAMES, build_dataset, dataset_options, sample_shape
-from jobs.train import TrainParams, TrainResult, train
-from jobs.zoo import MODEL_NAMES, build_model, example_input, model_options
+from jobs.data import build_dataset
+from jobs.params import (
+    DATASET_NAMES,
+    MODEL_NAMES,
+    TrainParams,
+    dataset_options,
+    model_options,
+    sample_shape,
+)
+from jobs.train import TrainResult, train
+from jobs.zoo import build_model, example_input
 
 JOBS_DIR = Path(__file__).resolve().parents[2] / "jobs"
 
