@@ -381,7 +381,7 @@ def print_report(results: Mapping[str, Sequence[Sample]], warmup: int) -> dict[s
 IMPORT_PROBES = {
     "python -c pass": "pass",
     "import ray": "import ray",
-    "import workers.ray_training_worker (actor)": "import workers.ray_training_worker",
+    "import workers.ray_executor (actor)": "import workers.ray_executor",
     "import torch": "import torch",
     "import torch + first torch.optim.SGD(...)": (
         "import torch; torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)"

@@ -34,11 +34,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
-from workers.errors import NvmlUnavailable
+from workers.interface.errors import NvmlUnavailable
+from workers.interface.telemetry import GIB, GpuReading
 from workers.nvml_backend import NvmlBackend
-from workers.telemetry import GpuReading
-
-GIB = 1 << 30
 
 
 def child_main(alloc_bytes: int, steps: int) -> int:

@@ -6,7 +6,7 @@ and the same (rows, 64) float32 batch, sequentially from an asyncio loop
 (uvloop) as the router runs:
 
 - ``inproc``: the model called in the caller's process (no hop: the floor);
-- ``channel``: jobworker's length-prefixed TCP channel (``workers/replica_channel.py``)
+- ``channel``: jobworker's length-prefixed TCP channel (``workers/interface/channel.py``)
   to a ``ChannelServer`` in a child process;
 - ``ray_actor``: ``await actor.predict.remote(batch)`` on a local Ray actor.
 
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from serving_model import build_model, configure_torch, example_rows
 
-from workers.replica_channel import ChannelClient, ChannelServer
+from workers.interface.channel import ChannelClient, ChannelServer
 
 
 def _model_fn() -> Callable[[np.ndarray], np.ndarray]:

@@ -34,19 +34,23 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from scheduler.placement import (  # noqa: E402
+from scheduler.core.model import (  # noqa: E402
     ClusterSnapshot,
     Decision,
     Demand,
     Holding,
     PlacementPolicy,
-    fragmentation,
-    place,
-    with_placements,
 )
-from workers.telemetry import GpuProcess, GpuReading, GpuUuid, NodeId, NodeReading  # noqa: E402
+from scheduler.core.placement import fragmentation, place, with_placements  # noqa: E402
+from workers.interface.telemetry import (  # noqa: E402
+    GIB,
+    GpuProcess,
+    GpuReading,
+    GpuUuid,
+    NodeId,
+    NodeReading,
+)
 
-GIB = 2**30
 TARGET_MS = 100.0
 DEFAULT_TRACE = REPO_ROOT.parent / "shared" / "traces" / "philly_pollux.csv"
 TRACE_CITATION = (

@@ -9,7 +9,7 @@ Default workload: virtual cluster ``6c71a0``, its first 2,000 jobs of 1 to 16
 GPUs by submit time, on 48 GPUs (6 nodes x 8): an offered load of about 1.2.
 Each policy (``fifo``, ``fifo-backfill``, ``sjf``, ``ours``; see
 ``scheduler/sim_policies.py``) is replayed through the real queue policy and
-``scheduler.placement.place`` by ``scheduler.simulator``. GPU memory requests
+``scheduler.core.placement.place`` by ``scheduler.sim.simulator``. GPU memory requests
 follow the seeded rule in ``scheduler/traces.py`` (they never bind on 80 GB
 GPUs). A preemption loses the work since the last checkpoint (every 10 min)
 and costs 30 s to restart.
@@ -40,9 +40,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from scheduler.sim_policies import POLICIES  # noqa: E402
-from scheduler.simulator import SimConfig, SimResult, simulate  # noqa: E402
-from scheduler.traces import TraceJob, read_philly  # noqa: E402
+from scheduler.sim.policies import POLICIES  # noqa: E402
+from scheduler.sim.simulator import SimConfig, SimResult, simulate  # noqa: E402
+from scheduler.sim.traces import TraceJob, read_philly  # noqa: E402
 
 DEFAULT_TRACE = REPO_ROOT.parent / "shared" / "traces" / "philly_pollux.csv"
 ORDER = ("fifo", "fifo-backfill", "sjf", "ours")

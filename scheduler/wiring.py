@@ -8,26 +8,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+import sqlalchemy as sa
 from fastapi import FastAPI
 from mlflow.tracking import MlflowClient
 
-from scheduler.api import Serving, create_app
-from scheduler.cluster_view import cluster_table
-from scheduler.deployment_service import DeploymentService
-from scheduler.deployment_store import DeploymentStore
-from scheduler.deployments import DeploymentController, ServeSettings
-from scheduler.loop import LoopSettings, Scheduler
-from scheduler.queue_config import load_queue_config
-from scheduler.queue_policy import QueuePolicy
-from scheduler.router import Router
-from scheduler.service import JobService
-from scheduler.serving_metrics import ServingMetrics
-from scheduler.store import JobStore, sqlite_url
+from scheduler import db
+from scheduler.api.app import Serving, create_app
+from scheduler.api.views import cluster_table
+from scheduler.batch.loop import ACTIVE, LoopSettings, Scheduler
+from scheduler.batch.queue_config import load_queue_config
+from scheduler.batch.service import JobService
+from scheduler.batch.store import JobStore
+from scheduler.core.model import QueuePolicy
+from scheduler.realtime.controller import DeploymentController, ServeSettings
+from scheduler.realtime.metrics import ServingMetrics
+from scheduler.realtime.router import Router
+from scheduler.realtime.service import DeploymentService
+from scheduler.realtime.store import DeploymentStore
+from workers.interface.replicas import ResolvedModel
+from workers.interface.telemetry import GIB
 from workers.mlflow_models import resolve
 from workers.ray_cluster import RayCluster, connect
 from workers.ray_executor import RayExecutor
 from workers.ray_replicas import RayReplicaLauncher
-from workers.replicas import ResolvedModel
 from workers.sim_backend import SimClusterSpec, SimGpuSpec, SimNodeSpec, load_cluster_config
 
 
@@ -48,7 +51,7 @@ class Settings:
 
     @property
     def store_url(self) -> str:
-        return self.db_url or sqlite_url((self.home / "jobs.db").resolve())
+        return self.db_url or db.sqlite_url((self.home / "jobs.db").resolve())
 
     @property
     def ui_url(self) -> str | None:
@@ -64,7 +67,7 @@ def default_sim_cluster() -> SimClusterSpec:
             SimNodeSpec(
                 name="local",
                 cpus=os.cpu_count() or 1,
-                memory_gb=psutil.virtual_memory().total / 2**30,
+                memory_gb=psutil.virtual_memory().total / GIB,
                 gpus=[SimGpuSpec(type="SIM-24GB", memory_gb=24, count=2)],
             )
         ]
@@ -73,6 +76,7 @@ def default_sim_cluster() -> SimClusterSpec:
 
 @dataclass
 class ControlPlane:
+    engine: sa.Engine
     store: JobStore
     scheduler: Scheduler
     service: JobService
@@ -88,7 +92,7 @@ class ControlPlane:
         self.scheduler.stop()
         self.controller.close()
         self.cluster.close()
-        self.store.close()
+        self.engine.dispose()
 
 
 def build(settings: Settings) -> ControlPlane:
@@ -103,7 +107,8 @@ def build(settings: Settings) -> ControlPlane:
     )
     usage_dir = home / "simgpu"
     usage_dir.mkdir(exist_ok=True)
-    store = JobStore(settings.store_url)
+    engine = db.connect(settings.store_url)
+    store = JobStore(engine)
     if settings.tracking_uri.startswith("sqlite:"):
         # Create MLflow's tables here, once: job processes starting together would race.
         MlflowClient(settings.tracking_uri).search_experiments(max_results=1)
@@ -125,7 +130,7 @@ def build(settings: Settings) -> ControlPlane:
     def resolver(uri: str) -> ResolvedModel:
         return resolve(uri, settings.tracking_uri)
 
-    deployment_store = DeploymentStore(store)
+    deployment_store = DeploymentStore(engine)
     controller = DeploymentController(
         deployment_store,
         RayReplicaLauncher(namespace=settings.namespace),
@@ -139,15 +144,17 @@ def build(settings: Settings) -> ControlPlane:
         ),
     )
     scheduler = Scheduler(store, executor, cluster, loop_settings, realtime=controller)
-    service = JobService(store, loop_settings.log_dir, wake=scheduler.wake)
+    service = JobService(
+        store, loop_settings.log_dir, wake=scheduler.wake, python_path=loop_settings.python_path
+    )
     deployments = DeploymentService(
         deployment_store, resolver, controller.replicas_view, wake=scheduler.wake
     )
     app = create_app(
         service,
         mlflow_ui_url=settings.ui_url,
-        cluster_view=lambda: cluster_table(cluster.nodes(), store),
+        cluster_view=lambda: cluster_table(cluster.nodes(), store.find(list(ACTIVE))),
         serving=Serving(deployments, router, metrics),
         queue_view=lambda: [dataclasses.asdict(e) for e in scheduler.queue()],
     )
-    return ControlPlane(store, scheduler, service, cluster, executor, app, controller)
+    return ControlPlane(engine, store, scheduler, service, cluster, executor, app, controller)

@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
+
+
+def wait_until(
+    check: Callable[[], T], what: str, timeout_s: float = 60.0, every_s: float = 0.1
+) -> T:
+    """Poll ``check`` until it returns something truthy, and return that.
+
+    A wait on a condition, never a fixed sleep: ``timeout_s`` only ends a hang,
+    with an error that says what never happened (no test asserts a duration).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: still not the case after {timeout_s:g} s")
+        time.sleep(every_s)
 
 
 SIM_NODE = "jobworker_sim_node_"  # workers.ray_cluster.SIM_NODE_RESOURCE

@@ -25,13 +25,15 @@ from typing import Any
 import mlflow
 import torch
 from mlflow.entities import Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 from jobs.context import StopRequested
-from jobs.params import TrainParams
 from jobs.train import TrainResult, train
 from workers.files import write_json_atomic
+from workers.interface.executor import LaunchRequest
+from workers.interface.spec import TrainingSpec
 from workers.mlflow_context import MlflowJobContext
 
 _MAX_PARAMS = 100  # MLflow's limit of params per log_batch call
@@ -49,77 +51,89 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _open_run(client: MlflowClient, launch: Mapping[str, Any]) -> tuple[str, str]:
+def _experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, created if it does not exist yet.
+
+    Idempotent: jobs of a new experiment that start together all race to create
+    it; the losers read back the winner's (``RESOURCE_ALREADY_EXISTS``).
+    """
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return str(found.experiment_id)
+    try:
+        return str(client.create_experiment(name))
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    found = client.get_experiment_by_name(name)
+    if found is None:  # created and deleted meanwhile: nothing sensible to report to
+        raise RuntimeError(f"MLflow experiment {name!r} vanished while it was being created")
+    return str(found.experiment_id)
+
+
+def _find_run(client: MlflowClient, experiment_id: str, job_id: str) -> str | None:
+    """The run of job ``job_id`` in the experiment, found by its ``jobworker.job_id`` tag."""
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`jobworker.job_id` = '{job_id}'", max_results=1
+    )
+    return str(found[0].info.run_id) if found else None
+
+
+def _open_run(client: MlflowClient, launch: LaunchRequest) -> tuple[str, str]:
     """The run to report to, ``(run_id, experiment_id)``: the job's own on a resume.
 
     A job whose run id the scheduler never learnt (it crashed first) finds its
     run by the ``jobworker.job_id`` tag, so that no job ever gets two runs.
     """
-    spec = launch["spec"]
-    run_id = launch.get("run_id")
-    experiment = client.get_experiment_by_name(spec["experiment"])
-    if run_id is None and experiment is not None:
-        found = client.search_runs(
-            [experiment.experiment_id],
-            filter_string=f"tags.`jobworker.job_id` = '{launch['job_id']}'",
-            max_results=1,
-        )
-        run_id = found[0].info.run_id if found else None
+    spec = launch.spec
+    experiment_id = _experiment_id(client, spec.experiment)
+    run_id = launch.run_id or _find_run(client, experiment_id, launch.job_id)
     if run_id is not None:
         run = client.get_run(run_id)
         _record_resume(client, run_id, launch)
         return run.info.run_id, run.info.experiment_id
-    experiment_id = (
-        experiment.experiment_id if experiment else client.create_experiment(spec["experiment"])
-    )
-    tags = {"mlflow.runName": spec["name"], **spec.get("tags", {}), **launch["tags"]}
+    tags = {"mlflow.runName": spec.name, **spec.tags, **launch.tags}
     run = client.create_run(experiment_id, tags=tags)
-    params = [Param(k, v[:6000]) for k, v in flatten(spec).items()]
+    spec_data = spec.model_dump(mode="json")
+    params = [Param(k, v[:6000]) for k, v in flatten(spec_data).items()]
     for i in range(0, len(params), _MAX_PARAMS):
         client.log_batch(run.info.run_id, params=params[i : i + _MAX_PARAMS])
-    client.log_text(run.info.run_id, launch["source_text"], "config.yaml")
+    client.log_text(run.info.run_id, launch.source_text, "config.yaml")
     return run.info.run_id, experiment_id
 
 
-def _follow_run(client: MlflowClient, launch: Mapping[str, Any]) -> tuple[str, str]:
+def _follow_run(client: MlflowClient, launch: LaunchRequest) -> tuple[str, str]:
     """A rank > 0 of a multi-node job: the run rank 0 opened (found by the job-id tag)."""
-    experiment_name = launch["spec"]["experiment"]
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        if launch.get("run_id"):
-            run = client.get_run(launch["run_id"])
+        if launch.run_id:
+            run = client.get_run(launch.run_id)
             return run.info.run_id, run.info.experiment_id
-        experiment = client.get_experiment_by_name(experiment_name)
+        experiment = client.get_experiment_by_name(launch.spec.experiment)
         if experiment is not None:
-            found = client.search_runs(
-                [experiment.experiment_id],
-                filter_string=f"tags.`jobworker.job_id` = '{launch['job_id']}'",
-                max_results=1,
-            )
-            if found:
-                return found[0].info.run_id, experiment.experiment_id
+            run_id = _find_run(client, experiment.experiment_id, launch.job_id)
+            if run_id is not None:
+                return run_id, experiment.experiment_id
         time.sleep(0.5)
-    raise RuntimeError(f"rank 0 of {launch['job_id']} opened no MLflow run within 300 s")
+    raise RuntimeError(f"rank 0 of {launch.job_id} opened no MLflow run within 300 s")
 
 
-def _record_resume(client: MlflowClient, run_id: str, launch: Mapping[str, Any]) -> None:
+def _record_resume(client: MlflowClient, run_id: str, launch: LaunchRequest) -> None:
     """Tag the run with this attempt and why the job came back (preemption, worker lost)."""
-    attempt = launch["attempt"]
-    tags = {k: v for k, v in launch["tags"].items() if k != "jobworker.queue_wait_s"}
-    tags[f"jobworker.resume.{attempt}"] = launch.get("resume_reason") or "resumed"
-    if launch.get("preemptions"):
-        tags["jobworker.preemptions"] = str(launch["preemptions"])
+    tags = {k: v for k, v in launch.tags.items() if k != "jobworker.queue_wait_s"}
+    tags[f"jobworker.resume.{launch.attempt}"] = launch.resume_reason or "resumed"
+    if launch.preemptions:
+        tags["jobworker.preemptions"] = str(launch.preemptions)
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
 
-def _run_program(ctx: MlflowJobContext, launch: Mapping[str, Any]) -> TrainResult | None:
-    spec = launch["spec"]
-    if spec.get("entrypoint"):
-        module_name, _, attr = spec["entrypoint"].partition(":")
+def _run_program(ctx: MlflowJobContext, spec: TrainingSpec) -> TrainResult | None:
+    if spec.entrypoint:
+        module_name, _, attr = spec.entrypoint.partition(":")
         fn = getattr(importlib.import_module(module_name), attr)
-        result = fn(ctx, dict(spec.get("config", {})))
+        result = fn(ctx, dict(spec.config))
         return result if isinstance(result, TrainResult) else None
-    return train(ctx, TrainParams(**launch["train_params"]))
+    return train(ctx, spec.train_params())
 
 
 def _log_model(
@@ -161,21 +175,22 @@ def _exit_with_parent() -> None:
 
 def main(work_dir: Path) -> int:
     _exit_with_parent()
-    launch = json.loads((work_dir / "launch.json").read_text())
-    spec = launch["spec"]
-    torch.set_num_threads(int(launch["cpus"]))
-    mlflow.set_tracking_uri(launch["tracking_uri"])
-    client = MlflowClient(launch["tracking_uri"])
+    launch = LaunchRequest.model_validate_json((work_dir / "launch.json").read_text())
+    spec = launch.spec
+    cpus = spec.resources.cpus
+    torch.set_num_threads(cpus)
+    mlflow.set_tracking_uri(launch.tracking_uri)
+    client = MlflowClient(launch.tracking_uri)
     result_path = work_dir / "result.json"
-    leader = launch["rank"] == 0
+    leader = launch.leader
     run_id, experiment_id = _open_run(client, launch) if leader else _follow_run(client, launch)
     ctx = MlflowJobContext(
         client=client,
         run_id=run_id,
         experiment_id=experiment_id,
         work_dir=work_dir,
-        gpu_ids=tuple(launch["gpu_indices"]),
-        cpus=int(launch["cpus"]),
+        gpu_ids=launch.node.gpu_indices,
+        cpus=cpus,
         leader=leader,
     )
     if leader:
@@ -189,19 +204,19 @@ def main(work_dir: Path) -> int:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     print(
-        f"jobworker: job {launch['job_id']} attempt {launch['attempt']} run {run_id} "
-        f"gpus={launch['gpu_indices']} cpus={launch['cpus']} "
-        f"rank {launch['rank']} of {launch['world_size']}",
+        f"jobworker: job {launch.job_id} attempt {launch.attempt} run {run_id} "
+        f"gpus={list(launch.node.gpu_indices)} cpus={cpus} "
+        f"rank {launch.rank} of {launch.world_size}",
         flush=True,
     )
     outcome: dict[str, Any] = {"run_id": run_id}
     status = "FINISHED"
     try:
-        result = _run_program(ctx, launch)
+        result = _run_program(ctx, spec)
         if result is not None and leader:
             outcome["metrics"] = result.metrics
             outcome["model_version"] = _log_model(
-                client, result, spec.get("register_as"), spec.get("register_alias")
+                client, result, spec.register_as, spec.register_alias
             )
         outcome["status"] = "succeeded"
     except StopRequested:

@@ -8,7 +8,6 @@ written locally and uploaded as run artifacts, also in the background.
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 import time
@@ -21,6 +20,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from workers.files import write_json_atomic
+from workers.interface.executor import Progress
 
 CHECKPOINT_DIR = "checkpoints"
 _MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
@@ -58,16 +58,12 @@ class MlflowJobContext:
         self._flush_interval_s = flush_interval_s
         self._closed = threading.Event()
         self._last_progress_s = 0.0
-        self._progress: dict[str, Any] = {
-            "run_id": run_id,
-            "experiment_id": experiment_id,
-            "step": None,
-            "metrics": {},
-        }
+        self._progress = Progress(run_id=run_id, experiment_id=experiment_id)
+        self._latest: dict[str, float] = {}  # each metric's latest value
         self._errors: list[str] = []
         self._thread = threading.Thread(target=self._background, name="mlflow-flush", daemon=True)
         self._thread.start()
-        write_json_atomic(self._work_dir / "progress.json", self._progress)
+        self._write_progress()
 
     # -- JobContext -------------------------------------------------------------------
     @property
@@ -91,9 +87,15 @@ class MlflowJobContext:
                 Metric(key=k, value=float(v), timestamp=now_ms, step=step)
                 for k, v in metrics.items()
             )
-            self._progress["step"] = step
-            self._progress["metrics"].update({k: float(v) for k, v in metrics.items()})
-            self._progress.setdefault("first_step_at", now_ms / 1000)
+            self._latest.update({k: float(v) for k, v in metrics.items()})
+            first = self._progress.first_step_at
+            self._progress = self._progress.model_copy(
+                update={
+                    "step": step,
+                    "metrics": dict(self._latest),
+                    "first_step_at": now_ms / 1000 if first is None else first,
+                }
+            )
         if now_ms / 1000 - self._last_progress_s > 0.25:
             self._write_progress()
 
@@ -140,9 +142,9 @@ class MlflowJobContext:
 
     def _write_progress(self) -> None:
         with self._lock:
-            snapshot = json.loads(json.dumps(self._progress))
+            progress = self._progress
         self._last_progress_s = time.time()
-        write_json_atomic(self._work_dir / "progress.json", snapshot)
+        write_json_atomic(self._work_dir / "progress.json", progress.model_dump(mode="json"))
 
     def _background(self) -> None:
         while not self._closed.wait(self._flush_interval_s):

@@ -14,8 +14,8 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from workers.errors import ModelUnavailable
-from workers.replicas import ResolvedModel
+from workers.interface.errors import ModelUnavailable
+from workers.interface.replicas import ResolvedModel
 
 
 @dataclass(frozen=True)

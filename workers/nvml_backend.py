@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from workers.errors import GpuLost, NvmlUnavailable
-from workers.telemetry import GpuProcess, GpuReading, GpuUuid
+from workers.interface.errors import GpuLost, NvmlUnavailable
+from workers.interface.telemetry import GpuProcess, GpuReading, GpuUuid
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class _Device:
 
 
 class NvmlBackend:
-    """GPU readings from NVML. Implements :class:`workers.telemetry.GpuBackend`.
+    """GPU readings from NVML. Implements :class:`workers.interface.telemetry.GpuBackend`.
 
     ``nvml`` is the ``pynvml`` module, or a fake with the same functions in
     tests; by default the real one is imported (``NvmlUnavailable`` if absent).

@@ -20,8 +20,8 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from workers.interface.telemetry import GIB, GpuBackend, NodeId, NodeReading
 from workers.sim_backend import SimClusterSpec, SimNodeSpec, select_backend
-from workers.telemetry import GpuBackend, NodeId, NodeReading
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class NodeAgent:
 
 
 class RayCluster:
-    """The :class:`~scheduler.loop.ClusterSource` on Ray.
+    """The :class:`~scheduler.batch.loop.ClusterSource` on Ray.
 
     Example::
 
@@ -140,7 +140,7 @@ class RayCluster:
             resources = node["Resources"]
             hostname = sim.name if sim else node.get("NodeManagerHostname", socket.gethostname())
             cpus = sim.cpus if sim else int(resources.get("CPU", 1))
-            memory = int(sim.memory_gb * 2**30) if sim else int(resources.get("memory", 0))
+            memory = int(sim.memory_gb * GIB) if sim else int(resources.get("memory", 0))
             self._agents[node_id] = NodeAgent.options(  # type: ignore[attr-defined]
                 name=f"{_AGENT_PREFIX}{node_id}",
                 namespace=self._namespace,

@@ -1,17 +1,30 @@
-"""The :class:`~workers.executor.Executor` on Ray: one training worker actor per attempt.
+"""The :class:`~workers.interface.executor.Executor` on Ray: one training worker actor per attempt.
 
-Each actor is pinned to the node the scheduler chose with a hard node-affinity
-strategy; it reserves no Ray CPUs or GPUs, because the scheduler, not Ray's
-logical counts, owns the assignment. A multi-node job has one actor per node
-(``jobworker-train-<job>`` for rank 0, ``…-<job>.r<k>`` for rank k), polled,
-stopped and released together.
+Both halves live here: :class:`RayExecutor` in the control plane, and the
+:class:`TrainingWorker` actor it starts on a node. Each actor is pinned to the
+node the scheduler chose with a hard node-affinity strategy; it reserves no Ray
+CPUs or GPUs, because the scheduler, not Ray's logical counts, owns the
+assignment. A multi-node job has one actor per node (``jobworker-train-<job>``
+for rank 0, ``…-<job>.r<k>`` for rank k), polled, stopped and released together.
+
+The actor runs the job as a child process (``workers.job_runner``) so that the
+job sees exactly the GPUs it was given (``CUDA_VISIBLE_DEVICES`` set from the
+scheduler's decision, not Ray's GPU accounting), uses only its CPU threads, has
+its output captured to a log file, and can be stopped for real: a terminated
+process frees its memory, a Python thread would not.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,8 +33,15 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from workers.executor import LaunchRequest, WorkerPhase, WorkerReport, combine_ranks
-from workers.ray_training_worker import TrainingWorker
+from workers.interface.executor import (
+    LaunchRequest,
+    Progress,
+    WorkerPhase,
+    WorkerReport,
+    combine_ranks,
+)
+from workers.pinning import pinned_env
+from workers.sim_backend import remove_usage, write_usage
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +52,138 @@ _RANK_SEP = ".r"
 def worker_key(job_id: str, rank: int) -> str:
     """The name suffix of a job's worker actor of ``rank`` (rank 0: the job id itself)."""
     return job_id if rank == 0 else f"{job_id}{_RANK_SEP}{rank}"
+
+
+_LOG_CHUNK_BYTES = 1 << 20
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return data
+
+
+@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=4)  # type: ignore[call-overload]
+class TrainingWorker:
+    """Runs one job attempt; polled by the executor, stopped on request."""
+
+    def __init__(self, launch: LaunchRequest, work_dir: str) -> None:
+        self._launch = launch
+        self._work_dir = Path(work_dir)
+        self._work_dir.mkdir(parents=True, exist_ok=True)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stop_timer: threading.Timer | None = None
+        self._log_sent = 0
+
+    def start(self) -> int:
+        """Start the job process; returns its pid."""
+        launch = self._launch
+        (self._work_dir / "launch.json").write_text(launch.model_dump_json())
+        env = dict(os.environ)
+        env.update(
+            pinned_env(launch.node.gpu_indices, launch.spec.resources.cpus),
+            PYTHONUNBUFFERED="1",
+            JOBWORKER_JOB_ID=launch.job_id,
+            # Where Ray really put this actor: lets a job (and the tests) check the pinning.
+            JOBWORKER_RAY_NODE_ID=ray.get_runtime_context().get_node_id(),
+        )
+        if launch.world_size > 1:  # a gang: torch.distributed's rendezvous (jobs/distributed.py)
+            rank, world = str(launch.rank), str(launch.world_size)
+            env.update(
+                JOBWORKER_RANK=rank,
+                JOBWORKER_WORLD_SIZE=world,
+                RANK=rank,
+                WORLD_SIZE=world,
+                LOCAL_RANK="0",
+                MASTER_ADDR=str(launch.master_addr),
+                MASTER_PORT=str(launch.master_port),
+            )
+        if launch.python_path:
+            env["PYTHONPATH"] = os.pathsep.join(
+                [*launch.python_path, env.get("PYTHONPATH", "")]
+            ).rstrip(os.pathsep)
+        log = open(self._work_dir / "output.log", "ab")  # noqa: SIM115 - the child owns it
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "workers.job_runner", str(self._work_dir)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=self._work_dir,
+            start_new_session=True,
+        )
+        log.close()
+        if launch.simulated_usage_dir and launch.node.gpu_indices:
+            write_usage(
+                Path(launch.simulated_usage_dir),
+                launch.job_id,
+                self._proc.pid,
+                list(launch.node.gpu_indices),
+                launch.spec.resources.gpu_memory_bytes,
+            )
+        return self._proc.pid
+
+    def poll(self, log_offset: int | None = None) -> dict[str, Any]:
+        """State, progress, and log output from byte ``log_offset`` on.
+
+        Without an offset (a restarted scheduler re-attaching), from where the
+        previous poll's output ended, so that no log line is copied twice.
+        """
+        if log_offset is None:
+            log_offset = self._log_sent
+        proc = self._proc
+        code = proc.poll() if proc else None
+        logs = b""
+        try:
+            with open(self._work_dir / "output.log", "rb") as fh:
+                fh.seek(log_offset)
+                logs = fh.read(_LOG_CHUNK_BYTES)
+        except FileNotFoundError:
+            pass
+        report: dict[str, Any] = {
+            "pid": proc.pid if proc else None,
+            "exit_code": code,
+            "logs": logs.decode("utf-8", "replace"),
+            "log_bytes": len(logs),
+            "log_offset": log_offset,
+            "progress": _read_json(self._work_dir / "progress.json"),
+            "result": None,
+        }
+        self._log_sent = log_offset + len(logs)
+        if code is not None:
+            if self._stop_timer:
+                self._stop_timer.cancel()
+            report["result"] = _read_json(self._work_dir / "result.json")
+            self._release_usage()
+        return report
+
+    def stop(self, grace_s: float) -> None:
+        """SIGTERM now (the job checkpoints and stops), SIGKILL after ``grace_s``."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        _signal_group(proc.pid, signal.SIGTERM)
+        self._stop_timer = threading.Timer(grace_s, _signal_group, (proc.pid, signal.SIGKILL))
+        self._stop_timer.daemon = True
+        self._stop_timer.start()
+
+    def kill(self) -> None:
+        """Kill the job process at once (the actor is going away)."""
+        if self._proc is not None and self._proc.poll() is None:
+            _signal_group(self._proc.pid, signal.SIGKILL)
+            self._proc.wait()
+        self._release_usage()
+
+    def _release_usage(self) -> None:
+        if self._launch.simulated_usage_dir:
+            remove_usage(Path(self._launch.simulated_usage_dir), self._launch.job_id)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)
 
 
 class RayExecutor:
@@ -59,15 +211,15 @@ class RayExecutor:
         if request.world_size > 1:
             work_dir = work_dir / f"rank-{request.rank}"
         self._world[request.job_id] = request.world_size
-        launch = dataclasses.asdict(request)
         if request.master_node_id is not None:
-            launch["master_addr"] = self._node_address(request.master_node_id)
+            address = self._node_address(request.master_node_id)
+            request = request.model_copy(update={"master_addr": address})
         actor = TrainingWorker.options(  # type: ignore[attr-defined]
             name=f"{_ACTOR_PREFIX}{key}",
             namespace=self._namespace,
             lifetime="detached",
-            scheduling_strategy=NodeAffinitySchedulingStrategy(request.node_id, soft=False),
-        ).remote(launch, str(work_dir))
+            scheduling_strategy=NodeAffinitySchedulingStrategy(request.node.node_id, soft=False),
+        ).remote(request, str(work_dir))
         self._actors[key] = actor
         self._log_offsets[key] = 0
         self._starts[key] = actor.start.remote()
@@ -127,13 +279,13 @@ class RayExecutor:
             self._forget(job_id)
             return WorkerReport(job_id, WorkerPhase.FAILED, error=f"could not start: {exc}")
         self._log_offsets[job_id] = raw["log_offset"] + raw["log_bytes"]
-        progress = raw["progress"] or {}
+        progress = Progress.model_validate(raw["progress"]) if raw["progress"] else None
         result = raw["result"]
         common: dict[str, Any] = {
             "logs": raw["logs"],
-            "progress": progress if progress.get("step") is not None else None,
+            "progress": progress if progress and progress.step is not None else None,
             "pid": raw["pid"],
-            "run_id": progress.get("run_id"),
+            "run_id": progress.run_id if progress else None,
         }
         if raw["pid"] is None:
             return WorkerReport(job_id, WorkerPhase.STARTING, **common)

@@ -35,13 +35,12 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from workers.errors import ClusterConfigError, NvmlUnavailable
+from workers.interface.errors import ClusterConfigError, NvmlUnavailable
+from workers.interface.telemetry import GIB, GpuBackend, GpuProcess, GpuReading, GpuUuid
 from workers.nvml_backend import NvmlBackend
-from workers.telemetry import GpuBackend, GpuProcess, GpuReading, GpuUuid
 
 logger = logging.getLogger(__name__)
 
-BYTES_PER_GB = 1 << 30
 JOB_UTIL_INCREMENT_PCT = 30.0
 """GPU utilization each live job adds to a simulated GPU (on top of its background)."""
 
@@ -303,7 +302,7 @@ def sim_gpu_uuid(node_name: str, index: int, node_seed: str = "") -> GpuUuid:
 
 
 class SimulatedBackend:
-    """GPU readings for a node's declared GPUs. Implements :class:`workers.telemetry.GpuBackend`.
+    """GPU readings for a node's declared GPUs; a :class:`~workers.interface.telemetry.GpuBackend`.
 
     UUIDs are deterministic (``GPU-sim-<uuid5(node_seed:node:index)>``), so a
     restarted agent reports the same GPUs. Memory used = external + what live
@@ -356,8 +355,8 @@ class SimulatedBackend:
 
     def _reading(self, index: int, by_pid: dict[int, int], job_count: int) -> GpuReading:
         gpu_uuid, spec = self._gpus[index]
-        total = int(spec.memory_gb * BYTES_PER_GB)
-        wanted = int(spec.external_memory_gb * BYTES_PER_GB) + sum(by_pid.values())
+        total = int(spec.memory_gb * GIB)
+        wanted = int(spec.external_memory_gb * GIB) + sum(by_pid.values())
         if wanted > total:
             # Real hardware would have refused the allocation; the scheduler over-committed.
             self._warn_once(
@@ -407,7 +406,7 @@ def simulated_backend_for(
 def _gpuless_local_node() -> SimNodeSpec:
     """This machine as a node without GPUs, for ``auto`` with no cluster config."""
     try:
-        memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / BYTES_PER_GB
+        memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
     except (ValueError, OSError, AttributeError):  # not a POSIX system
         memory_gb = 1.0
     return SimNodeSpec(

@@ -14,7 +14,7 @@ import httpx
 import ray
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_until
 from tests.integration.conftest import entrypoint_yaml, free_port
 
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
@@ -49,16 +49,14 @@ def _up(home: Path, port: int, address: str) -> subprocess.Popen[bytes]:
 
 
 def _wait_up(http: httpx.Client, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    def answers() -> bool:
         assert proc.poll() is None, "jobworker up exited"
         try:
-            if http.get("/healthz").status_code == 200:
-                return
+            return http.get("/healthz").status_code == 200
         except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError("jobworker up did not answer")
+            return False
+
+    wait_until(answers, "jobworker up answers /healthz", 120, every_s=0.3)
 
 
 def _jobs(http: httpx.Client) -> dict[str, dict[str, Any]]:
@@ -86,17 +84,16 @@ def test_sigkill_mid_run_then_restart_leaves_every_job_terminal_once(
             r = http.post("/jobs", content=text, headers={"content-type": "application/yaml"})
             assert r.status_code == 201, r.text
             ids.append(r.json()["id"])
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            jobs = _jobs(http)
+
+        def two_running() -> list[dict[str, Any]] | None:
             running = [
-                j for j in jobs.values()
+                j for j in _jobs(http).values()
                 if j["state"] == "RUNNING" and ((j["progress"] or {}).get("step") or 0) >= 8
             ]  # fmt: skip
-            if len(running) == 2:
-                break
-            time.sleep(0.3)
-        assert len(running) == 2, jobs
+            return running if len(running) == 2 else None
+
+        running = wait_until(two_running, "two jobs running past step 8", 120, every_s=0.3)
+        jobs = _jobs(http)
         queued = [i for i in ids if jobs[i]["state"] == "PENDING"]
         assert len(queued) == 1
 
@@ -105,12 +102,13 @@ def test_sigkill_mid_run_then_restart_leaves_every_job_terminal_once(
         second = _up(home, port, address)
         _wait_up(http, second)
 
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            jobs = _jobs(http)
-            if all(jobs[i]["state"] in TERMINAL for i in ids):
-                break
-            time.sleep(0.5)
+        wait_until(
+            lambda: all(j["state"] in TERMINAL for j in _jobs(http).values()),
+            "every job ends",
+            240,
+            every_s=0.5,
+        )
+        jobs = _jobs(http)
         assert all(jobs[i]["state"] == "SUCCEEDED" for i in ids), jobs
         mlflow = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
         for job_id in ids:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.unit.gpu_backend_helpers import assert_reading_contract
-from workers.errors import NvmlUnavailable
+from workers.interface.errors import NvmlUnavailable
 from workers.nvml_backend import NvmlBackend
 from workers.sim_backend import select_backend
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,10 +15,10 @@ import pytest
 import uvicorn
 from mlflow.tracking import MlflowClient
 
-from scheduler.states import JobState
-from scheduler.store import JobRecord
+from scheduler.batch.store import JobRecord
+from scheduler.core.states import JobState
 from scheduler.wiring import ControlPlane, Settings, build
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_until
 
 TRAIN_YAML = """
 name: {name}
@@ -69,13 +68,16 @@ class Api:
     namespace: str
 
     def wait_for(self, job_id: str, states: set[JobState], timeout_s: float = 120.0) -> JobRecord:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        """The job once it is in one of ``states``."""
+
+        def reached() -> JobRecord | None:
             job = self.plane.store.get(job_id)
-            if job.state in states:
-                return job
-            time.sleep(0.2)
-        raise AssertionError(f"{job_id} still {self.plane.store.get(job_id).state}")
+            return job if job.state in states else None
+
+        try:
+            return wait_until(reached, f"{job_id} in {sorted(states)}", timeout_s, every_s=0.2)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: it is {self.plane.store.get(job_id).state}") from None
 
     def mlflow(self) -> MlflowClient:
         return MlflowClient(self.tracking_uri)
@@ -87,8 +89,11 @@ def serve(plane: ControlPlane) -> tuple[uvicorn.Server, threading.Thread, str]:
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    while not server.started:
-        time.sleep(0.05)
+    wait_until(
+        lambda: server.started or not thread.is_alive(), f"uvicorn starts on port {port}", 30
+    )
+    if not server.started:
+        raise RuntimeError(f"uvicorn exited before serving on port {port}")
     return server, thread, f"http://127.0.0.1:{port}"
 
 

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 from mlflow.models import infer_signature
 
+from tests.conftest import wait_until
 from tests.integration.conftest import Api
 
 DIM = 64
@@ -58,15 +58,18 @@ def wait_deployment(
 ) -> dict[str, Any]:
     """Poll until ``check(deployment)`` holds (default: READY); fail on FAILED."""
     check = check or (lambda d: d["state"] == "READY")
-    deadline = time.monotonic() + timeout_s
-    dep: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        dep = api.http.get(f"/deployments/{name}").json()
+    last: dict[str, Any] = {}
+
+    def there() -> dict[str, Any] | None:
+        dep: dict[str, Any] = api.http.get(f"/deployments/{name}").json()
         assert dep["state"] != "FAILED", dep
-        if check(dep):
-            return dep
-        time.sleep(0.3)
-    raise AssertionError(f"deployment {name} never got there: {json.dumps(dep)[:2000]}")
+        last.update(dep)
+        return dep if check(dep) else None
+
+    try:
+        return wait_until(there, f"deployment {name}", timeout_s, every_s=0.3)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last seen: {json.dumps(last)[:2000]}") from None
 
 
 def rows(n: int, seed: int = 0) -> list[list[float]]:
@@ -94,6 +97,10 @@ class Traffic:
             while not self._stop.is_set():
                 r = http.post(f"/v1/models/{self.name}/predict", json=body)
                 self.results.append((r.status_code, r.headers.get("x-model-version"), r.text))
+
+    def count(self, version: str) -> int:
+        """Answers so far from model ``version``."""
+        return sum(1 for _, v, _ in list(self.results) if v == version)
 
     def stop(self) -> list[tuple[int, str | None, str]]:
         self._stop.set()

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import ray
 import torch
 from typer.testing import CliRunner
 
-from scheduler.cli import app as cli
-from scheduler.states import JobState
+from scheduler.cli.main import app as cli
+from scheduler.core.states import JobState
+from tests.conftest import wait_until
 from tests.integration.conftest import Api, entrypoint_yaml
 from tests.integration.serving_helpers import deploy, deploy_yaml, log_model, wait_deployment
 
@@ -22,14 +22,16 @@ def _submit(api: Api, text: str) -> str:
 
 
 def _wait_step(api: Api, job_id: str, step: int, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def reached() -> bool:
         job = api.plane.store.get(job_id)
-        if job.state is JobState.RUNNING and (job.progress or {}).get("step", 0) >= step:
-            return
         assert not job.terminal, (job.state, job.error)
-        time.sleep(0.2)
-    raise AssertionError(f"{job_id} never reached step {step}")
+        return (
+            job.state is JobState.RUNNING and (job.progress.step or 0) >= step
+            if job.progress
+            else False
+        )
+
+    wait_until(reached, f"{job_id} reaches step {step}", timeout_s, every_s=0.2)
 
 
 def _counted(api: Api, run_id: str) -> list[int]:
@@ -63,6 +65,7 @@ def test_deployment_preempts_lowest_priority_job_which_resumes_in_the_same_run(
     assert "real-time replica" in next(
         e.reason for e in api.plane.store.history(low) if e.to_state is JobState.PREEMPTED
     )
+    assert preempted.attained_gpu_s > 0 and preempted.queued_at > preempted.submitted_at
     stopped_at = max(_counted(api, str(preempted.run_id)))
     assert api.plane.store.get(high).state is JobState.RUNNING  # the higher priority job runs on
     wait_deployment(api, "big")
@@ -125,14 +128,13 @@ def test_queue_shows_the_order_and_reasons_and_jobs_start_in_it(make_api: Any) -
     high = _submit(
         api, entrypoint_yaml("urgent", "explode", gpus=1, gpu_memory_gb=30) + "priority: 5\n"
     )
-    deadline = time.monotonic() + 30
-    queue: list[dict[str, Any]] = []
-    while time.monotonic() < deadline:
-        queue = api.http.get("/queue").json()
-        if [e["job_id"] for e in queue] == [high, low] and all(e["reasons"] for e in queue):
-            break
-        time.sleep(0.2)
-    assert [e["job_id"] for e in queue] == [high, low], queue
+
+    def ordered() -> list[dict[str, Any]] | None:
+        queue: list[dict[str, Any]] = api.http.get("/queue").json()
+        ids = [e["job_id"] for e in queue]
+        return queue if ids == [high, low] and all(e["reasons"] for e in queue) else None
+
+    queue = wait_until(ordered, f"the queue shows {high} then {low}, with reasons", 30)
     assert [e["position"] for e in queue] == [1, 2]
     assert all("GiB" in " ".join(e["reasons"]) or "GPU" in " ".join(e["reasons"]) for e in queue)
     shown = CliRunner().invoke(cli, ["queue", "--api", str(api.http.base_url)])

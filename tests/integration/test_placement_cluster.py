@@ -9,25 +9,23 @@ runs on and its CUDA_VISIBLE_DEVICES.
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable
 
-from scheduler.states import JobState
+from scheduler.core.states import JobState
+from tests.conftest import wait_until
 from tests.integration.conftest import Api, entrypoint_yaml
 
 DONE = {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
 
 
 def seen_from_inside(api: Api, job_id: str) -> tuple[str, str]:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    def reported() -> tuple[str, str] | None:
         logs = api.http.get(f"/jobs/{job_id}/logs").json()["text"]
         node = re.search(r"ray_node_id=(\S+)", logs)
         gpus = re.search(r"cuda_visible_devices=(\S*)", logs)
-        if node and gpus:
-            return node.group(1), gpus.group(1)
-        time.sleep(0.2)
-    raise AssertionError(f"{job_id} never reported its environment")
+        return (node.group(1), gpus.group(1)) if node and gpus else None
+
+    return wait_until(reported, f"{job_id} reports its environment", 120, every_s=0.2)
 
 
 def test_jobs_land_where_the_policy_predicts(make_api: Callable[..., Api]) -> None:
@@ -59,7 +57,7 @@ def test_jobs_land_where_the_policy_predicts(make_api: Callable[..., Api]) -> No
         assert node_id == nodes[hostname]["node_id"], job_id
         assert visible == gpus, job_id
         assignment = api.plane.store.get(job_id).assignment
-        assert assignment is not None and assignment["hostname"] == hostname
+        assert assignment is not None and assignment.leader.hostname == hostname
 
     # The big job waits while the gang holds node-a, with a reason for every node.
     pending = api.http.get(f"/jobs/{waits}").json()
@@ -90,10 +88,7 @@ def test_job_too_big_for_any_node_stays_pending_with_reasons(make_api: Callable[
     api = make_api(cluster="two_nodes_sim.yaml")
     text = entrypoint_yaml("huge", "report_and_hold", gpus=4, gpu_memory_gb=70)
     job_id = api.http.post("/jobs", content=text).json()["id"]
-    deadline = time.monotonic() + 30
-    while not api.plane.store.get(job_id).pending_reasons:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_until(lambda: api.plane.store.get(job_id).pending_reasons, f"{job_id} has reasons")
     body = api.http.get(f"/jobs/{job_id}").json()
     assert body["state"] == "PENDING"
     reasons = body["pending_reasons"]
@@ -118,18 +113,18 @@ def test_multi_node_gang_runs_one_rank_per_chosen_node(make_api: Callable[..., A
     logs = api.http.get(f"/jobs/{job_id}/logs").json()["text"]
     assert done.state is JobState.SUCCEEDED, (done.error, logs[-3000:])
 
-    placed = done.assignment["nodes"] if done.assignment else []
-    hostnames = {n["hostname"] for n in placed}
+    placed = done.assignment.nodes if done.assignment else ()
+    hostnames = {n.hostname for n in placed}
     assert hostnames == {"node-a", "node-b"}  # all-or-nothing on two distinct nodes
     for rank, node in enumerate(placed):
         prefix = "" if rank == 0 else f"[rank {rank}] "
         seen_node = re.search(rf"^{re.escape(prefix)}ray_node_id=(\S+)", logs, re.M)
         seen_gpus = re.search(rf"^{re.escape(prefix)}cuda_visible_devices=(\S*)", logs, re.M)
-        assert seen_node and seen_node.group(1) == node["node_id"], (rank, logs[-2000:])
-        assert seen_gpus and seen_gpus.group(1) == ",".join(map(str, node["gpu_indices"]))
+        assert seen_node and seen_node.group(1) == node.node_id, (rank, logs[-2000:])
+        assert seen_gpus and seen_gpus.group(1) == ",".join(map(str, node.gpu_indices))
         assert re.search(rf"^{re.escape(prefix)}rank={rank} world=2 allreduce=3$", logs, re.M)
     run = api.mlflow().get_run(str(done.run_id))
-    assert run.data.tags["jobworker.nodes"] == ",".join(n["hostname"] for n in placed)
+    assert run.data.tags["jobworker.nodes"] == ",".join(n.hostname for n in placed)
     assert len(api.mlflow().get_metric_history(run.info.run_id, "allreduce")) == 1  # rank 0 only
 
 

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import time
 from typing import Any
 
 import mlflow
 import numpy as np
-import psutil
 import ray
 import torch
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from scheduler.cli import app as cli
-from scheduler.states import JobState
+from scheduler.cli.main import app as cli
+from scheduler.core.states import JobState
+from tests.conftest import wait_until
 from tests.integration.conftest import TRAIN_YAML, Api
 from tests.integration.serving_helpers import (
     Traffic,
@@ -27,6 +25,7 @@ from tests.integration.serving_helpers import (
     wait_deployment,
 )
 from tests.integration.user_code import SlowModel
+from workers.interface.telemetry import GIB
 from workers.ray_replicas import ACTOR_PREFIX
 
 
@@ -75,13 +74,10 @@ def test_train_deploy_predict_then_alias_move_rolls_without_failures(make_api: A
     torch.manual_seed(7)
     v2 = log_model(api.tracking_uri, "rt-mlp", torch.nn.Sequential(torch.nn.Linear(64, 10)))
     traffic = Traffic(api, "rt-mlp").start()
-    time.sleep(1.0)
+    wait_until(lambda: traffic.count("1") >= 20, "20 answers from version 1")
     MlflowClient(api.tracking_uri).set_registered_model_alias("rt-mlp", "champion", v2)
     wait_deployment(api, "rt-mlp", lambda d: d["model_version"] == v2 and d["state"] == "READY")
-    deadline = time.monotonic() + 60
-    while not any(v == v2 for _, v, _ in traffic.results) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.0)
+    wait_until(lambda: traffic.count(v2) >= 20, f"20 answers from version {v2}")
     results = traffic.stop()
 
     assert [(s, b) for s, _, b in results if s != 200] == [], "a request failed in the switch"
@@ -144,10 +140,7 @@ def test_cli_deploy_predict_undeploy(make_api: Any, tmp_path: Any) -> None:
         }
 
     def eventually(check: Any) -> None:
-        deadline = time.monotonic() + 30
-        while not check(used_bytes()):
-            assert time.monotonic() < deadline, used_bytes()
-            time.sleep(0.3)
+        wait_until(lambda: check(used_bytes()), "the GPU's memory in /cluster", 30, every_s=0.3)
 
     baseline = used_bytes()
     result = runner.invoke(cli, ["deploy", str(config), "--api", url])
@@ -158,7 +151,7 @@ def test_cli_deploy_predict_undeploy(make_api: Any, tmp_path: Any) -> None:
     assert len(replica["gpu_indices"]) == 1, "a replica asking for GPU memory gets one GPU"
     gpu = (replica["node"], replica["gpu_indices"][0])
     # The replica's memory shows in the (simulated) telemetry of its GPU, then goes.
-    eventually(lambda used: used[gpu] >= baseline[gpu] + 2 * 2**30)
+    eventually(lambda used: used[gpu] >= baseline[gpu] + 2 * GIB)
 
     listed = runner.invoke(cli, ["deployments", "--api", url])
     assert listed.exit_code == 0 and "cli-mlp" in listed.output
@@ -178,7 +171,11 @@ def test_cli_deploy_predict_undeploy(make_api: Any, tmp_path: Any) -> None:
     assert missing.exit_code == 2 and "no deployment named 'cli-mlp'" in missing.output
 
 
-def test_overload_sheds_with_429_and_keeps_the_admitted_p99(make_api: Any) -> None:
+def test_overload_sheds_with_429_and_retry_after(make_api: Any) -> None:
+    """Three times its capacity: answered 200 or 429 (each with Retry-After), nothing else.
+
+    How fast the admitted requests are (against the SLO) and what the API's memory does
+    under it is measured by ``bench/overload.py``, not asserted here."""
     api: Api = make_api()
     log_model(api.tracking_uri, "slow", SlowModel(delay_s=0.02), pickle=True)
     slo_ms = 500
@@ -194,22 +191,15 @@ def test_overload_sheds_with_429_and_keeps_the_admitted_p99(make_api: Any) -> No
         ),
     )
     wait_deployment(api, "slow")
-    me = psutil.Process(os.getpid())
-    rss_before = me.memory_info().rss
     # The replica answers ~4 rows per 20 ms (about 200/s). Offer 600/s.
     url = f"{api.http.base_url}/v1/models/slow/predict"
     report = open_loop(url, rate=600, duration_s=8)
-    rss_growth = me.memory_info().rss - rss_before
 
     statuses = report["statuses"]
     assert report["error_count"] == 0, report["errors"]  # no hang, no reset
     assert set(statuses) <= {"200", "429"}, statuses
     assert statuses.get("429", 0) > 0 and statuses.get("200", 0) > 0
     assert report["missing_retry_after"] == 0
-    admitted = sorted(report["latencies_ms"])
-    p99 = admitted[int(0.99 * (len(admitted) - 1))]
-    assert p99 <= slo_ms, f"admitted p99 {p99:.0f} ms over the {slo_ms} ms target"
-    assert rss_growth < 200 * 2**20, f"the API grew by {rss_growth / 2**20:.0f} MiB"
     metrics = api.http.get("/metrics").text
     assert 'jobworker_requests_shed_total{model="slow",reason="slo"}' in metrics
     assert 'jobworker_request_latency_seconds_count{model="slow"}' in metrics
@@ -259,7 +249,7 @@ def test_killed_replica_is_replaced_and_only_documented_503s_are_seen(make_api: 
     before = {r["id"] for r in dep["replicas"]}
     victim = sorted(before)[0]
     traffic = Traffic(api, "kill-mlp").start()
-    time.sleep(1.0)
+    wait_until(lambda: len(traffic.results) >= 20, "20 answers before the kill")
     ray.kill(ray.get_actor(f"{ACTOR_PREFIX}{victim}", namespace=api.namespace))
     dep = wait_deployment(
         api,
@@ -271,7 +261,7 @@ def test_killed_replica_is_replaced_and_only_documented_503s_are_seen(make_api: 
         timeout_s=120,
     )
     n_at_recovery = len(traffic.results)
-    time.sleep(1.0)
+    wait_until(lambda: len(traffic.results) >= n_at_recovery + 20, "20 answers after recovery")
     results = traffic.stop()
 
     after = {r["id"] for r in dep["replicas"]}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +10,8 @@ import mlflow.pytorch
 import pytest
 import torch
 
-from scheduler.states import JobState
-from tests.conftest import REPO
+from scheduler.core.states import JobState
+from tests.conftest import REPO, wait_until
 from tests.integration.conftest import TRAIN_YAML, Api, entrypoint_yaml
 
 DONE = {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
@@ -57,7 +56,7 @@ def test_submit_runs_to_success_with_metrics_artifacts_and_registered_model(api:
     ]
     assert body["progress"]["step"] == 30
     # `pack` takes the tightest fit: GPU 1 (32 GB free: 8 GB held outside) before GPU 0 (40).
-    assert body["assignment"]["gpu_indices"] == [1]
+    assert [n["gpu_indices"] for n in body["assignment"]["nodes"]] == [[1]]
 
     client = api.mlflow()
     run = client.get_run(body["run_id"])
@@ -70,9 +69,8 @@ def test_submit_runs_to_success_with_metrics_artifacts_and_registered_model(api:
     assert tags["jobworker.job_id"] == job_id
     assert tags["jobworker.node"] == "local"
     assert tags["jobworker.gpu_ids"] == "1"
-    assert tags["jobworker.gpu_uuids"] == body["assignment"]["gpu_uuids"][0]
+    assert tags["jobworker.gpu_uuids"] == body["assignment"]["nodes"][0]["gpu_uuids"][0]
     assert float(tags["jobworker.queue_wait_s"]) >= 0
-    assert any(k.startswith("system/") for k in run.data.metrics), "no system metrics"
     config = client.download_artifacts(run.info.run_id, "config.yaml", str(api.home))
     assert Path(config).read_text() == text
     checkpoints = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
@@ -85,6 +83,16 @@ def test_submit_runs_to_success_with_metrics_artifacts_and_registered_model(api:
     assert model(torch.zeros(3, 64)).shape == (3, 10)
     info = mlflow.models.get_model_info(f"models:/mlp-it/{body['model_version']}")
     assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 64)
+
+
+def test_the_run_records_system_metrics(api: Api) -> None:
+    """MLflow's system-metrics monitor samples every 2 s: the job runs until its run shows one."""
+    job_id = submit(api, entrypoint_yaml("sysmetrics", "hold_until_system_metrics"))
+    job = api.wait_for(job_id, DONE)
+    assert job.state is JobState.SUCCEEDED, job.error
+    assert job.run_id is not None
+    metrics = api.mlflow().get_run(job.run_id).data.metrics
+    assert any(k.startswith("system/") for k in metrics), sorted(metrics)
 
 
 @pytest.mark.parametrize(
@@ -116,7 +124,8 @@ def test_job_uses_exactly_its_cpu_threads_and_gpus(api: Api) -> None:
     logs = api.http.get(f"/jobs/{job_id}/logs").json()["text"]
     assert "torch_threads=2" in logs
     assert "omp_threads=2" in logs
-    gpu = job.assignment["gpu_indices"][0] if job.assignment else None
+    assert job.assignment is not None
+    gpu = job.assignment.leader.gpu_indices[0]
     assert f"cuda_visible_devices={gpu}" in logs
     assert f"ctx_gpu_ids={gpu}" in logs
 
@@ -124,21 +133,20 @@ def test_job_uses_exactly_its_cpu_threads_and_gpus(api: Api) -> None:
 @pytest.mark.parametrize("fn", ["run_until_stopped", "ignore_stop"])
 def test_cancel_running_job_stops_it_and_frees_its_gpu(api: Api, fn: str) -> None:
     job_id = submit(api, entrypoint_yaml(f"cancel-{fn}".replace("_", "-"), fn, gpus=1))
-    job = api.wait_for(job_id, {JobState.RUNNING})
-    # Wait until the job process itself reports progress, then cancel it.
-    deadline = time.monotonic() + 60
-    while not (api.plane.store.get(job_id).progress or {}).get("step"):
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    pid = api.plane.store.get(job_id).assignment["pid"]  # type: ignore[index]
-    gpu = job.assignment["gpu_indices"][0]  # type: ignore[index]
+    api.wait_for(job_id, {JobState.RUNNING})
+    # Wait until the job process itself reports progress (and its pid is known), then cancel.
+    job = wait_until(
+        lambda: (j := api.plane.store.get(job_id)).progress and j.progress.step and j,
+        f"{job_id} reports a step",
+    )
+    assert job.assignment is not None
+    pid, gpu = job.assignment.leader.pid, job.assignment.leader.gpu_indices[0]
+    assert pid is not None
     assert local_gpus(api)[gpu]["jobs"] == [job_id]
 
-    started = time.monotonic()
     assert api.http.post(f"/jobs/{job_id}/cancel").status_code == 200
-    job = api.wait_for(job_id, DONE, timeout_s=30)
+    job = api.wait_for(job_id, DONE)
     assert job.state is JobState.CANCELLED
-    assert time.monotonic() - started < 15  # stop grace is 5 s
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert job_id not in api.plane.executor.active()
@@ -150,10 +158,7 @@ def test_cancel_running_job_stops_it_and_frees_its_gpu(api: Api, fn: str) -> Non
 def test_cancel_pending_job_never_runs(api: Api) -> None:
     too_big = train_yaml(name="too-big", gpus=1).replace("gpu_memory_gb: 2", "gpu_memory_gb: 500")
     job_id = submit(api, too_big)
-    deadline = time.monotonic() + 30
-    while not api.plane.store.get(job_id).pending_reasons:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_until(lambda: api.plane.store.get(job_id).pending_reasons, f"{job_id} has reasons")
     reasons = api.http.get(f"/jobs/{job_id}").json()["pending_reasons"]
     assert any("500.0 GiB" in r for r in reasons), reasons
     api.http.post(f"/jobs/{job_id}/cancel")
@@ -166,7 +171,7 @@ BAD_CONFIGS = [
     ("resources: {gpus: -1}", "resources.gpus", "greater than or equal to 0"),
     ("colour: blue", "colour", "unknown key 'colour'"),
     ("train: {max_steps: 5, batch_size: 0}", "train.batch_size", "greater than or equal to 1"),
-    ("entrypoint: no_such_module.sub:fn", "entrypoint", "cannot import module"),
+    ("entrypoint: no_such_module.sub:fn", "entrypoint", "cannot find module"),
     ("model: {name: resnet9000}", "model", "resnet9000"),
 ]
 
@@ -219,3 +224,47 @@ def test_unknown_job_is_404(api: Api) -> None:
     response = api.http.get("/jobs/j-nope")
     assert response.status_code == 404
     assert "j-nope" in response.json()["detail"]
+
+
+def test_jobs_of_a_new_experiment_starting_together_all_succeed(api: Api) -> None:
+    """They race to create the experiment; the losers read back the winner's."""
+    texts = [
+        entrypoint_yaml(f"race{i}", "report_environment").replace(
+            "experiment: it", "experiment: brand-new"
+        )
+        for i in range(4)
+    ]
+    ids = [submit(api, text) for text in texts]
+    jobs = [api.wait_for(job_id, DONE) for job_id in ids]
+    assert all(j.state is JobState.SUCCEEDED for j in jobs), [(j.state, j.error) for j in jobs]
+    experiment = api.mlflow().get_experiment_by_name("brand-new")
+    assert experiment is not None
+    runs = api.mlflow().search_runs([experiment.experiment_id])
+    assert sorted(r.data.tags["jobworker.job_id"] for r in runs) == sorted(ids)
+
+
+def test_creating_an_experiment_is_idempotent(tmp_path: Path) -> None:
+    """The race, made certain: another job creates the experiment between our look and our
+    create, and we get its id instead of an error."""
+    from mlflow.tracking import MlflowClient
+
+    from workers.job_runner import _experiment_id
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    class Beaten(MlflowClient):
+        """Sees no experiment on its first look; a rival creates it right after."""
+
+        looks = 0
+
+        def get_experiment_by_name(self, name: str) -> Any:
+            self.looks += 1
+            if self.looks == 1:
+                MlflowClient(uri).create_experiment(name)
+                return None
+            return super().get_experiment_by_name(name)
+
+    client = Beaten(uri)
+    experiment_id = _experiment_id(client, "contested")
+    assert experiment_id == MlflowClient(uri).get_experiment_by_name("contested").experiment_id
+    assert _experiment_id(MlflowClient(uri), "contested") == experiment_id

@@ -38,6 +38,25 @@ def report_and_hold(ctx: JobContext, config: dict[str, Any]) -> None:
         time.sleep(0.1)
 
 
+def hold_until_system_metrics(ctx: JobContext, config: dict[str, Any]) -> None:
+    """Log steps until the job's own MLflow run shows a system metric (CPU, memory...)."""
+    import mlflow
+
+    active = mlflow.active_run()
+    assert active is not None, "the runner starts the job's run before the user code"
+    client = mlflow.MlflowClient()
+    deadline = time.monotonic() + float(config.get("timeout_s", 60))
+    step = 0
+    while time.monotonic() < deadline:
+        step += 1
+        ctx.log_metrics({"loss": 1.0 / step}, step=step)
+        metrics = client.get_run(active.info.run_id).data.metrics
+        if any(k.startswith("system/") for k in metrics):
+            return
+        time.sleep(0.2)
+    raise RuntimeError("no system metrics in the run within the timeout")
+
+
 def run_until_stopped(ctx: JobContext, config: dict[str, Any]) -> None:
     """Train "forever", checkpointing and stopping when asked (cooperative)."""
     step = 0

@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 import pytest
 
-from scheduler.placement import Demand
+from scheduler.core.model import Demand
 from tests.unit.placement_factories import _demand, _gpu, _node
-from workers.telemetry import GpuReading, NodeReading
+from workers.interface.telemetry import GpuReading, NodeReading
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tests.fakes.fake_pynvml import FakeGpu, FakePynvml
-from workers.telemetry import GpuReading
+from workers.interface.telemetry import GpuReading
 
 
 def assert_reading_contract(readings: tuple[GpuReading, ...], expected_count: int) -> None:

@@ -11,10 +11,9 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from scheduler.placement import Decision, Demand, Holding, PlacementPolicy
-from workers.telemetry import GpuProcess, GpuReading, GpuUuid, NodeId, NodeReading
+from scheduler.core.model import Decision, Demand, Holding, PlacementPolicy
+from workers.interface.telemetry import GIB, GpuProcess, GpuReading, GpuUuid, NodeId, NodeReading
 
-GIB = 2**30
 Strategy = Literal["pack", "spread"]
 NO_HEADROOM = PlacementPolicy(memory_headroom_bytes=0)
 A100 = "NVIDIA A100-SXM4-80GB"

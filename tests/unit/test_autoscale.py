@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.autoscale import AutoscaleConfig, AutoscaleState, LoadSample, decide
-from scheduler.serve_spec import deployment_from_data
+from scheduler.core.autoscale import AutoscaleConfig, AutoscaleState, LoadSample, decide
+from scheduler.realtime.spec import deployment_from_data
 
 CONFIG = AutoscaleConfig(
     min_replicas=1,

@@ -1,10 +1,10 @@
-"""A multi-node job's ranks reported as one job (workers.executor.combine_ranks)."""
+"""A multi-node job's ranks reported as one job (workers.interface.executor.combine_ranks)."""
 
 from __future__ import annotations
 
 import pytest
 
-from workers.executor import WorkerPhase, WorkerReport, combine_ranks
+from workers.interface.executor import WorkerPhase, WorkerReport, combine_ranks
 
 P = WorkerPhase
 

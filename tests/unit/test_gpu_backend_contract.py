@@ -16,9 +16,9 @@ import pytest
 
 from tests.fakes.fake_pynvml import GIB, FakeGpu, FakePynvml
 from tests.unit.gpu_backend_helpers import assert_reading_contract
+from workers.interface.telemetry import GpuBackend
 from workers.nvml_backend import NvmlBackend
 from workers.sim_backend import SimGpuSpec, SimNodeSpec, SimulatedBackend, write_usage
-from workers.telemetry import GpuBackend
 
 
 @dataclass

@@ -13,7 +13,7 @@ import pytest
 from tests.fakes import fake_pynvml
 from tests.fakes.fake_pynvml import GIB, FakeGpu, FakePynvml
 from tests.unit.gpu_backend_helpers import make_fake
-from workers.errors import NvmlUnavailable
+from workers.interface.errors import NvmlUnavailable
 from workers.nvml_backend import NvmlBackend
 
 

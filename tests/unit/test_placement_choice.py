@@ -12,16 +12,8 @@ from collections.abc import Callable
 
 import pytest
 
-from scheduler.placement import (
-    ClusterSnapshot,
-    Demand,
-    Holding,
-    NodePlacement,
-    PlacementPolicy,
-    fragmentation,
-    place,
-    with_placements,
-)
+from scheduler.core.model import ClusterSnapshot, Demand, Holding, NodePlacement, PlacementPolicy
+from scheduler.core.placement import fragmentation, place, with_placements
 from tests.unit.placement_factories import (
     NO_HEADROOM,
     Strategy,
@@ -32,7 +24,7 @@ from tests.unit.placement_factories import (
     only,
     uuid,
 )
-from workers.telemetry import GpuReading, NodeReading
+from workers.interface.telemetry import GpuReading, NodeReading
 
 # --------------------------------------------------------------------------- strategy
 

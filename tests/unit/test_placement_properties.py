@@ -12,16 +12,10 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scheduler.placement import (
-    ClusterSnapshot,
-    Demand,
-    Holding,
-    NodePlacement,
-    PlacementPolicy,
-    place,
-)
+from scheduler.core.model import ClusterSnapshot, Demand, Holding, NodePlacement, PlacementPolicy
+from scheduler.core.placement import place
 from tests.unit.placement_factories import GIB, _demand, _gpu, _node, hold
-from workers.telemetry import GpuProcess, GpuReading, GpuUuid, NodeReading
+from workers.interface.telemetry import GpuProcess, GpuReading, GpuUuid, NodeReading
 
 # --------------------------------------------------------------------------- properties
 

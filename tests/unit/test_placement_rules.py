@@ -12,15 +12,8 @@ from typing import Any
 
 import pytest
 
-from scheduler.placement import (
-    ClusterSnapshot,
-    Demand,
-    Holding,
-    NodePlacement,
-    PlacementPolicy,
-    explain,
-    place,
-)
+from scheduler.core.model import ClusterSnapshot, Demand, Holding, NodePlacement, PlacementPolicy
+from scheduler.core.placement import explain, place
 from tests.unit.placement_factories import (
     GIB,
     NO_HEADROOM,
@@ -31,7 +24,7 @@ from tests.unit.placement_factories import (
     only,
     uuid,
 )
-from workers.telemetry import GpuProcess, GpuReading, NodeReading
+from workers.interface.telemetry import GpuProcess, GpuReading, NodeReading
 
 # --------------------------------------------------------------------------- memory
 

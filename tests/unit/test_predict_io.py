@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from scheduler.errors import PredictError
-from scheduler.predict_io import parse_inputs, render
-from scheduler.routes import Prediction, ReplicaEndpoint
+from scheduler.realtime.payload import parse_inputs, render
+from scheduler.realtime.router import Prediction, ReplicaEndpoint
+from workers.interface.errors import PredictError
 
 MLP = ((-1, 64), "float32")  # the demo model's signature
 TOKENS = ((-1, 8), "int64")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.errors import ConfigError
-from scheduler.queue_config import load_queue_config
+from scheduler.batch.queue_config import load_queue_config
+from workers.interface.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs" / "queue").glob("*.yaml"))
 

@@ -14,9 +14,17 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from scheduler.placement import ClusterSnapshot, Demand, Holding, PlacementPolicy
-from scheduler.queue_placement import RESERVED_PREFIX, place_plan
-from scheduler.queue_policy import QueuedJob, QueuePlan, QueuePolicy, RunningJob, plan
+from scheduler.core.model import (
+    ClusterSnapshot,
+    Demand,
+    Holding,
+    PlacementPolicy,
+    QueuedJob,
+    QueuePlan,
+    QueuePolicy,
+    RunningJob,
+)
+from scheduler.core.queue_policy import RESERVED_PREFIX, place_plan, plan
 from tests.unit.placement_factories import GIB, _node, uuid
 
 FIFO = QueuePolicy(mode="fifo", aging_s_per_priority=None, min_run_s=0.0)

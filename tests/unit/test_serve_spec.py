@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.errors import ConfigError
-from scheduler.serve_spec import (
+from scheduler.realtime.spec import (
     ModelUri,
     ServeResources,
     deployment_from_data,
     load_deployment,
 )
-from scheduler.spec import GIB
+from workers.interface.errors import ConfigError
+from workers.interface.telemetry import GIB
 
 REPO = Path(__file__).parents[2]
 MINIMAL = {"name": "mlp", "model": "models:/mlp@champion"}

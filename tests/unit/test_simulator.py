@@ -14,11 +14,11 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from scheduler.cli_simulate import simulate as simulate_command
-from scheduler.queue_policy import QueuePolicy
-from scheduler.sim_policies import POLICIES, SimPolicy
-from scheduler.simulator import JobResult, SimConfig, SimResult, shape, simulate
-from scheduler.traces import GIB, TraceError, TraceJob, read_philly
+from scheduler.cli.simulate import simulate as simulate_command
+from scheduler.core.model import QueuePolicy
+from scheduler.sim.policies import POLICIES, SimPolicy
+from scheduler.sim.simulator import JobResult, SimConfig, SimResult, shape, simulate
+from scheduler.sim.traces import GIB, TraceError, TraceJob, read_philly
 
 # The first 400 jobs of VC 6c71a0 of the Philly trace (see tests/data/README.md).
 PHILLY = Path(__file__).resolve().parents[1] / "data" / "philly_6c71a0_first400.csv"

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from scheduler.cli import app
-from scheduler.errors import ConfigError
-from scheduler.spec import load_spec
+from scheduler.cli.main import app
 from tests.conftest import REPO
+from workers.interface.errors import ConfigError
+from workers.interface.spec import load_spec
 
 MINIMAL = "name: t\nmodel: {name: mlp}\ntrain: {max_steps: 3}\n"
 
@@ -52,13 +53,49 @@ def test_bad_fields_are_named(extra: str, loc: str, words: str) -> None:
     ), info.value.errors
 
 
-def test_entrypoint_must_import_and_be_callable() -> None:
-    text = "name: t\ntrain: {max_steps: 1}\nentrypoint: "
-    with pytest.raises(ConfigError, match="cannot import module 'nope_nope'"):
-        load_spec(text + "nope_nope:fn")
-    with pytest.raises(ConfigError, match="has no callable 'missing'"):
-        load_spec(text + "json:missing")
-    assert load_spec(text + "json:dumps").entrypoint == "json:dumps"
+def _user_package(root: Path) -> Path:
+    """A package ``userpkg`` whose import would leave a marker file: importing it is visible."""
+    marker = root / "imported"
+    pkg = root / "userpkg"
+    pkg.mkdir()
+    touch = f"open({str(marker)!r}, 'a').write(__name__ + '\\n')\n"
+    (pkg / "__init__.py").write_text(touch)
+    (pkg / "train.py").write_text(
+        touch
+        + "def main(ctx, config):\n    pass\n"
+        + "def one_arg(ctx):\n    pass\n"
+        + "class Trainer:\n    pass\n"
+        + "if True:\n    def conditional(ctx, config):\n        pass\n"
+    )
+    return marker
+
+
+@pytest.mark.parametrize(
+    ("entrypoint", "problem"),
+    [
+        ("userpkg.train:main", None),
+        ("userpkg.train:Trainer", None),
+        ("userpkg.train:conditional", None),
+        ("userpkg.nope:main", "cannot find module 'userpkg.nope' on the job's Python path"),
+        ("nope_nope:fn", "cannot find module 'nope_nope'"),
+        ("userpkg.train:missing", "defines no 'missing' at its top level"),
+        ("userpkg.train:one_arg", "must accept two arguments (ctx, config)"),
+    ],
+)
+def test_entrypoint_is_checked_without_running_user_code(
+    tmp_path: Path, entrypoint: str, problem: str | None
+) -> None:
+    marker = _user_package(tmp_path)
+    text = f"name: t\ntrain: {{max_steps: 1}}\nentrypoint: {entrypoint}\n"
+    if problem is None:
+        assert load_spec(text, [str(tmp_path)]).entrypoint == entrypoint
+    else:
+        with pytest.raises(ConfigError) as info:
+            load_spec(text, [str(tmp_path)])
+        assert info.value.errors[0][0] == "entrypoint"
+        assert problem in info.value.errors[0][1]
+    assert not marker.exists(), f"user code ran: {marker.read_text()}"
+    assert "userpkg" not in sys.modules
 
 
 def test_yaml_errors_name_the_line() -> None:

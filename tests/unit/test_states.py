@@ -1,4 +1,4 @@
-"""The transition table: every pair of states is either allowed or raises."""
+"""The transition tables of jobs and deployments: every pair of states is allowed or raises."""
 
 from __future__ import annotations
 
@@ -6,8 +6,15 @@ import itertools
 
 import pytest
 
-from scheduler.errors import IllegalTransition
-from scheduler.states import ALLOWED, TERMINAL, JobState, check_transition
+from scheduler.core.states import (
+    ALLOWED,
+    TERMINAL,
+    DeploymentState,
+    JobState,
+    check_deployment_transition,
+    check_transition,
+)
+from workers.interface.errors import IllegalTransition
 
 EXPECTED_ALLOWED = {
     (JobState.PENDING, JobState.SCHEDULED),
@@ -41,3 +48,16 @@ def test_transition_table(current: JobState, target: JobState) -> None:
 def test_terminal_states_have_no_way_out() -> None:
     assert all(not ALLOWED[s] for s in TERMINAL)
     assert {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED} == TERMINAL
+
+
+@pytest.mark.parametrize(
+    ("current", "target"), list(itertools.product(DeploymentState, DeploymentState))
+)
+def test_deployment_transition_table(current: DeploymentState, target: DeploymentState) -> None:
+    """The controller reports what it sees, so any state may follow any other; staying in one
+    is not a transition (the store records it as a message update instead)."""
+    if current is not target:
+        check_deployment_transition(current, target)
+    else:
+        with pytest.raises(IllegalTransition, match=f"deployment {current} -> {target}"):
+            check_deployment_transition(current, target)

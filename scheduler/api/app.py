@@ -1,0 +1,252 @@
+"""The HTTP API (FastAPI). Routes map requests to service calls and hold no logic."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from scheduler.api.views import (
+    ConfigRejected,
+    DeploymentOut,
+    JobOut,
+    LogsOut,
+    QueueEntryOut,
+    ValidationOk,
+    deployment_out,
+    job_out,
+)
+from scheduler.batch.service import JobService
+from scheduler.core.states import JobState
+from scheduler.realtime.metrics import ServingMetrics
+from scheduler.realtime.payload import parse_inputs, render
+from scheduler.realtime.router import Router
+from scheduler.realtime.service import DeploymentService
+from workers.interface.errors import ConfigError, DeploymentNotFound, JobNotFound, PredictError
+
+_CONFIG_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/yaml": {"schema": {"type": "string"}},
+            "application/json": {"schema": {"type": "object"}},
+        },
+    }
+}
+
+
+@dataclass
+class Serving:
+    """The real-time lane as the API sees it."""
+
+    deployments: DeploymentService
+    router: Router
+    metrics: ServingMetrics
+
+
+def create_app(
+    service: JobService,
+    mlflow_ui_url: str | None = None,
+    cluster_view: Callable[[], dict[str, Any]] | None = None,
+    serving: Serving | None = None,
+    queue_view: Callable[[], list[dict[str, Any]]] | None = None,
+) -> FastAPI:
+    """The API over a job service. ``cluster_view`` serves ``GET /cluster``,
+    ``queue_view`` ``GET /queue``."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if serving is not None:
+            serving.router.bind(asyncio.get_running_loop())
+        yield
+
+    app = FastAPI(
+        title="jobworker",
+        description="GPU-aware scheduler for ML training and inference.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(ConfigError)
+    async def _config_error(_request: Request, exc: ConfigError) -> JSONResponse:
+        detail = [{"loc": loc, "msg": msg} for loc, msg in exc.errors]
+        return JSONResponse(status_code=422, content={"detail": detail})
+
+    @app.exception_handler(JobNotFound)
+    @app.exception_handler(DeploymentNotFound)
+    async def _not_found(_request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(status_code=404, content={"detail": str(exc)})
+
+    @app.exception_handler(PredictError)
+    async def _predict_error(_request: Request, exc: PredictError) -> JSONResponse:
+        headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
+        return JSONResponse(status_code=exc.status, content={"detail": str(exc)}, headers=headers)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post(
+        "/jobs",
+        status_code=201,
+        response_model=JobOut,
+        responses={422: {"model": ConfigRejected}},
+        openapi_extra=_CONFIG_BODY,
+    )
+    async def submit(request: Request) -> JobOut:
+        """Queue a training config, sent as YAML or JSON."""
+        text = await _body_text(request)
+        job = await asyncio.to_thread(service.submit, text)
+        return job_out(job, mlflow_ui_url, service.history(job.id))
+
+    @app.post(
+        "/jobs/validate",
+        response_model=ValidationOk,
+        responses={422: {"model": ConfigRejected}},
+        openapi_extra=_CONFIG_BODY,
+    )
+    async def validate(request: Request) -> ValidationOk:
+        """Check a config without queueing it."""
+        spec = service.validate(await _body_text(request))
+        return ValidationOk(valid=True, name=spec.name, spec=spec.model_dump(mode="json"))
+
+    @app.get("/jobs", response_model=list[JobOut])
+    def list_jobs(
+        state: list[JobState] | None = Query(default=None),
+        limit: int = Query(default=200, ge=1, le=10000),
+    ) -> list[JobOut]:
+        return [job_out(j, mlflow_ui_url) for j in service.list(state, limit)]
+
+    @app.get("/jobs/{job_id}", response_model=JobOut)
+    def get_job(job_id: str) -> JobOut:
+        return job_out(service.get(job_id), mlflow_ui_url, service.history(job_id))
+
+    @app.post("/jobs/{job_id}/cancel", response_model=JobOut)
+    def cancel(job_id: str) -> JobOut:
+        return job_out(service.cancel(job_id), mlflow_ui_url, service.history(job_id))
+
+    @app.get("/jobs/{job_id}/logs", response_model=LogsOut)
+    def logs(
+        job_id: str, offset: int = Query(default=0, ge=0), follow: bool = False
+    ) -> LogsOut | StreamingResponse:
+        """The job's output; with ``follow`` a plain-text stream until the job ends."""
+        text, next_offset = service.logs(job_id, offset)
+        if not follow:
+            return LogsOut(text=text, next_offset=next_offset)
+        return StreamingResponse(_follow(service, job_id, offset), media_type="text/plain")
+
+    @app.get("/queue", response_model=list[QueueEntryOut])
+    def queue() -> list[QueueEntryOut]:
+        """Pending jobs in the order the scheduler considers them, with why each waits."""
+        if queue_view is None:
+            raise HTTPException(status_code=503, detail="no queue view configured")
+        return [QueueEntryOut(position=i, **e) for i, e in enumerate(queue_view(), start=1)]
+
+    @app.get("/cluster")
+    def cluster() -> dict[str, Any]:
+        if cluster_view is None:
+            raise HTTPException(status_code=503, detail="no cluster view configured")
+        return cluster_view()
+
+    if serving is not None:
+        _serving_routes(app, serving)
+    return app
+
+
+def _serving_routes(app: FastAPI, serving: Serving) -> None:
+    deployments = serving.deployments
+    router = serving.router
+
+    def out(name: str) -> DeploymentOut:
+        return deployment_out(deployments.get(name), deployments.replicas(name))
+
+    @app.post(
+        "/deployments",
+        status_code=201,
+        response_model=DeploymentOut,
+        responses={200: {"model": DeploymentOut}, 422: {"model": ConfigRejected}},
+        openapi_extra=_CONFIG_BODY,
+    )
+    async def deploy(request: Request, response: Response) -> DeploymentOut:
+        """Deploy a model (201), or update the deployment of that name (200)."""
+        record, created = await asyncio.to_thread(deployments.deploy, await _body_text(request))
+        if not created:
+            response.status_code = 200
+        return out(record.name)
+
+    @app.get("/deployments", response_model=list[DeploymentOut])
+    def list_deployments() -> list[DeploymentOut]:
+        return [deployment_out(r, deployments.replicas(r.name)) for r in deployments.all()]
+
+    @app.get("/deployments/{name}", response_model=DeploymentOut)
+    def get_deployment(name: str) -> DeploymentOut:
+        return out(name)
+
+    @app.delete("/deployments/{name}", status_code=204)
+    def undeploy(name: str) -> Response:
+        deployments.undeploy(name)
+        return Response(status_code=204)
+
+    async def predict(request: Request) -> Response:
+        """Predict: ``{"inputs": [[...]]}`` → outputs, model name, version and run id."""
+        name = request.path_params["name"]
+        shape, dtype = router.schema(name)
+        inputs = parse_inputs(await request.body(), shape, dtype)
+        body, headers = render(await router.predict(name, inputs))
+        return Response(body, media_type="application/json", headers=headers)
+
+    # The hot path is a plain Starlette route, ahead of FastAPI's: it skips the
+    # per-request parameter solving (see bench/serving.py). The FastAPI route
+    # below, never reached, documents the endpoint in the OpenAPI schema.
+    app.router.routes.insert(0, Route("/v1/models/{name}/predict", predict, methods=["POST"]))
+
+    @app.post(
+        "/v1/models/{name}/predict",
+        responses={422: {}, 429: {}, 503: {}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"example": {"inputs": [[0.1, 0.2]]}}},
+            }
+        },
+    )
+    async def predict_documented(name: str, request: Request) -> Response:
+        """Predict: ``{"inputs": [[...]]}`` → outputs, model name, version and run id.
+
+        422 when the input does not match the model's signature, 429 with
+        ``Retry-After`` when overloaded, 503 while no replica is ready.
+        """
+        return await predict(request)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(serving.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+async def _body_text(request: Request) -> str:
+    raw = await request.body()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([("", f"the body is not UTF-8 text: {exc}")]) from exc
+
+
+async def _follow(service: JobService, job_id: str, offset: int) -> AsyncIterator[bytes]:
+    while True:
+        text, offset = await asyncio.to_thread(service.logs, job_id, offset)
+        if text:
+            yield text.encode()
+            continue
+        job = await asyncio.to_thread(service.get, job_id)
+        if job.terminal:
+            text, offset = await asyncio.to_thread(service.logs, job_id, offset)
+            if text:
+                yield text.encode()
+            return
+        await asyncio.sleep(0.5)

@@ -1,0 +1,180 @@
+"""The HTTP representations of jobs, deployments, the queue and the cluster (pydantic)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict
+from typing import Any
+
+from pydantic import BaseModel
+
+from scheduler.batch.store import JobEvent, JobRecord
+from scheduler.realtime.store import DeploymentRecord
+from workers.interface.executor import Assignment, Progress
+from workers.interface.telemetry import NodeReading
+
+
+class EventOut(BaseModel):
+    at: float
+    from_state: str | None
+    to_state: str
+    reason: str
+
+
+class JobOut(BaseModel):
+    id: str
+    name: str
+    spec: dict[str, Any]
+    experiment: str
+    team: str
+    priority: int
+    state: str
+    submitted_at: float
+    started_at: float | None
+    finished_at: float | None
+    attempts: int
+    assignment: Assignment | None
+    run_id: str | None
+    run_url: str | None
+    model_version: str | None
+    error: str | None
+    progress: Progress | None
+    pending_reasons: list[str] | None
+    cancel_requested: bool
+    history: list[EventOut] | None = None
+
+
+class FieldError(BaseModel):
+    loc: str
+    msg: str
+
+
+class ConfigRejected(BaseModel):
+    detail: list[FieldError]
+
+
+class ValidationOk(BaseModel):
+    valid: bool
+    name: str
+    spec: dict[str, Any]
+
+
+class LogsOut(BaseModel):
+    text: str
+    next_offset: int
+
+
+def run_url(ui_url: str | None, job: JobRecord) -> str | None:
+    """The MLflow UI page of the job's run, when both are known."""
+    experiment_id = job.progress.experiment_id if job.progress else None
+    if not (ui_url and job.run_id and experiment_id):
+        return None
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{job.run_id}"
+
+
+def job_out(job: JobRecord, ui_url: str | None, history: list[JobEvent] | None = None) -> JobOut:
+    return JobOut(
+        id=job.id,
+        name=job.name,
+        spec=job.spec.model_dump(mode="json"),
+        experiment=job.experiment,
+        team=job.team,
+        priority=job.priority,
+        state=job.state.value,
+        submitted_at=job.submitted_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        attempts=job.attempts,
+        assignment=job.assignment,
+        run_id=job.run_id,
+        run_url=run_url(ui_url, job),
+        model_version=job.model_version,
+        error=job.error,
+        progress=job.progress,
+        pending_reasons=list(job.pending_reasons) if job.pending_reasons is not None else None,
+        cancel_requested=job.cancel_requested,
+        history=(
+            [
+                EventOut(
+                    at=e.at,
+                    from_state=e.from_state.value if e.from_state else None,
+                    to_state=e.to_state.value,
+                    reason=e.reason,
+                )
+                for e in history
+            ]
+            if history is not None
+            else None
+        ),
+    )
+
+
+class ReplicaOut(BaseModel):
+    id: str
+    phase: str
+    routed: bool
+    retiring: bool
+    node: str
+    gpu_indices: list[int]
+    model_version: str | None
+    model_uri: str
+    error: str | None
+
+
+class DeploymentOut(BaseModel):
+    name: str
+    state: str
+    message: str | None
+    model: str
+    model_version: str | None
+    run_id: str | None
+    predict_path: str
+    replicas: list[ReplicaOut]
+    spec: dict[str, Any]
+    created_at: float
+    updated_at: float
+
+
+def deployment_out(record: DeploymentRecord, replicas: list[dict[str, Any]]) -> DeploymentOut:
+    return DeploymentOut(
+        name=record.name,
+        state=record.state.value,
+        message=record.message,
+        model=record.spec.model,
+        model_version=record.model_version,
+        run_id=record.run_id,
+        predict_path=f"/v1/models/{record.name}/predict",
+        replicas=[ReplicaOut(**r) for r in replicas],
+        spec=record.spec.model_dump(mode="json"),
+        created_at=record.created_at,
+        updated_at=record.updated_at,
+    )
+
+
+class QueueEntryOut(BaseModel):
+    position: int
+    job_id: str
+    name: str
+    team: str
+    priority: int
+    submitted_at: float
+    reasons: list[str]
+
+
+def cluster_table(nodes: Sequence[NodeReading], active: Iterable[JobRecord]) -> dict[str, Any]:
+    """``GET /cluster``: every node's telemetry, each GPU with the ``active`` jobs on it."""
+    on_gpu: dict[str, list[str]] = {}
+    on_node: dict[str, list[str]] = {}
+    for job in active:
+        for placed in job.assignment.nodes if job.assignment else ():
+            on_node.setdefault(placed.node_id, []).append(job.id)
+            for uuid in placed.gpu_uuids:
+                on_gpu.setdefault(uuid, []).append(job.id)
+    out = []
+    for node in nodes:
+        entry = asdict(node)
+        entry["jobs"] = on_node.get(node.node_id, [])
+        for gpu in entry["gpus"]:
+            gpu["jobs"] = on_gpu.get(gpu["uuid"], [])
+        out.append(entry)
+    return {"nodes": out}

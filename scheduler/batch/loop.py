@@ -1,0 +1,469 @@
+"""The reconcile loop: the one component that acts on jobs.
+
+Each pass (1) carries out cancel requests, (2) polls the workers of scheduled
+and running jobs and records what they report, and (3) places pending jobs
+with the pure placement core and launches them. Every state change is written
+to the store *before* the side effect it describes, so a restarted loop can
+reconcile the store with what is really running.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from scheduler.batch.demands import (
+    assignment_of,
+    demand_of,
+    holdings_of,
+    queued_job,
+    running_job,
+)
+from scheduler.batch.store import JobFields, JobRecord, JobStore
+from scheduler.core.backoff import backoff_s
+from scheduler.core.model import ClusterSnapshot, Demand, Holding, PlacementPolicy, QueuePolicy
+from scheduler.core.placement import place
+from scheduler.core.preemption import choose_victims, without_jobs
+from scheduler.core.queue_policy import place_plan, plan
+from scheduler.core.states import JobState
+from workers.interface.executor import (
+    Assignment,
+    Executor,
+    LaunchRequest,
+    NodeAssignment,
+    WorkerPhase,
+    WorkerReport,
+)
+from workers.interface.telemetry import NodeReading
+
+log = logging.getLogger(__name__)
+
+ACTIVE = (JobState.SCHEDULED, JobState.RUNNING)
+
+
+class ClusterSource(Protocol):
+    def nodes(self) -> tuple[NodeReading, ...]:
+        """The latest telemetry of every live node."""
+        ...
+
+
+class RealtimeLane(Protocol):
+    """The real-time lane (``scheduler/deployments.py``), reconciled before batch jobs."""
+
+    def holdings(self) -> tuple[Holding, ...]:
+        """Capacity its replicas hold."""
+        ...
+
+    def reconcile(
+        self,
+        snapshot: Callable[[], ClusterSnapshot],
+        policy: PlacementPolicy,
+        preempt: Callable[[ClusterSnapshot, Demand], str | None],
+    ) -> None:
+        """Reconcile replicas; ``preempt`` makes room for a replica that fits nowhere."""
+        ...
+
+
+@dataclass
+class LoopSettings:
+    tracking_uri: str
+    log_dir: Path
+    interval_s: float = 0.5
+    stop_grace_s: float = 5.0
+    preempt_grace_s: float = 30.0  # time to checkpoint before a preempted job is killed
+    retry_backoff_s: float = 2.0  # first retry after a lost worker; doubles, up to the max
+    retry_backoff_max_s: float = 60.0
+    python_path: tuple[str, ...] = ()
+    simulated_usage_dir: str | None = None
+    policy: PlacementPolicy = field(default_factory=PlacementPolicy)
+    queue: QueuePolicy = field(default_factory=QueuePolicy)
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    """A pending job as ``GET /queue`` shows it."""
+
+    job_id: str
+    name: str
+    team: str
+    priority: int
+    submitted_at: float
+    reasons: list[str]
+
+
+def rendezvous_port(job_id: str, attempt: int) -> int:
+    """A gang's torch.distributed port on rank 0's node, the same for all its ranks.
+
+    Derived from the job and attempt, in 20000-31999: above Ray's worker ports
+    (10002-19999) and below Linux's ephemeral range (32768+), where outgoing
+    connections could take it first. Two gangs whose rank 0 share a node
+    collide with probability 1/12,000.
+    """
+    return 20000 + zlib.crc32(f"{job_id}/{attempt}".encode()) % 12000
+
+
+class Scheduler:
+    """Drives jobs from PENDING to a terminal state.
+
+    Example::
+
+        scheduler = Scheduler(store, executor, cluster, settings)
+        scheduler.start()          # background thread
+        scheduler.wake()           # after a submit or cancel: act now, not at the next tick
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        executor: Executor,
+        cluster: ClusterSource,
+        settings: LoopSettings,
+        clock: Callable[[], float] = time.time,
+        realtime: RealtimeLane | None = None,
+    ) -> None:
+        self._store = store
+        self._realtime = realtime
+        self._executor = executor
+        self._cluster = cluster
+        self._settings = settings
+        self._clock = clock
+        self._wake = threading.Event()
+        self._halt = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping: set[str] = set()
+        self._queue: list[QueueEntry] = []
+        self._next_change_at: float | None = None
+        settings.log_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- lifecycle --------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="jobworker-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout=30)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._halt.is_set():
+            try:
+                self.run_once()
+            except Exception:
+                log.exception("scheduler pass failed; retrying at the next tick")
+            self._wake.wait(self._settings.interval_s)
+            self._wake.clear()
+
+    # -- one pass ---------------------------------------------------------------------
+    def run_once(self) -> None:
+        jobs = self._store.find([JobState.PENDING, *ACTIVE])
+        pending = [j for j in jobs if j.state is JobState.PENDING]
+        active = [j for j in jobs if j.state in ACTIVE]
+        pending = self._cancel_pending(pending)
+        self._request_stops(active)
+        self._observe(active)
+        if self._realtime is not None:
+            self._realtime.reconcile(self._snapshot, self._settings.policy, self._preempt_for)
+        self._place(pending)
+
+    def log_path(self, job_id: str) -> Path:
+        return self._settings.log_dir / f"{job_id}.log"
+
+    def _snapshot(self) -> ClusterSnapshot:
+        """Telemetry plus every holding: running jobs' and real-time replicas'."""
+        holdings = tuple(h for j in self._store.find(list(ACTIVE)) for h in holdings_of(j))
+        if self._realtime is not None:
+            holdings += self._realtime.holdings()
+        return ClusterSnapshot(nodes=self._cluster.nodes(), holdings=holdings)
+
+    def _cancel_pending(self, pending: list[JobRecord]) -> list[JobRecord]:
+        keep = []
+        for job in pending:
+            if job.cancel_requested:
+                self._store.transition(job.id, JobState.CANCELLED, "cancelled before it started")
+            else:
+                keep.append(job)
+        return keep
+
+    def _request_stops(self, active: Sequence[JobRecord]) -> None:
+        for job in active:
+            if job.cancel_requested and job.id not in self._stopping:
+                self._stopping.add(job.id)
+                self._executor.stop(job.id, self._settings.stop_grace_s)
+
+    def _observe(self, active: Sequence[JobRecord]) -> None:
+        if not active:
+            return
+        world = {j.id: len(j.assignment.nodes) for j in active if j.assignment}
+        reports = self._executor.poll([j.id for j in active], world)
+        for job in active:
+            self._apply(job, reports[job.id])
+
+    def _apply(self, job: JobRecord, report: WorkerReport) -> None:
+        if report.logs:
+            with self.log_path(job.id).open("a", encoding="utf-8") as fh:
+                fh.write(report.logs)
+        updates: JobFields = {}
+        if report.progress and report.progress != job.progress:
+            updates["progress"] = report.progress
+        if report.run_id and report.run_id != job.run_id:
+            updates["run_id"] = report.run_id
+        pids = report.rank_pids or (report.pid,)
+        known = tuple(n.pid for n in job.assignment.nodes) if job.assignment else ()
+        if job.assignment and any(pids) and pids != known:
+            updates["assignment"] = job.assignment.with_pids(pids)
+        phase = report.phase
+        if phase is WorkerPhase.RUNNING and job.state is JobState.SCHEDULED:
+            self._store.transition(
+                job.id, JobState.RUNNING, f"job process started (pid {report.pid})", **updates
+            )
+        elif phase.finished:
+            self._finish(job, report, updates)
+        elif updates:
+            self._store.update(job.id, **updates)
+
+    def _finish(self, job: JobRecord, report: WorkerReport, updates: JobFields) -> None:
+        phase = report.phase
+        max_retries = job.spec.max_retries
+        if phase is WorkerPhase.SUCCEEDED:
+            version = f" as model version {report.model_version}" if report.model_version else ""
+            updates["model_version"] = report.model_version
+            self._store.transition(
+                job.id, JobState.SUCCEEDED, f"training finished{version}", **updates
+            )
+        elif job.cancel_requested:
+            self._store.transition(job.id, JobState.CANCELLED, "cancelled by request", **updates)
+        elif job.preempt_reason:
+            self._requeue_preempted(job, job.preempt_reason, updates)
+        elif phase is WorkerPhase.STOPPED:
+            self._store.transition(job.id, JobState.CANCELLED, "stopped", **updates)
+        elif phase is WorkerPhase.LOST and (retry := job.attempts - job.preemptions) <= max_retries:
+            settings = self._settings
+            wait_s = backoff_s(retry, settings.retry_backoff_s, settings.retry_backoff_max_s)
+            updates["assignment"] = None
+            updates["not_before"] = self._clock() + wait_s
+            updates["resume_reason"] = f"retry {retry} after: {report.error}"
+            self._store.transition(
+                job.id,
+                JobState.PENDING,
+                f"{report.error}; retry {retry} of {max_retries} in {wait_s:g} s, "
+                "from the last checkpoint",
+                **updates,
+            )
+        else:
+            error = report.error or "failed"
+            updates["error"] = error
+            self._store.transition(job.id, JobState.FAILED, error, **updates)
+        self._stopping.discard(job.id)
+        self._executor.release(job.id)
+
+    def _requeue_preempted(self, job: JobRecord, reason: str, updates: JobFields) -> None:
+        if job.state is JobState.SCHEDULED:  # stopped before it ran: nothing to checkpoint
+            updates["assignment"] = None
+            updates["preempt_reason"] = None
+            self._store.transition(job.id, JobState.PENDING, reason, **updates)
+            return
+        self._store.transition(job.id, JobState.PREEMPTED, reason, **updates)
+        self._store.transition(
+            job.id,
+            JobState.PENDING,
+            "requeued; it resumes from its last checkpoint in the same MLflow run",
+            assignment=None,
+            preempt_reason=None,
+            preemptions=job.preemptions + 1,
+            resume_reason=reason,
+        )
+
+    def _preempt_for(self, snapshot: ClusterSnapshot, demand: Demand) -> str | None:
+        """Stop the cheapest batch jobs whose capacity lets ``demand`` (a replica) fit.
+
+        Returns what is being done to make room, or None when preempting would
+        not help. Jobs already stopping count as freed: no second victim is
+        chosen while the first one checkpoints.
+        """
+        active = self._store.find(list(ACTIVE))
+        stopping = [j for j in active if j.preempt_reason]
+        base = without_jobs(snapshot, [j.id for j in stopping])
+        if stopping and place(base, [demand], self._settings.policy)[0].placed:
+            return "waiting for " + ", ".join(j.id for j in stopping) + " to checkpoint and stop"
+        candidates = sorted(
+            (j for j in active if not j.preempt_reason and j.assignment and j.assignment.gpus),
+            key=lambda j: (j.priority, -(j.attempt_started_at or j.submitted_at)),
+        )
+        victims = choose_victims(base, demand, [j.id for j in candidates], self._settings.policy)
+        if not victims:
+            return None
+        by_id = {j.id: j for j in candidates}
+        for job_id in victims:
+            self._request_preemption(
+                by_id[job_id], f"preempted to make room for real-time replica {demand.job_id}"
+            )
+        return "preempting " + ", ".join(victims) + " (they checkpoint, then requeue)"
+
+    def queue(self) -> list[QueueEntry]:
+        """The pending jobs in the order the last pass considered them, with why each waits."""
+        return list(self._queue)
+
+    @property
+    def next_change_at(self) -> float | None:
+        """When the last pass's plan may change with no arrival or end (the queue policy's
+        ``next_change_at``: a demotion, a protection running out), or None."""
+        return self._next_change_at
+
+    def _place(self, pending: list[JobRecord]) -> None:
+        now = self._clock()
+        reasons: dict[str, list[str]] = {}
+        for job in pending:
+            if job.not_before is not None and job.not_before > now:
+                reasons[job.id] = [f"retry: backing off for {job.not_before - now:.0f} s more"]
+        ready = [j for j in pending if j.id not in reasons]
+        placed: set[str] = set()
+        order: list[str] = []
+        self._next_change_at = None
+        if ready:
+            order, placed = self._place_ready(ready, now, reasons)
+        self._record_queue(pending, order, placed, reasons)
+
+    def _place_ready(
+        self, ready: list[JobRecord], now: float, reasons: dict[str, list[str]]
+    ) -> tuple[list[str], set[str]]:
+        """Plan with the queue policy, preempt what it says, place what may start."""
+        snapshot = self._snapshot()
+        active = self._store.find(list(ACTIVE))
+        queue_plan = plan(
+            [queued_job(j) for j in ready],
+            [r for j in active if (r := running_job(j)) is not None],
+            {n.node_id: len(n.gpus) for n in snapshot.nodes},
+            self._settings.queue,
+            now,
+        )
+        self._next_change_at = queue_plan.next_change_at
+        by_id = {j.id: j for j in [*ready, *active]}
+        for beneficiary, victims in queue_plan.victims_of.items():
+            for victim in victims:
+                job = by_id.get(victim)
+                if job is not None and not job.preempt_reason:
+                    self._request_preemption(
+                        job, f"preempted by the queue policy for {beneficiary}"
+                    )
+            reasons[beneficiary] = [
+                "preemption: waiting for " + ", ".join(victims) + " to checkpoint and stop"
+            ]
+        for job_id, why in queue_plan.reasons.items():
+            reasons[job_id] = [why]
+        demands = {
+            j: demand_of(by_id[j]) for j in queue_plan.order if j not in queue_plan.victims_of
+        }
+        decisions = place_plan(snapshot, queue_plan, demands, self._settings.policy)
+        nodes_by_id: dict[str, NodeReading] = {n.node_id: n for n in snapshot.nodes}
+        placed: set[str] = set()
+        for decision in decisions:
+            job = by_id[decision.job_id]
+            if not decision.placed:
+                reasons[job.id] = list(decision.reasons)
+                continue
+            placed.add(job.id)
+            assignment = assignment_of(decision, nodes_by_id)
+            where = "; ".join(
+                f"{n.hostname} GPUs {list(n.gpu_indices) or 'none'}" for n in assignment.nodes
+            )
+            job = self._store.transition(
+                job.id,
+                JobState.SCHEDULED,
+                f"placed on {where}",
+                assignment=assignment,
+                attempts=job.attempts + 1,
+                pending_reasons=None,
+            )
+            self._launch(job, assignment)
+        return list(queue_plan.order), placed
+
+    def _record_queue(
+        self,
+        pending: list[JobRecord],
+        order: list[str],
+        placed: set[str],
+        reasons: dict[str, list[str]],
+    ) -> None:
+        """Store each waiting job's reasons and keep the queue's order for ``queue()``."""
+        position = {job_id: i for i, job_id in enumerate(order)}
+        waiting = sorted(
+            (j for j in pending if j.id not in placed),
+            key=lambda j: (position.get(j.id, len(order)), -j.priority, j.submitted_at),
+        )
+        entries = []
+        for j in waiting:
+            why = reasons.get(j.id) or ["next: may start when placed"]
+            if tuple(why) != j.pending_reasons:
+                self._store.update(j.id, pending_reasons=why)
+            entries.append(QueueEntry(j.id, j.name, j.team, j.priority, j.submitted_at, why))
+        self._queue = entries
+
+    def _request_preemption(self, job: JobRecord, reason: str) -> None:
+        """Write the reason first (a restarted loop still knows), then ask the job to stop."""
+        self._store.update(job.id, preempt_reason=reason)
+        self._executor.stop(job.id, self._settings.preempt_grace_s)
+
+    def _launch(self, job: JobRecord, assignment: Assignment) -> None:
+        leader = assignment.leader
+        tags = {
+            "jobworker.job_id": job.id,
+            "jobworker.attempt": str(job.attempts),
+            "jobworker.node_id": leader.node_id,
+            "jobworker.node": leader.hostname,
+            "jobworker.gpu_ids": ",".join(map(str, leader.gpu_indices)),
+            "jobworker.gpu_uuids": ",".join(leader.gpu_uuids),
+            "jobworker.queue_wait_s": f"{self._clock() - job.submitted_at:.3f}",
+        }
+        world_size = len(assignment.nodes)
+        if world_size > 1:
+            tags["jobworker.nodes"] = ",".join(n.hostname for n in assignment.nodes)
+            tags["jobworker.node_ids"] = ",".join(n.node_id for n in assignment.nodes)
+        try:
+            for rank, node in enumerate(assignment.nodes):
+                self._executor.launch(self._request(job, node, rank, world_size, tags, leader))
+        except Exception as exc:
+            log.exception("launch of %s failed", job.id)
+            self._executor.release(job.id)
+            self._store.transition(
+                job.id, JobState.FAILED, f"launch failed: {exc}", error=f"launch failed: {exc}"
+            )
+
+    def _request(
+        self,
+        job: JobRecord,
+        node: NodeAssignment,
+        rank: int,
+        world_size: int,
+        tags: dict[str, str],
+        leader: NodeAssignment,
+    ) -> LaunchRequest:
+        gang = world_size > 1
+        return LaunchRequest(
+            job_id=job.id,
+            attempt=job.attempts,
+            rank=rank,
+            world_size=world_size,
+            node=node,
+            spec=job.spec,
+            source_text=job.source_text,
+            tracking_uri=self._settings.tracking_uri,
+            run_id=job.run_id,
+            resume_reason=job.resume_reason,
+            preemptions=job.preemptions,
+            tags=tags,
+            python_path=self._settings.python_path,
+            simulated_usage_dir=self._settings.simulated_usage_dir,
+            master_node_id=leader.node_id if gang else None,
+            master_port=rendezvous_port(job.id, job.attempts) if gang else None,
+        )

@@ -1,0 +1,57 @@
+"""The queue policy's config file (``jobworker up --queue-config configs/queue/x.yaml``).
+
+Example::
+
+    policy = load_queue_config(Path("configs/queue/teams.yaml"))
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from scheduler.core.model import QueuePolicy
+from workers.interface.errors import ConfigError
+from workers.interface.spec import parse_text, validation_errors
+
+
+class QueueConfig(BaseModel):
+    """Queue rules; see ``scheduler/queue_policy.py`` for what each does."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["fifo", "sjf", "las"] = "fifo"
+    backfill: bool = True
+    preemption: bool = True
+    quotas: dict[str, int] = Field(default_factory=dict)  # GPUs a team owns
+    weights: dict[str, float] = Field(default_factory=dict)  # fair-share weight per team
+    aging_s_per_priority: float | None = Field(default=3600.0, gt=0)
+    min_run_s: float = Field(default=300.0, ge=0)
+
+    def policy(self) -> QueuePolicy:
+        return QueuePolicy(
+            mode=self.mode,
+            backfill=self.backfill,
+            preemption=self.preemption,
+            quotas=dict(self.quotas),
+            weights=dict(self.weights),
+            aging_s_per_priority=self.aging_s_per_priority,
+            min_run_s=self.min_run_s,
+        )
+
+
+def load_queue_config(path: Path) -> QueuePolicy:
+    """The policy a queue config file describes; :class:`ConfigError` naming each bad field."""
+    try:
+        data = parse_text(path.read_text())
+    except OSError as exc:
+        raise ConfigError([("", f"cannot read {path}: {exc.strerror}")]) from exc
+    try:
+        config = QueueConfig.model_validate(data or {})
+        return config.policy()
+    except ValidationError as exc:
+        raise ConfigError(validation_errors(exc)) from exc
+    except ValueError as exc:  # QueuePolicy's own checks (weights > 0, quotas >= 0)
+        raise ConfigError([("", str(exc))]) from exc

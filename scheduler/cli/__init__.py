@@ -1,0 +1,1 @@
+"""The ``jobworker`` command line (``scheduler.cli.main:app``)."""

@@ -1,0 +1,64 @@
+"""What the command-line modules share: consoles, options, error handling."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+
+from scheduler.api.client import ApiError, ApiUnreachable
+
+out = Console()
+err = Console(stderr=True, soft_wrap=True)
+T = TypeVar("T")
+
+ApiOpt = Annotated[str, typer.Option("--api", envvar="JOBWORKER_API", help="API address.")]
+HomeOpt = Annotated[Path, typer.Option("--home", envvar="JOBWORKER_HOME", help="State directory.")]
+TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
+STATE_STYLE = {
+    "SUCCEEDED": "green",
+    "READY": "green",
+    "FAILED": "red",
+    "CANCELLED": "yellow",
+    "UPDATING": "yellow",
+    "RUNNING": "cyan",
+    "DEPLOYING": "cyan",
+    "PENDING": "magenta",
+}
+
+
+def guard(fn: Callable[[], T]) -> T:
+    """Run an API call; turn refusals into readable messages and exit codes."""
+    try:
+        return fn()
+    except ApiUnreachable as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(3) from exc
+    except ApiError as exc:
+        if exc.errors:
+            err.print(f"[red]rejected ({exc.status}):[/]")
+            for loc, msg in exc.errors:
+                err.print(f"  [bold]{loc or '(config)'}[/]: {msg}")
+        else:
+            err.print(f"[red]error ({exc.status}):[/] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        err.print(f"[red]error:[/] cannot read {path}: {exc.strerror}")
+        raise typer.Exit(2) from exc
+
+
+def when(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def state_text(state: str) -> str:
+    return f"[{STATE_STYLE.get(state, 'white')}]{state}[/]"

@@ -1,0 +1,2 @@
+"""The trace-driven simulator: Philly traces replayed through the real queue policy and
+placement."""

@@ -1,0 +1,224 @@
+"""The stores on a real SQLite file: jobs (create, transition, attempts, history, reopen),
+deployments (checked state changes), and the migration of rows written by older versions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+
+from scheduler import db
+from scheduler.batch.store import JobStore
+from scheduler.core.states import DeploymentState, JobState
+from scheduler.realtime.spec import load_deployment
+from scheduler.realtime.store import DeploymentStore
+from workers.interface.errors import DeploymentNotFound, IllegalTransition, JobNotFound
+from workers.interface.executor import Assignment, NodeAssignment, Progress
+from workers.interface.spec import TrainingSpec, load_spec
+from workers.interface.telemetry import GpuUuid
+
+TEXT = "name: j\nexperiment: e\nteam: t\nmodel: {name: mlp}\ntrain: {max_steps: 3}\n"
+
+
+class FakeClock:
+    """Advances one second per reading, so every store write has its own time."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> sa.Engine:
+    return db.connect(db.sqlite_url(tmp_path / "jobs.db"))
+
+
+@pytest.fixture
+def store(engine: sa.Engine) -> JobStore:
+    return JobStore(engine, clock=FakeClock())
+
+
+def spec(**changes: object) -> TrainingSpec:
+    return load_spec(TEXT).model_copy(update=changes)
+
+
+def assignment(gpus_per_node: int, nodes: int = 1) -> Assignment:
+    return Assignment(
+        nodes=tuple(
+            NodeAssignment(
+                node_id=f"n{k}",
+                hostname=f"host-{k}",
+                gpu_indices=tuple(range(gpus_per_node)),
+                gpu_uuids=tuple(GpuUuid(f"GPU-{k}-{i}") for i in range(gpus_per_node)),
+            )
+            for k in range(nodes)
+        )
+    )
+
+
+def test_create_stores_the_typed_spec_pending_with_history(store: JobStore) -> None:
+    job = store.create(load_spec(TEXT), TEXT)
+    assert job.state is JobState.PENDING
+    assert job.spec == load_spec(TEXT)
+    assert (job.name, job.experiment, job.team, job.priority) == ("j", "e", "t", 0)
+    assert job.queued_at == job.submitted_at
+    assert job.attained_gpu_s == 0.0 and job.attempt_started_at is None
+    assert [(e.from_state, e.to_state, e.reason) for e in store.history(job.id)] == [
+        (None, JobState.PENDING, "submitted")
+    ]
+
+
+def test_transition_records_reason_time_and_typed_fields(store: JobStore) -> None:
+    job_id = store.create(spec(), TEXT).id
+    placed = assignment(2)
+    store.transition(job_id, JobState.SCHEDULED, "placed", assignment=placed)
+    progress = Progress(run_id="r1", experiment_id="7", step=3, metrics={"loss": 0.5})
+    job = store.transition(job_id, JobState.RUNNING, "started", progress=progress)
+    assert job.assignment == placed
+    assert job.progress == progress
+    assert job.started_at is not None
+    job = store.transition(job_id, JobState.SUCCEEDED, "done", model_version="3")
+    assert job.finished_at is not None and job.finished_at > job.started_at
+    history = store.history(job_id)
+    assert [e.to_state for e in history] == [
+        JobState.PENDING,
+        JobState.SCHEDULED,
+        JobState.RUNNING,
+        JobState.SUCCEEDED,
+    ]
+    assert [e.at for e in history] == sorted(e.at for e in history)
+    assert history[-1].reason == "done"
+
+
+def test_attempts_keep_what_the_queue_policy_reads(store: JobStore) -> None:
+    """Each RUNNING spell adds GPUs x seconds to attained service; each requeue resets queued_at;
+    the first start stays the job's start, each attempt has its own."""
+    job_id = store.create(spec(), TEXT).id
+    store.transition(job_id, JobState.SCHEDULED, "placed", assignment=assignment(2, nodes=2))
+    first = store.transition(job_id, JobState.RUNNING, "started")
+    assert first.attempt_started_at == first.started_at
+    preempted = store.transition(job_id, JobState.PREEMPTED, "preempted")
+    ran_s = preempted.updated_at - first.attempt_started_at  # type: ignore[operator]
+    assert preempted.attained_gpu_s == pytest.approx(4 * ran_s)  # 2 GPUs on each of 2 nodes
+    requeued = store.transition(job_id, JobState.PENDING, "requeued", assignment=None)
+    assert requeued.queued_at == requeued.updated_at > first.queued_at
+    assert requeued.attained_gpu_s == preempted.attained_gpu_s  # waiting attains nothing
+    store.transition(job_id, JobState.SCHEDULED, "placed", assignment=assignment(1))
+    second = store.transition(job_id, JobState.RUNNING, "resumed")
+    assert second.started_at == first.started_at
+    assert second.attempt_started_at == second.updated_at > first.attempt_started_at  # type: ignore[operator]
+    done = store.transition(job_id, JobState.SUCCEEDED, "done")
+    more_s = done.updated_at - second.attempt_started_at  # type: ignore[operator]
+    assert done.attained_gpu_s == pytest.approx(4 * ran_s + 1 * more_s)
+
+
+def test_illegal_transition_changes_nothing(store: JobStore) -> None:
+    job_id = store.create(spec(), TEXT).id
+    before = store.get(job_id)
+    with pytest.raises(IllegalTransition):
+        store.transition(job_id, JobState.SUCCEEDED, "skip ahead", model_version="1")
+    assert store.get(job_id) == before
+    assert len(store.history(job_id)) == 1
+
+
+def test_update_refuses_state_and_unknown_jobs(store: JobStore) -> None:
+    job_id = store.create(spec(), TEXT).id
+    with pytest.raises(ValueError, match="transition"):
+        store.update(job_id, state="RUNNING")  # type: ignore[call-arg]
+    with pytest.raises(JobNotFound):
+        store.update("j-missing", preempt_reason="x")
+    with pytest.raises(JobNotFound):
+        store.get("j-missing")
+    store.update(job_id, preempt_reason="for a replica", pending_reasons=["a", "b"])
+    job = store.get(job_id)
+    assert (job.preempt_reason, job.pending_reasons) == ("for a replica", ("a", "b"))
+
+
+def test_find_filters_by_state_newest_first(store: JobStore) -> None:
+    a = store.create(spec(name="a"), TEXT).id
+    b = store.create(spec(name="b"), TEXT).id
+    store.transition(a, JobState.CANCELLED, "no")
+    assert [j.id for j in store.find()] == [b, a]
+    assert [j.id for j in store.find([JobState.PENDING])] == [b]
+
+
+def test_reopen_keeps_everything_and_migrations_are_versioned(tmp_path: Path) -> None:
+    url = db.sqlite_url(tmp_path / "jobs.db")
+    first = JobStore(db.connect(url))
+    job_id = first.create(spec(), TEXT).id
+    first.transition(job_id, JobState.CANCELLED, "bye")
+    first.engine.dispose()
+    second = JobStore(db.connect(url))  # runs the migrations again: must be a no-op
+    assert second.get(job_id).state is JobState.CANCELLED
+    assert len(second.history(job_id)) == 2
+    with second.engine.connect() as conn:
+        version = conn.execute(sa.text("select version_num from alembic_version")).scalar()
+        mode = conn.execute(sa.text("pragma journal_mode")).scalar()
+    assert version == "0004"  # the newest migration
+    assert mode == "wal"
+
+
+def test_migration_0004_types_the_assignments_older_versions_stored(tmp_path: Path) -> None:
+    """A job placed and being preempted by an older version keeps its nodes, pids and reason."""
+    url = db.sqlite_url(tmp_path / "jobs.db")
+    engine = sa.create_engine(url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(db.__file__).parent / "migrations"))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0003")
+    node = {"node_id": "n1", "hostname": "a", "gpu_indices": [1], "gpu_uuids": ["GPU-1"]}
+    old = {**node, "pid": 42, "nodes": [{**node, "pid": 42}], "preempt_reason": "for j-2"}
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "insert into jobs (id, name, experiment, team, priority, state, spec_json, "
+                "source_text, submitted_at, updated_at, started_at, attempts, assignment_json, "
+                "cancel_requested, preemptions) values ('j-1', 'j', 'e', 't', 0, 'RUNNING', "
+                ":spec, :text, 10.0, 20.0, 15.0, 1, :assignment, 0, 0)"
+            ),
+            {"spec": spec().model_dump_json(), "text": TEXT, "assignment": json.dumps(old)},
+        )
+    engine.dispose()
+    job = JobStore(db.connect(url)).get("j-1")
+    assert job.assignment == Assignment(
+        nodes=(
+            NodeAssignment(
+                node_id="n1",
+                hostname="a",
+                gpu_indices=(1,),
+                gpu_uuids=(GpuUuid("GPU-1"),),
+                pid=42,
+            ),
+        )
+    )
+    assert job.preempt_reason == "for j-2"
+    assert (job.queued_at, job.attempt_started_at, job.attained_gpu_s) == (10.0, 15.0, 0.0)
+
+
+DEPLOYMENT = "name: mlp\nmodel: models:/mlp@champion\n"
+
+
+def test_deployment_state_changes_are_checked(engine: sa.Engine) -> None:
+    deployments = DeploymentStore(engine, clock=FakeClock())
+    record, created = deployments.put(load_deployment(DEPLOYMENT), DEPLOYMENT)
+    assert created and record.state is DeploymentState.DEPLOYING
+    assert record.spec == load_deployment(DEPLOYMENT)
+    deployments.transition("mlp", DeploymentState.DEPLOYING, "waiting for capacity", None, None)
+    assert deployments.get("mlp").message == "waiting for capacity"  # same state: an update
+    deployments.transition("mlp", DeploymentState.READY, None, "1", "run-1")
+    ready = deployments.get("mlp")
+    assert (ready.state, ready.model_version, ready.run_id) == (DeploymentState.READY, "1", "run-1")
+    _, created = deployments.put(load_deployment(DEPLOYMENT), DEPLOYMENT)
+    assert not created and deployments.get("mlp").state is DeploymentState.READY
+    deployments.delete("mlp")
+    deployments.transition("mlp", DeploymentState.FAILED, "late report", None, None)  # no-op
+    with pytest.raises(DeploymentNotFound):
+        deployments.get("mlp")
