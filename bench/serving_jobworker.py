@@ -19,8 +19,10 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import httpx
+import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -47,8 +49,12 @@ def tracking_uri(workdir: Path) -> str:
     return f"sqlite:///{workdir / 'mlflow.db'}"
 
 
-def register_model(workdir: Path) -> str:
-    """Log and register the bench MLP in a fresh store under ``workdir``; its model URI."""
+def register_model(
+    workdir: Path, model: Any = None, name: str = MODEL_NAME, pickle: bool = False
+) -> str:
+    """Log and register ``model`` (default: the bench MLP) as ``name`` in a fresh store under
+    ``workdir``; its model URI. ``pickle`` keeps Python code in the model (a sleep, say)
+    that the default serialization would trace away."""
     import mlflow
     from mlflow.models import infer_signature
 
@@ -57,30 +63,32 @@ def register_model(workdir: Path) -> str:
     experiment_id = mlflow.create_experiment(
         EXPERIMENT, artifact_location=(workdir / "artifacts").as_uri()
     )
-    model = build_model()
+    model = build_model() if model is None else model
     rows = example_rows(2)
     signature = infer_signature(rows, predict(model, rows))
-    with mlflow.start_run(experiment_id=experiment_id, run_name="bench-mlp"):
+    extra = {"serialization_format": "pickle"} if pickle else {}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name):
         info = mlflow.pytorch.log_model(
             model,
             name="model",
             signature=signature,
             input_example=rows,
-            registered_model_name=MODEL_NAME,
+            registered_model_name=name,
+            **extra,
         )
     version = info.registered_model_version
     if str(version) != "1":
-        raise RuntimeError(f"expected version 1 of {MODEL_NAME} in a fresh store, got {version}")
-    return f"models:/{MODEL_NAME}/1"
+        raise RuntimeError(f"expected version 1 of {name} in a fresh store, got {version}")
+    return f"models:/{name}/1"
 
 
-def _deployment_ready(base: str, timeout_s: float) -> None:
-    """Poll ``GET /deployments/bench-mlp`` until ``"state": "READY"``; on timeout, say why."""
+def _deployment_ready(base: str, timeout_s: float, name: str) -> None:
+    """Poll ``GET /deployments/<name>`` until ``"state": "READY"``; on timeout, say why."""
     deadline = time.monotonic() + timeout_s
     last_body, last_error = "(no answer)", ""
     while time.monotonic() < deadline:
         try:
-            resp = httpx.get(f"{base}/deployments/{MODEL_NAME}", timeout=5.0)
+            resp = httpx.get(f"{base}/deployments/{name}", timeout=5.0)
             last_body, last_error = f"{resp.status_code} {resp.text}", ""
             if resp.status_code == 200 and resp.json().get("state") == "READY":
                 return
@@ -88,15 +96,19 @@ def _deployment_ready(base: str, timeout_s: float) -> None:
             last_error = f" (then: {exc!r})"
         time.sleep(0.5)
     raise RuntimeError(
-        f"deployment {MODEL_NAME} not READY within {timeout_s:.0f}s; "
-        f"last answer: {last_body}{last_error}"
+        f"deployment {name} not READY within {timeout_s:.0f}s; last answer: {last_body}{last_error}"
     )
 
 
 def start_jobworker(
-    workdir: Path, log_dir: Path, env: Mapping[str, str], launched: list[ServerProcess]
+    workdir: Path,
+    log_dir: Path,
+    env: Mapping[str, str],
+    launched: list[ServerProcess],
+    deployment_yaml: str = DEPLOYMENT_YAML,
 ) -> str:
-    """``jobworker up`` serving ``models:/bench-mlp/1``; its predict URL.
+    """``jobworker up`` serving ``deployment_yaml`` (default: ``models:/bench-mlp/1``); its
+    predict URL.
 
     ``env`` is the server's environment (without ``RAY_ADDRESS``: it must start its own
     local Ray). The server process is appended to ``launched`` as soon as it starts, so the caller
@@ -117,24 +129,27 @@ def start_jobworker(
         "--tracking-uri",
         uri,
     ]
-    server = launch("jobworker", cmd, log_dir, env=env, markers=[str(workdir / "jw")])
+    server = launch(
+        "jobworker", cmd, log_dir, env=env, markers=[str(workdir / "jw")], cwd=REPO_ROOT
+    )
     launched.append(server)
     base = f"http://127.0.0.1:{port}"
     http_ok(server, f"{base}/healthz", HEALTH_TIMEOUT_S)
     resp = httpx.post(
         f"{base}/deployments",
-        content=DEPLOYMENT_YAML,
+        content=deployment_yaml,
         headers={"content-type": "application/yaml"},
         timeout=60.0,
     )
     if resp.status_code >= 300:
         raise server.fail(f"POST /deployments answered {resp.status_code}: {resp.text}")
+    name = yaml.safe_load(deployment_yaml)["name"]
     try:
-        _deployment_ready(base, READY_TIMEOUT_S)
+        _deployment_ready(base, READY_TIMEOUT_S, name)
     except RuntimeError as exc:
         raise server.fail(str(exc)) from exc
     server.remember_descendants()
-    return f"{base}/v1/models/{MODEL_NAME}/predict"
+    return f"{base}/v1/models/{name}/predict"
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Ray Serve replicas and the FastAPI server can import it cheaply.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -41,6 +42,20 @@ def build_model(seed: int = SEED) -> torch.nn.Sequential:
             bound = 1.0 / (param.shape[-1] ** 0.5)
             param.copy_(torch.empty_like(param).uniform_(-bound, bound, generator=gen))
     return model.eval()
+
+
+class SlowModel(torch.nn.Module):
+    """The bench MLP plus ``delay_s`` of sleep per batch: a replica whose capacity is known
+    (``max_batch_size / delay_s`` rows/s) and easy to exceed (``bench/overload.py``)."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+        self.mlp = build_model()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.delay_s)
+        return self.mlp(x)
 
 
 def example_rows(n: int = 1, seed: int = SEED) -> np.ndarray:

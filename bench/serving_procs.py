@@ -79,8 +79,10 @@ def launch(
     markers: Sequence[str] = (),
     keep_stdin: bool = False,
     remove_dirs: Sequence[Path] = (),
+    cwd: Path | None = None,
 ) -> ServerProcess:
-    """Start ``cmd`` in a new session, stdout and stderr to files under ``log_dir``."""
+    """Start ``cmd`` in a new session (in ``cwd``), stdout and stderr to files under
+    ``log_dir``."""
     log_path = log_dir / f"{name}.log"
     stdout_path = log_dir / f"{name}.out"
     with log_path.open("wb") as log, stdout_path.open("wb") as out:
@@ -91,6 +93,7 @@ def launch(
             stderr=log,
             env=dict(env) if env is not None else None,
             start_new_session=True,
+            cwd=cwd,
         )
     return ServerProcess(name, popen, log_path, stdout_path, markers, remove_dirs)
 

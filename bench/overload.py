@@ -1,0 +1,141 @@
+"""Benchmark admission control under overload: the admitted requests' latency against the SLO.
+
+Run from the repository root::
+
+    .venv/bin/python bench/overload.py [--delay-ms 20] [--batch 4] [--overload 3]
+        [--slo-ms 500] [--duration 8] [--warmup 1] [--connections 64]
+
+``jobworker up`` (its own local Ray, a fresh MLflow store) serves one replica of a model
+that sleeps ``--delay-ms`` per batch of at most ``--batch`` rows: a capacity of
+``batch / delay`` rows/s (200/s by default). The load generator
+(``bench/serving_loadgen.py``, its own process) offers ``--overload`` times that capacity
+as an open loop (Poisson arrivals; latency from the scheduled send time, so queueing in
+front of the server counts) for ``--duration`` seconds after ``--warmup``.
+
+Admission control should shed what the replica cannot serve in time (429 with
+``Retry-After``) so that what it admits meets ``slo.p99_ms``, and the API should not grow
+while it sheds. The integration test ``test_overload_sheds_with_429_and_retry_after``
+checks the behaviour (only 200 and 429, every 429 with ``Retry-After``); this script
+measures what the test must not assert: the admitted p99 against the SLO and the API
+process's memory growth. It prints the figures and, last::
+
+    RESULT overload admitted_p99_ms=… slo_p99_ms=… p99_over_slo_x=… admitted_rps=…
+        capacity_rps=… shed_share=… rss_growth_mib=…
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from bench.serving_jobworker import register_model, start_jobworker  # noqa: E402
+from bench.serving_model import SlowModel, request_body  # noqa: E402
+from bench.serving_procs import ServerProcess, stop  # noqa: E402
+
+MODEL = "bench-slow"
+
+
+def deployment_yaml(batch: int, slo_ms: float) -> str:
+    return (
+        f"name: {MODEL}\nmodel: models:/{MODEL}/1\nreplicas: {{min: 1, max: 1}}\n"
+        f"resources: {{cpus: 1}}\nbatching: {{max_batch_size: {batch}}}\n"
+        f"slo: {{p99_ms: {slo_ms:g}}}\nmax_queue: 256\n"
+    )
+
+
+def rss_bytes(server: ServerProcess) -> int:
+    """Resident memory of the ``jobworker up`` process (the API and the router live there)."""
+    return int(psutil.Process(server.popen.pid).memory_info().rss)
+
+
+def open_loop(url: str, rate: float, args: argparse.Namespace, body_file: Path) -> dict[str, Any]:
+    host_port = url.split("//", 1)[1].split("/", 1)[0]
+    host, port = host_port.split(":")
+    path = "/" + url.split("//", 1)[1].split("/", 1)[1]
+    cmd = [
+        sys.executable,
+        str(REPO_ROOT / "bench" / "serving_loadgen.py"),
+        *("--host", host, "--port", port, "--path", path, "--body-file", str(body_file)),
+        *("--mode", "open", "--rate", f"{rate:g}", "--connections", str(args.connections)),
+        *("--duration", str(args.duration), "--warmup", str(args.warmup)),
+    ]
+    timeout_s = args.warmup + args.duration + 120
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"load generator failed ({done.returncode}): {done.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--delay-ms", type=float, default=20.0, help="model time per batch")
+    parser.add_argument("--batch", type=int, default=4, help="max_batch_size")
+    parser.add_argument("--overload", type=float, default=3.0, help="offered load / capacity")
+    parser.add_argument("--slo-ms", type=float, default=500.0, help="slo.p99_ms")
+    parser.add_argument("--duration", type=float, default=8.0, help="measured seconds")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds")
+    parser.add_argument("--connections", type=int, default=64, help="open-loop connections")
+    args = parser.parse_args(argv)
+
+    capacity_rps = args.batch / (args.delay_ms / 1000)
+    rate = args.overload * capacity_rps
+    workdir = Path(tempfile.mkdtemp(prefix="jw_overload_"))
+    log_dir = workdir / "logs"
+    log_dir.mkdir()
+    body_file = workdir / "body.json"
+    body_file.write_bytes(request_body(1))
+    launched: list[ServerProcess] = []
+    try:
+        register_model(workdir, SlowModel(args.delay_ms / 1000), MODEL, pickle=True)
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env["RAY_worker_niceness"] = "0"  # as bench/serving.py: the replica is on the path
+        url = start_jobworker(
+            workdir, log_dir, env, launched, deployment_yaml(args.batch, args.slo_ms)
+        )
+        server = launched[0]
+        before = rss_bytes(server)
+        result = open_loop(url, rate, args, body_file)
+        growth_mib = (rss_bytes(server) - before) / 2**20
+    finally:
+        for server in launched:
+            stop(server)
+    statuses = result["statuses"]
+    answered = sum(statuses.values())
+    shed = statuses.get("429", 0)
+    other = {k: v for k, v in statuses.items() if k not in ("200", "429")}
+    p99 = float(result["p99_ms"])
+    print(
+        f"replica capacity {capacity_rps:.0f} rows/s ({args.batch} rows per "
+        f"{args.delay_ms:g} ms); offered {rate:.0f} req/s for {args.duration:g} s"
+    )
+    print(f"statuses {dict(statuses)}; admitted {result['rps']:.0f} req/s")
+    print(
+        f"admitted p50 {result['p50_ms']:.1f} ms, p95 {result['p95_ms']:.1f} ms, "
+        f"p99 {p99:.1f} ms against slo.p99_ms {args.slo_ms:g}"
+    )
+    print(f"API process memory growth under the load: {growth_mib:.1f} MiB")
+    if other:
+        print(f"unexpected answers: {other}")
+    print(
+        f"RESULT overload admitted_p99_ms={p99:.1f} slo_p99_ms={args.slo_ms:g} "
+        f"p99_over_slo_x={p99 / args.slo_ms:.3f} admitted_rps={result['rps']:.0f} "
+        f"capacity_rps={capacity_rps:.0f} shed_share={shed / answered if answered else 0:.3f} "
+        f"rss_growth_mib={growth_mib:.1f}"
+    )
+    return 1 if other else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
