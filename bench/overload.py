@@ -26,19 +26,17 @@ process's memory growth. It prints the figures and, last::
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import psutil
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench.serving import Load, run_load  # noqa: E402
 from bench.serving_jobworker import register_model, start_jobworker  # noqa: E402
 from bench.serving_model import SlowModel, request_body  # noqa: E402
 from bench.serving_procs import ServerProcess, stop  # noqa: E402
@@ -57,25 +55,6 @@ def deployment_yaml(batch: int, slo_ms: float) -> str:
 def rss_bytes(server: ServerProcess) -> int:
     """Resident memory of the ``jobworker up`` process (the API and the router live there)."""
     return int(psutil.Process(server.popen.pid).memory_info().rss)
-
-
-def open_loop(url: str, rate: float, args: argparse.Namespace, body_file: Path) -> dict[str, Any]:
-    host_port = url.split("//", 1)[1].split("/", 1)[0]
-    host, port = host_port.split(":")
-    path = "/" + url.split("//", 1)[1].split("/", 1)[1]
-    cmd = [
-        sys.executable,
-        str(REPO_ROOT / "bench" / "serving_loadgen.py"),
-        *("--host", host, "--port", port, "--path", path, "--body-file", str(body_file)),
-        *("--mode", "open", "--rate", f"{rate:g}", "--connections", str(args.connections)),
-        *("--duration", str(args.duration), "--warmup", str(args.warmup)),
-    ]
-    timeout_s = args.warmup + args.duration + 120
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"load generator failed ({done.returncode}): {done.stderr[-2000:]}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         server = launched[0]
         before = rss_bytes(server)
-        result = open_loop(url, rate, args, body_file)
+        result = run_load(url, Load("open", rate=rate), body_file, args)
         growth_mib = (rss_bytes(server) - before) / 2**20
     finally:
         for server in launched:

@@ -8,9 +8,9 @@ Run from the repository root::
 Default workload: virtual cluster ``6c71a0``, its first 2,000 jobs of 1 to 16
 GPUs by submit time, on 48 GPUs (6 nodes x 8): an offered load of about 1.2.
 Each policy (``fifo``, ``fifo-backfill``, ``sjf``, ``ours``; see
-``scheduler/sim_policies.py``) is replayed through the real queue policy and
+``scheduler/sim/policies.py``) is replayed through the real queue policy and
 ``scheduler.core.placement.place`` by ``scheduler.sim.simulator``. GPU memory requests
-follow the seeded rule in ``scheduler/traces.py`` (they never bind on 80 GB
+follow the seeded rule in ``scheduler/sim/traces.py`` (they never bind on 80 GB
 GPUs). A preemption loses the work since the last checkpoint (every 10 min)
 and costs 30 s to restart.
 
