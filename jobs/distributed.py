@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -198,6 +199,14 @@ def all_sum(values: torch.Tensor) -> torch.Tensor:
 def shutdown() -> None:
     """Leave the process group if one was joined (``dist.destroy_process_group``); idempotent.
 
+    Free every DistributedDataParallel wrapper before calling this. A wrapper's C++
+    Reducer holds the group; when it holds the last reference, the group is destroyed
+    as the wrapper is freed, with the GIL held, and gloo's destructor joins its worker
+    threads, one of which may still need the GIL to free the tensor of a collective that
+    just finished (``agree``'s vote): a deadlock, seen when the CPUs are busy. Destroyed
+    here instead, through the Python group objects, it runs without the GIL.
+    ``gc.collect()`` first frees a wrapper that only a reference cycle still keeps.
+
     Example::
 
         try:
@@ -206,6 +215,7 @@ def shutdown() -> None:
             shutdown()
     """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

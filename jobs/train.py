@@ -15,6 +15,7 @@ gradients, so one step is one optimizer step taken by all ranks together.
 from __future__ import annotations
 
 import math
+import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -84,6 +85,12 @@ def train(ctx: JobContext, params: TrainParams) -> TrainResult:
     init_process_group(info, ctx.device)
     try:
         return _train(ctx, params, info)
+    except BaseException as error:
+        # The traceback holds _train's frame and so its DDP wrapper: free it now, before
+        # shutdown() destroys the group, not later when the caller drops the exception
+        # (see shutdown() for the deadlock that order avoids).
+        traceback.clear_frames(error.__traceback__)
+        raise
     finally:
         shutdown()
 

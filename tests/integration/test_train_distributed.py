@@ -1,7 +1,4 @@
-"""Runs first in the suite (tests/e2e/test_a_*), before the session Ray cluster starts:
-with one up in this process its spawned ranks have hung in CI (cause not found yet).
-
-Data-parallel training: ``jobs.distributed`` and ``train()`` run as 2 ranks on CPU (gloo).
+"""Data-parallel training: ``jobs.distributed`` and ``train()`` run as 2 ranks on CPU (gloo).
 
 Each multi-rank test spawns two processes over loopback, each running
 ``train()`` against a :class:`RankContext`: rank 0 records like
@@ -12,6 +9,7 @@ there, as the runner's contexts do. Ranks report back through files in ``tmp_pat
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import socket
@@ -23,6 +21,7 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
 
 from jobs.context import JobContext, StopRequested
 from jobs.distributed import DistributedInfo, agree, all_sum
@@ -103,6 +102,9 @@ def _rank_main(rank: int, out: str, phases: list[Phase], ports: list[int]) -> No
             result = train(ctx, phase.params)
         except StopRequested:
             report["stopped"] = True
+            # Still holding the exception: its traceback must not keep a DDP wrapper alive
+            # (freed after the group, it would destroy the group under the GIL: a deadlock).
+            report["ddp_alive"] = _live_ddp_wrappers()
         else:
             report |= {
                 "steps": result.steps,
@@ -119,11 +121,15 @@ def _rank_main(rank: int, out: str, phases: list[Phase], ports: list[int]) -> No
         torch.save(report, Path(out) / f"{phase.name}-{rank}.pt")
 
 
+def _live_ddp_wrappers() -> int:
+    return sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+
+
 def _rendezvous_ports(n: int) -> list[int]:
     """``n`` ports free now, below Linux's ephemeral range (32768+) and above Ray's worker
-    ports (10002-19999): a port picked by binding port 0 comes from the ephemeral range,
-    where the outgoing connections of a Ray session running in this process may take it
-    before rank 0 binds it (a hang, seen in CI)."""
+    ports (10002-19999), as the loop picks a gang's: a port picked by binding port 0 comes
+    from the ephemeral range, where another process's outgoing connection may take it
+    before rank 0 binds it."""
     rng = random.Random()
     ports: list[int] = []
     while len(ports) < n:
@@ -267,6 +273,15 @@ def test_a_stop_on_one_rank_stops_both_at_the_same_step_with_a_leader_checkpoint
     assert logged_steps(stopped[0]) == [1, 2, 3]
     assert stopped[0]["saved"] == [3] and stopped[1]["saved"] == []
     assert stopped[0]["polls"] == stopped[1]["polls"] == 3  # both asked, every step
+
+
+def test_a_stopped_rank_frees_its_ddp_wrapper_before_leaving_the_group(
+    runs: dict[str, list[dict[str, Any]]],
+) -> None:
+    """Freed after ``destroy_process_group``, the wrapper's reducer would own the group's last
+    reference and destroy it with the GIL held, while a gloo thread waits for the GIL to
+    free the last all-reduce's tensor: the rank hangs (seen under load, 4 runs in 30)."""
+    assert [report["ddp_alive"] for report in runs["stopped"]] == [0, 0]
 
 
 def test_the_stopped_run_resumes_on_both_ranks_from_the_leaders_checkpoint(
