@@ -196,14 +196,16 @@ def test_a_full_queue_is_429_with_retry_after(pool: Pool) -> None:
 
 
 def test_slow_batches_do_not_shed_requests_that_find_a_replica_idle(pool: Pool) -> None:
-    """Batches of >= 50 ms against a 110 ms SLO: an idle replica answers within it.
+    """Batches of >= 50 ms against a 124 ms SLO (admitted up to 99 ms): an idle replica
+    answers within it.
 
-    (Counting a batch in flight that is not there, 2 x 50 ms, would shed them all.)
+    Counting a batch in flight that is not there (2 x >= 50 ms) would shed them all; the
+    SLO leaves the most room below that for a slow machine's batch times.
     """
     replica = pool("a", delay_s=0.05)
 
     async def main() -> None:
-        async with routing([replica], max_batch_size=1, slo_p99_ms=110) as router:
+        async with routing([replica], max_batch_size=1, slo_p99_ms=124) as router:
             for i in range(4):
                 await bounded(router.predict(MODEL, rows(i)))
 
