@@ -1,4 +1,4 @@
-"""The control plane's value types: what placement, the queue policy and the stores exchange.
+"""The core's value types: what placement and the queue policy take in and give back.
 
 Frozen and behaviour-free (a few derived properties aside), so any part of
 ``scheduler/`` can build, compare and pass them around; no I/O, no clock.

@@ -373,7 +373,7 @@ def simulate(
     config: SimConfig | None = None,
     timer: Callable[[], float] = time.perf_counter,
 ) -> SimResult:
-    """Replay ``trace`` under ``policy`` (a name from ``scheduler.sim.policies.POLICIES`` or a SimPolicy).
+    """Replay ``trace`` under ``policy`` (a SimPolicy or a name of ``sim.policies.POLICIES``).
 
     Jobs that could never fit the cluster (too few nodes for their shape,
     more memory than a GPU has) are left out and
