@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -40,19 +41,21 @@ def _counted(api: Api, run_id: str) -> list[int]:
 
 
 def test_deployment_preempts_lowest_priority_job_which_resumes_in_the_same_run(
-    make_api: Any,
+    make_api: Any, tmp_path: Path
 ) -> None:
     api: Api = make_api()  # node "local": two 40 GB A100s, one with 8 GB held by another tenant
-    steps = 60
+    steps, gate = 60, tmp_path / "go"  # low waits at step 30 until the test opens the gate
     low = _submit(
         api,
-        entrypoint_yaml("low", "count_steps", gpus=1, gpu_memory_gb=30, steps=steps)
+        entrypoint_yaml(
+            "low", "count_steps", gpus=1, gpu_memory_gb=30, steps=steps, gate=str(gate),
+            gate_step=30,
+        )
         + "priority: -10\n",
-    )
-    high = _submit(
+    )  # fmt: skip
+    high = _submit(  # runs until cancelled
         api,
-        entrypoint_yaml("high", "count_steps", gpus=1, gpu_memory_gb=30, steps=steps)
-        + "priority: 10\n",
+        entrypoint_yaml("high", "run_until_stopped", gpus=1, gpu_memory_gb=30) + "priority: 10\n",
     )
     _wait_step(api, low, 12)
     _wait_step(api, high, 1)
@@ -67,11 +70,13 @@ def test_deployment_preempts_lowest_priority_job_which_resumes_in_the_same_run(
     )
     assert preempted.attained_gpu_s > 0 and preempted.queued_at > preempted.submitted_at
     stopped_at = max(_counted(api, str(preempted.run_id)))
-    assert api.plane.store.get(high).state is JobState.RUNNING  # the higher priority job runs on
+    running = api.plane.store.get(high)  # the higher priority job runs on, never preempted
+    assert running.state is JobState.RUNNING and running.preemptions == 0
     wait_deployment(api, "big")
 
     # Capacity comes back when the deployment goes; the job resumes where it stopped.
     assert api.http.delete("/deployments/big").status_code == 204
+    gate.touch()
     done = api.wait_for(low, {JobState.SUCCEEDED, JobState.FAILED}, 180)
     assert done.state is JobState.SUCCEEDED, done.error
     assert done.run_id == preempted.run_id and done.preemptions == 1
@@ -87,15 +92,19 @@ def test_deployment_preempts_lowest_priority_job_which_resumes_in_the_same_run(
         [run.info.experiment_id], filter_string=f"tags.`jobworker.job_id` = '{low}'"
     )
     assert len(runs) == 1
-    api.wait_for(high, {JobState.SUCCEEDED}, 180)
+    assert JobState.PREEMPTED not in [e.to_state for e in api.plane.store.history(high)]
+    api.http.post(f"/jobs/{high}/cancel")
+    api.wait_for(high, {JobState.CANCELLED}, 60)
 
 
-def test_lost_worker_is_retried_with_backoff_and_resumes(make_api: Any) -> None:
+def test_lost_worker_is_retried_with_backoff_and_resumes(make_api: Any, tmp_path: Path) -> None:
     api: Api = make_api()
-    steps = 40
-    job_id = _submit(api, entrypoint_yaml("lost", "count_steps", steps=steps) + "max_retries: 1\n")
+    steps, gate = 40, tmp_path / "go"  # it waits at step 20 until the worker has been killed
+    text = entrypoint_yaml("lost", "count_steps", steps=steps, gate=str(gate), gate_step=20)
+    job_id = _submit(api, text + "max_retries: 1\n")
     _wait_step(api, job_id, 12)
     ray.kill(ray.get_actor(f"jobworker-train-{job_id}", namespace=api.namespace))
+    gate.touch()
 
     done = api.wait_for(job_id, {JobState.SUCCEEDED, JobState.FAILED}, 180)
     assert done.state is JobState.SUCCEEDED, done.error

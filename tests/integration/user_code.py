@@ -101,16 +101,22 @@ def count_steps(ctx: JobContext, config: dict[str, Any]) -> None:
     """Count to ``steps`` at ``step_s`` a step, checkpointing every ``checkpoint_every``.
 
     Resumes from its last checkpoint and stops cooperatively (checkpoint first), so
-    a preempted or retried job shows its step metric continuing, not restarting.
+    a preempted or retried job shows its step metric continuing, not restarting. With
+    ``gate`` (a file path) it waits after step ``gate_step`` until that file exists,
+    still stopping when asked: a test opens the gate once it has done what had to happen
+    while the job ran, so the job cannot finish early on a slow machine.
     """
     restored = ctx.load_checkpoint()
     start = restored[1] + 1 if restored else 1
     every = int(config.get("checkpoint_every", 5))
+    gate, gate_step = config.get("gate"), int(config.get("gate_step", 0))
     print(f"count_steps: starting at step {start}", flush=True)
     for step in range(start, int(config["steps"]) + 1):
         ctx.log_metrics({"counted": float(step)}, step=step)
         if step % every == 0:
             ctx.save_checkpoint({"step": step}, step=step)
+        while gate and step >= gate_step and not os.path.exists(gate) and not ctx.should_stop():
+            time.sleep(0.05)
         if ctx.should_stop():
             ctx.save_checkpoint({"step": step}, step=step)
             raise StopRequested
