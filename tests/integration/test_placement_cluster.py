@@ -41,9 +41,9 @@ def test_jobs_land_where_the_policy_predicts(make_api: Callable[..., Api]) -> No
         return str(response.json()["id"])
 
     # One pass places them in submit order (equal priority).
-    t4_first = job("t4-first", 40, gpus=1, gpu_memory_gb=10, gpu_type="T4")
+    t4_first = job("t4-first", 600, gpus=1, gpu_memory_gb=10, gpu_type="T4")
     gang = job("a100-gang", 3, gpus=2, gpu_memory_gb=40)
-    t4_second = job("t4-second", 40, gpus=1, gpu_memory_gb=10, gpu_type="T4")
+    t4_second = job("t4-second", 600, gpus=1, gpu_memory_gb=10, gpu_type="T4")
     waits = job("a100-big", 1, gpus=1, gpu_memory_gb=60)
 
     expected = {
