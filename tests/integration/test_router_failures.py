@@ -231,8 +231,7 @@ def test_a_draining_replica_added_back_keeps_serving(pool: Pool) -> None:
             await until(lambda: router.load(MODEL).ready_replicas == 2, "back")
             busy.release()
             await bounded(in_flight)
-            await asyncio.sleep(0.01)
-            assert router.routed(MODEL) == {"a", "b"}
+            await until(lambda: router.routed(MODEL) == {"a", "b"}, "both routed")
             assert router.load(MODEL).ready_replicas == 2
             assert not router.drained(MODEL, busy.replica_id)
 
