@@ -48,8 +48,8 @@ ACTIVE = (JobState.SCHEDULED, JobState.RUNNING)
 
 
 class ClusterSource(Protocol):
-    def nodes(self) -> tuple[NodeReading, ...]:
-        """The latest telemetry of every live node."""
+    def nodes(self, fresh: bool = False) -> tuple[NodeReading, ...]:
+        """The latest telemetry of every live node; ``fresh`` samples it now."""
         ...
 
 
@@ -64,7 +64,7 @@ class RealtimeLane(Protocol):
         self,
         snapshot: Callable[[], ClusterSnapshot],
         policy: PlacementPolicy,
-        preempt: Callable[[ClusterSnapshot, Demand], str | None],
+        preempt: Callable[[Demand], str | None],
     ) -> None:
         """Reconcile replicas; ``preempt`` makes room for a replica that fits nowhere."""
         ...
@@ -179,12 +179,12 @@ class Scheduler:
     def log_path(self, job_id: str) -> Path:
         return self._settings.log_dir / f"{job_id}.log"
 
-    def _snapshot(self) -> ClusterSnapshot:
-        """Telemetry plus every holding: running jobs' and real-time replicas'."""
+    def _snapshot(self, fresh: bool = False) -> ClusterSnapshot:
+        """Telemetry (``fresh``: sampled now) plus every holding: jobs' and replicas'."""
         holdings = tuple(h for j in self._store.find(list(ACTIVE)) for h in holdings_of(j))
         if self._realtime is not None:
             holdings += self._realtime.holdings()
-        return ClusterSnapshot(nodes=self._cluster.nodes(), holdings=holdings)
+        return ClusterSnapshot(nodes=self._cluster.nodes(fresh=fresh), holdings=holdings)
 
     def _cancel_pending(self, pending: list[JobRecord]) -> list[JobRecord]:
         keep = []
@@ -284,13 +284,18 @@ class Scheduler:
             resume_reason=reason,
         )
 
-    def _preempt_for(self, snapshot: ClusterSnapshot, demand: Demand) -> str | None:
+    def _preempt_for(self, demand: Demand) -> str | None:
         """Stop the cheapest batch jobs whose capacity lets ``demand`` (a replica) fit.
 
         Returns what is being done to make room, or None when preempting would
         not help. Jobs already stopping count as freed: no second victim is
-        chosen while the first one checkpoints.
+        chosen while the first one checkpoints. Decided on telemetry sampled
+        now, not the pass's: a victim that stopped since the last sample still
+        shows its memory there, and would cost a second, needless victim.
         """
+        snapshot = self._snapshot(fresh=True)
+        if place(snapshot, [demand], self._settings.policy)[0].placed:
+            return "room was freed just now; it starts at the next pass"
         active = self._store.find(list(ACTIVE))
         stopping = [j for j in active if j.preempt_reason]
         base = without_jobs(snapshot, [j.id for j in stopping])

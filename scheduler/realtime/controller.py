@@ -139,7 +139,7 @@ class DeploymentController:
         self,
         snapshot: Callable[[], ClusterSnapshot],
         policy: PlacementPolicy,
-        preempt: Callable[[ClusterSnapshot, Demand], str | None] | None = None,
+        preempt: Callable[[Demand], str | None] | None = None,
     ) -> None:
         """One pass; ``preempt`` (the batch lane's) makes room for a replica that fits nowhere."""
         records = {r.name: r for r in self._store.list()}
@@ -291,7 +291,7 @@ class DeploymentController:
         snapshot: Callable[[], ClusterSnapshot],
         policy: PlacementPolicy,
         now: float,
-        preempt: Callable[[ClusterSnapshot, Demand], str | None] | None,
+        preempt: Callable[[Demand], str | None] | None,
     ) -> None:
         if not wanted:
             return
@@ -305,7 +305,7 @@ class DeploymentController:
                 # The real-time lane outranks batch jobs: make room, one replica a pass.
                 if preempt is not None and demand.gpus and not preempted:
                     preempted = True
-                    action = preempt(snap, demand)
+                    action = preempt(demand)
                     if action:
                         dep.waiting = action
                 continue

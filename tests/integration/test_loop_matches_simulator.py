@@ -124,7 +124,7 @@ class SimulatedNodes:
     def __init__(self, nodes: tuple[NodeReading, ...]) -> None:
         self._nodes = nodes
 
-    def nodes(self) -> tuple[NodeReading, ...]:
+    def nodes(self, fresh: bool = False) -> tuple[NodeReading, ...]:
         return self._nodes
 
 
