@@ -38,6 +38,8 @@ def test_example_configs_are_valid(path: Path) -> None:
         ("model: {name: cnn}", "", "expects samples of shape (1, 28, 28)"),
         ("entrypoint: json:dumps", "", "exactly one of model or entrypoint"),
         ("name: 'has spaces'", "name", "pattern"),
+        ("resources: {gpus: 1, gpu_memory_gb: .inf}", "resources.gpu_memory_gb", "finite"),
+        ("resources: {memory_gb: .nan}", "resources.memory_gb", "finite"),
     ],
 )
 def test_bad_fields_are_named(extra: str, loc: str, words: str) -> None:

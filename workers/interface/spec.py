@@ -31,7 +31,9 @@ _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No infinities or NaN: they overflow the scheduler's arithmetic, and JSON (the
+    # store's form of a spec) has no way to write them.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelRef(_Strict):
