@@ -27,7 +27,14 @@ from scheduler.batch.demands import (
 )
 from scheduler.batch.store import JobFields, JobRecord, JobStore
 from scheduler.core.backoff import backoff_s
-from scheduler.core.model import ClusterSnapshot, Demand, Holding, PlacementPolicy, QueuePolicy
+from scheduler.core.model import (
+    ClusterSnapshot,
+    Demand,
+    Holding,
+    PlacementPolicy,
+    QueuePolicy,
+    RunningJob,
+)
 from scheduler.core.placement import place
 from scheduler.core.preemption import choose_victims, without_jobs
 from scheduler.core.queue_policy import place_plan, plan
@@ -139,6 +146,8 @@ class Scheduler:
         self._stopping: set[str] = set()
         self._queue: list[QueueEntry] = []
         self._next_change_at: float | None = None
+        self._noted: dict[str, str] = {}  # the last problem noted in each job's history
+        self._unwritten: dict[str, str] = {}  # log chunks a full disk refused, kept to retry
         settings.log_dir.mkdir(parents=True, exist_ok=True)
 
     # -- lifecycle --------------------------------------------------------------------
@@ -166,40 +175,139 @@ class Scheduler:
 
     # -- one pass ---------------------------------------------------------------------
     def run_once(self) -> None:
-        jobs = self._store.find([JobState.PENDING, *ACTIVE])
+        """One pass over every pending and active job.
+
+        A problem with one job (a spec the planner cannot convert, a worker that
+        cannot be asked, a log the disk refuses) is noted in that job's history
+        and never stops the pass for the others; a problem of a whole step (Ray
+        unreachable, the real-time lane failing) is logged and the next step runs.
+        """
+        left_out: set[str] = set()
+
+        def unreadable(job_id: str, exc: Exception) -> None:
+            left_out.add(job_id)
+            self._job_problem(job_id, "left out: its stored spec cannot be read", exc)
+
+        jobs = self._store.all_in([JobState.PENDING, *ACTIVE], unreadable=unreadable)
         pending = [j for j in jobs if j.state is JobState.PENDING]
         active = [j for j in jobs if j.state in ACTIVE]
         pending = self._cancel_pending(pending)
         self._request_stops(active)
-        self._observe(active)
+        self._step("observing the running jobs", lambda: self._observe(active))
         if self._realtime is not None:
-            self._realtime.reconcile(self._snapshot, self._settings.policy, self._preempt_for)
+            realtime = self._realtime
+            self._step(
+                "reconciling the real-time lane",
+                lambda: realtime.reconcile(
+                    self._snapshot, self._settings.policy, self._preempt_for
+                ),
+            )
         self._place(pending)
+        ids = {j.id for j in jobs} | left_out
+        for job_id in [k for k in self._unwritten if k not in ids]:  # it ended meanwhile
+            self._append_log(job_id, "")
+        self._noted = {k: v for k, v in self._noted.items() if k in ids}
+
+    def _active(self) -> list[JobRecord]:
+        """The scheduled and running jobs; an unreadable one was noted at the pass's start."""
+        return self._store.all_in(ACTIVE, unreadable=lambda job_id, exc: None)
+
+    @staticmethod
+    def _step(what: str, act: Callable[[], None]) -> None:
+        try:
+            act()
+        except Exception:
+            log.exception("%s failed; the pass goes on", what)
+
+    def _job_problem(self, job_id: str, what: str, exc: Exception) -> None:
+        """Note a problem with one job in its history (once while it lasts) and go on."""
+        reason = f"{what}: {type(exc).__name__}: {exc}"
+        log.warning("job %s: %s", job_id, reason, exc_info=exc)
+        if self._noted.get(job_id) == reason:
+            return
+        self._noted[job_id] = reason
+        try:
+            self._store.note(job_id, reason)
+        except Exception:
+            log.exception("could not note the problem of job %s", job_id)
 
     def log_path(self, job_id: str) -> Path:
         return self._settings.log_dir / f"{job_id}.log"
 
     def _snapshot(self, fresh: bool = False) -> ClusterSnapshot:
         """Telemetry (``fresh``: sampled now) plus every holding: jobs' and replicas'."""
-        holdings = tuple(h for j in self._store.find(list(ACTIVE)) for h in holdings_of(j))
+        active = self._active()
+        holdings = tuple(h for j in active for h in self._holdings(j))
         if self._realtime is not None:
             holdings += self._realtime.holdings()
         return ClusterSnapshot(nodes=self._cluster.nodes(fresh=fresh), holdings=holdings)
 
-    def _cancel_pending(self, pending: list[JobRecord]) -> list[JobRecord]:
+    def _holdings(self, job: JobRecord) -> list[Holding]:
+        try:
+            return holdings_of(job)
+        except Exception as exc:
+            self._job_problem(job.id, "cannot count what it holds", exc)
+            return []
+
+    def _running(self, job: JobRecord) -> RunningJob | None:
+        try:
+            return running_job(job)
+        except Exception as exc:
+            self._job_problem(job.id, "cannot count what it holds", exc)
+            return None
+
+    def _plannable(self, ready: list[JobRecord]) -> list[JobRecord]:
+        """The jobs the planner can take; one it cannot (say, numbers that overflow) fails
+        with the reason, instead of stopping every pass for every other job."""
         keep = []
-        for job in pending:
-            if job.cancel_requested:
-                self._store.transition(job.id, JobState.CANCELLED, "cancelled before it started")
+        for job in ready:
+            try:
+                queued_job(job)
+                demand_of(job)
+            except Exception as exc:
+                reason = f"the scheduler cannot plan it: {type(exc).__name__}: {exc}"
+                log.warning("job %s: %s", job.id, reason)
+                try:
+                    self._store.transition(job.id, JobState.FAILED, reason, error=reason)
+                except Exception as store_exc:
+                    self._job_problem(job.id, "could not fail it", store_exc)
             else:
                 keep.append(job)
         return keep
 
+    def _cancel_pending(self, pending: list[JobRecord]) -> list[JobRecord]:
+        keep = []
+        for job in pending:
+            if not job.cancel_requested:
+                keep.append(job)
+                continue
+            try:
+                self._store.transition(job.id, JobState.CANCELLED, "cancelled before it started")
+            except Exception as exc:
+                self._job_problem(job.id, "could not cancel it", exc)
+        return keep
+
     def _request_stops(self, active: Sequence[JobRecord]) -> None:
+        """Ask the workers of cancelled and preempted jobs to stop, once each.
+
+        Also after a restart, or when an earlier request could not be delivered:
+        the store, not this process's memory, says which jobs must stop.
+        """
         for job in active:
-            if job.cancel_requested and job.id not in self._stopping:
-                self._stopping.add(job.id)
-                self._executor.stop(job.id, self._settings.stop_grace_s)
+            if job.id in self._stopping:
+                continue
+            if job.cancel_requested:
+                self._stop(job.id, self._settings.stop_grace_s)
+            elif job.preempt_reason:
+                self._stop(job.id, self._settings.preempt_grace_s)
+
+    def _stop(self, job_id: str, grace_s: float) -> None:
+        try:
+            self._executor.stop(job_id, grace_s)
+        except Exception as exc:  # asked again at the next pass
+            self._job_problem(job_id, "could not ask its worker to stop", exc)
+        else:
+            self._stopping.add(job_id)
 
     def _observe(self, active: Sequence[JobRecord]) -> None:
         if not active:
@@ -207,12 +315,28 @@ class Scheduler:
         world = {j.id: len(j.assignment.nodes) for j in active if j.assignment}
         reports = self._executor.poll([j.id for j in active], world)
         for job in active:
-            self._apply(job, reports[job.id])
+            try:
+                self._apply(job, reports[job.id])
+            except Exception as exc:  # tried again with the next report
+                self._job_problem(job.id, "could not record what its worker reported", exc)
+
+    def _append_log(self, job_id: str, chunk: str) -> None:
+        """Append a chunk of the job's output; a chunk the disk refuses is kept and retried."""
+        chunk = self._unwritten.pop(job_id, "") + chunk
+        if not chunk:
+            return
+        path = self.log_path(job_id)
+        try:
+            with path.open("a", encoding="utf-8") as fh:
+                fh.write(chunk)
+        except OSError as exc:
+            self._unwritten[job_id] = chunk
+            self._job_problem(
+                job_id, f"could not write its log to {path} (output kept, retried)", exc
+            )
 
     def _apply(self, job: JobRecord, report: WorkerReport) -> None:
-        if report.logs:
-            with self.log_path(job.id).open("a", encoding="utf-8") as fh:
-                fh.write(report.logs)
+        self._append_log(job.id, report.logs or "")
         updates: JobFields = {}
         if report.progress and report.progress != job.progress:
             updates["progress"] = report.progress
@@ -296,7 +420,7 @@ class Scheduler:
         snapshot = self._snapshot(fresh=True)
         if place(snapshot, [demand], self._settings.policy)[0].placed:
             return "room was freed just now; it starts at the next pass"
-        active = self._store.find(list(ACTIVE))
+        active = self._active()
         stopping = [j for j in active if j.preempt_reason]
         base = without_jobs(snapshot, [j.id for j in stopping])
         if stopping and place(base, [demand], self._settings.policy)[0].placed:
@@ -331,7 +455,7 @@ class Scheduler:
         for job in pending:
             if job.not_before is not None and job.not_before > now:
                 reasons[job.id] = [f"retry: backing off for {job.not_before - now:.0f} s more"]
-        ready = [j for j in pending if j.id not in reasons]
+        ready = self._plannable([j for j in pending if j.id not in reasons])
         placed: set[str] = set()
         order: list[str] = []
         self._next_change_at = None
@@ -344,10 +468,10 @@ class Scheduler:
     ) -> tuple[list[str], set[str]]:
         """Plan with the queue policy, preempt what it says, place what may start."""
         snapshot = self._snapshot()
-        active = self._store.find(list(ACTIVE))
+        active = self._active()
         queue_plan = plan(
             [queued_job(j) for j in ready],
-            [r for j in active if (r := running_job(j)) is not None],
+            [r for j in active if (r := self._running(j)) is not None],
             {n.node_id: len(n.gpus) for n in snapshot.nodes},
             self._settings.queue,
             now,
@@ -377,21 +501,27 @@ class Scheduler:
             if not decision.placed:
                 reasons[job.id] = list(decision.reasons)
                 continue
-            placed.add(job.id)
-            assignment = assignment_of(decision, nodes_by_id)
-            where = "; ".join(
-                f"{n.hostname} GPUs {list(n.gpu_indices) or 'none'}" for n in assignment.nodes
-            )
-            job = self._store.transition(
-                job.id,
-                JobState.SCHEDULED,
-                f"placed on {where}",
-                assignment=assignment,
-                attempts=job.attempts + 1,
-                pending_reasons=None,
-            )
-            self._launch(job, assignment)
+            try:
+                self._start(job, assignment_of(decision, nodes_by_id))
+            except Exception as exc:  # still PENDING: tried again at the next pass
+                self._job_problem(job.id, "could not schedule it", exc)
+            else:
+                placed.add(job.id)
         return list(queue_plan.order), placed
+
+    def _start(self, job: JobRecord, assignment: Assignment) -> None:
+        where = "; ".join(
+            f"{n.hostname} GPUs {list(n.gpu_indices) or 'none'}" for n in assignment.nodes
+        )
+        job = self._store.transition(
+            job.id,
+            JobState.SCHEDULED,
+            f"placed on {where}",
+            assignment=assignment,
+            attempts=job.attempts + 1,
+            pending_reasons=None,
+        )
+        self._launch(job, assignment)
 
     def _record_queue(
         self,
@@ -410,14 +540,24 @@ class Scheduler:
         for j in waiting:
             why = reasons.get(j.id) or ["next: may start when placed"]
             if tuple(why) != j.pending_reasons:
-                self._store.update(j.id, pending_reasons=why)
+                try:
+                    self._store.update(j.id, pending_reasons=why)
+                except Exception as exc:
+                    self._job_problem(j.id, "could not record why it waits", exc)
             entries.append(QueueEntry(j.id, j.name, j.team, j.priority, j.submitted_at, why))
         self._queue = entries
 
     def _request_preemption(self, job: JobRecord, reason: str) -> None:
-        """Write the reason first (a restarted loop still knows), then ask the job to stop."""
-        self._store.update(job.id, preempt_reason=reason)
-        self._executor.stop(job.id, self._settings.preempt_grace_s)
+        """Write the reason first (a restarted loop still knows), then ask the job to stop.
+
+        A stop that cannot be delivered now is asked again at the next pass.
+        """
+        try:
+            self._store.update(job.id, preempt_reason=reason)
+        except Exception as exc:
+            self._job_problem(job.id, "could not preempt it", exc)
+        else:
+            self._stop(job.id, self._settings.preempt_grace_s)
 
     def _launch(self, job: JobRecord, assignment: Assignment) -> None:
         leader = assignment.leader

@@ -216,6 +216,61 @@ class JobStore:
         with self.engine.connect() as conn:
             return [_record(r) for r in conn.execute(query)]
 
+    def all_in(
+        self,
+        states: Sequence[JobState],
+        page: int = 500,
+        unreadable: Callable[[str, Exception], None] | None = None,
+    ) -> list[JobRecord]:
+        """Every job in ``states``, oldest first, however many: read a page at a time.
+
+        The reconcile loop's view. Unlike :meth:`find` (a listing, capped), nothing
+        is left out, so an old pending job cannot starve unseen and an old running
+        one is still polled and cancelled. Keyset pages on the indexed state column.
+        A row that cannot be read as a job (a spec stored by a version that wrote
+        what this one refuses) is handed to ``unreadable`` and left out, or raises.
+        """
+        values = [s.value for s in states]
+        records: list[JobRecord] = []
+        after: tuple[float, str] | None = None
+        while True:
+            query = (
+                sa.select(jobs)
+                .where(jobs.c.state.in_(values))
+                .order_by(jobs.c.submitted_at, jobs.c.id)
+                .limit(page)
+            )
+            if after is not None:
+                query = query.where(sa.tuple_(jobs.c.submitted_at, jobs.c.id) > after)
+            with self.engine.connect() as conn:
+                rows = conn.execute(query).all()
+            for row in rows:
+                try:
+                    records.append(_record(row))
+                except ValueError as exc:  # pydantic's ValidationError among them
+                    if unreadable is None:
+                        raise
+                    unreadable(row.id, exc)
+            if len(rows) < page:
+                return records
+            after = (rows[-1].submitted_at, rows[-1].id)
+
+    def note(self, job_id: str, reason: str) -> None:
+        """Add ``reason`` to a job's history without changing its state (a problem seen)."""
+        with self._tx() as conn:
+            row = conn.execute(sa.select(jobs.c.state).where(jobs.c.id == job_id)).first()
+            if row is None:
+                raise JobNotFound(f"no job {job_id!r}")
+            conn.execute(
+                job_events.insert().values(
+                    job_id=job_id,
+                    at=self.clock(),
+                    from_state=row.state,
+                    to_state=row.state,
+                    reason=reason,
+                )
+            )
+
     def history(self, job_id: str) -> list[JobEvent]:
         query = sa.select(job_events).where(job_events.c.job_id == job_id)
         with self.engine.connect() as conn:
