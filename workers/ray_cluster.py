@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from workers.interface.telemetry import GIB, GpuBackend, NodeId, NodeReading
+from workers.ray_calls import gather
 from workers.sim_backend import SimClusterSpec, SimNodeSpec, select_backend
 
 log = logging.getLogger(__name__)
@@ -169,11 +169,11 @@ class RayCluster:
         self._ensure_agents()
         refs = {nid: agent.reading.remote(fresh) for nid, agent in self._agents.items()}
         readings: list[NodeReading] = []
-        for node_id, ref in refs.items():
-            try:
-                readings.append(ray.get(ref, timeout=self._call_timeout_s))
-            except (RayActorError, GetTimeoutError) as exc:
-                log.warning("no telemetry from node %s: %s", node_id, exc)
+        for node_id, answer in gather(refs, self._call_timeout_s).items():
+            if isinstance(answer, NodeReading):
+                readings.append(answer)
+            else:  # dead or hung: looked up again at the next pass
+                log.warning("no telemetry from node %s: %s", node_id, answer)
                 self._agents.pop(node_id, None)
         return tuple(sorted(readings, key=lambda r: r.hostname))
 

@@ -41,6 +41,7 @@ from workers.interface.executor import (
     combine_ranks,
 )
 from workers.pinning import pinned_env
+from workers.ray_calls import gather
 from workers.sim_backend import remove_usage, write_usage
 
 log = logging.getLogger(__name__)
@@ -236,8 +237,8 @@ class RayExecutor:
                 by_key[key] = WorkerReport(key, WorkerPhase.LOST, error="no worker found")
             else:
                 refs[key] = actor.poll.remote(self._log_offsets.get(key))
-        for key, ref in refs.items():
-            by_key[key] = self._report(key, ref)
+        for key, answer in gather(refs, self._poll_timeout_s).items():
+            by_key[key] = self._report(key, answer)
         reports: dict[str, WorkerReport] = {}
         for job_id, ks in keys.items():
             ranks = [by_key[k] for k in ks]
@@ -259,7 +260,8 @@ class RayExecutor:
                 return str(node["NodeManagerAddress"])
         raise RuntimeError(f"node {node_id} is not in the Ray cluster")
 
-    def _report(self, job_id: str, ref: Any) -> WorkerReport:
+    def _report(self, job_id: str, answer: Any) -> WorkerReport:
+        """A worker's poll ``answer`` (or the exception the call raised) as a report."""
         try:
             start = self._starts.get(job_id)
             if start is not None:
@@ -269,7 +271,9 @@ class RayExecutor:
                     return WorkerReport(job_id, WorkerPhase.STARTING)
                 ray.get(start)
                 del self._starts[job_id]
-            raw = ray.get(ref, timeout=self._poll_timeout_s)
+            if isinstance(answer, BaseException):
+                raise answer
+            raw = answer
         except GetTimeoutError:
             return WorkerReport(job_id, WorkerPhase.STARTING)
         except RayActorError as exc:
@@ -310,22 +314,21 @@ class RayExecutor:
         )
 
     def stop(self, job_id: str, grace_s: float) -> None:
-        for key in self._keys(job_id, self._discover(job_id)):
-            actor = self._actor(key)
-            if actor is not None:
-                try:
-                    ray.get(actor.stop.remote(grace_s), timeout=self._poll_timeout_s)
-                except (RayActorError, GetTimeoutError) as exc:
-                    log.warning("stop of %s failed: %s", key, exc)
+        """Ask every rank to stop, all at once; a rank that is gone has nothing to stop."""
+        actors = {k: a for k in self._keys(job_id, self._discover(job_id)) if (a := self._actor(k))}
+        refs = {key: actor.stop.remote(grace_s) for key, actor in actors.items()}
+        for key, answer in gather(refs, self._poll_timeout_s).items():
+            if isinstance(answer, Exception):
+                log.warning("stop of %s failed: %s", key, answer)
 
     def release(self, job_id: str) -> None:
-        for key in self._keys(job_id, self._discover(job_id)):
-            actor = self._actor(key)
-            if actor is not None:
-                # An actor that is already gone has nothing left to free.
-                with contextlib.suppress(RayActorError, GetTimeoutError):
-                    ray.get(actor.kill.remote(), timeout=self._poll_timeout_s)
-                ray.kill(actor)
+        keys = self._keys(job_id, self._discover(job_id))
+        actors = {k: a for k in keys if (a := self._actor(k))}
+        # An actor that is already gone has nothing left to free: its answer is ignored.
+        gather({key: actor.kill.remote() for key, actor in actors.items()}, self._poll_timeout_s)
+        for key in keys:
+            if key in actors:
+                ray.kill(actors[key])
             self._forget(key)
         self._world.pop(job_id, None)
 
