@@ -53,6 +53,9 @@ class RouteConfig:
     slo_p99_ms: float
     max_queue: int
     request_timeout_s: float = 30.0
+    # A replica that leaves one batch unanswered this long is taken as hung: its
+    # connection is closed, and its requests retried on another replica once.
+    replica_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -421,9 +424,19 @@ class Router:
         rep.batches += 1
         rep.rows += len(inputs)
         answer = rep.client.submit(inputs)
+        timeout_s = route.config.replica_timeout_s
+        timer = asyncio.get_running_loop().call_later(timeout_s, self._hung, rep, answer, timeout_s)
+        answer.add_done_callback(lambda _: timer.cancel())
         answer.add_done_callback(
             functools.partial(self._answered, route, rep, batch, len(inputs), self._clock())
         )
+
+    @staticmethod
+    def _hung(rep: _Replica, answer: asyncio.Future[np.ndarray], timeout_s: float) -> None:
+        if not answer.done():
+            why = f"replica {rep.endpoint.replica_id} left a batch unanswered for {timeout_s:g} s"
+            log.warning("%s; closing its connection", why)
+            rep.client.close(why)
 
     def _answered(
         self,

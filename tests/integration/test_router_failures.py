@@ -80,6 +80,29 @@ def test_replica_death_mid_batch_is_retried_on_another_replica(pool: Pool) -> No
     run(main())
 
 
+def test_a_hung_replica_is_cut_off_and_its_requests_retried_elsewhere(pool: Pool) -> None:
+    a, b = pool("a"), pool("b")
+
+    async def main() -> None:
+        # The request timeout is far beyond the guard: only the replica timeout helps.
+        async with routing([a, b], replica_timeout_s=0.2, request_timeout_s=600) as router:
+            a.hold()
+            b.hold()
+            request = spawn(router, rows(3))
+            hung = await pool.next_entry()  # it never answers while the test runs
+            other = b if hung is a else a
+            other.release()
+            prediction = await bounded(request)
+            assert prediction.endpoint.replica_id == other.replica_id
+            np.testing.assert_array_equal(prediction.outputs, rows(7))
+            await until(lambda: hung.replica_id not in router.routed(MODEL), "hung one dropped")
+            assert (await bounded(router.predict(MODEL, rows(1)))).endpoint.replica_id == (
+                other.replica_id
+            )
+
+    run(main())
+
+
 def test_a_request_is_retried_once_only(pool: Pool) -> None:
     replicas = [pool("a"), pool("b"), pool("c")]
 

@@ -218,8 +218,8 @@ class ChannelClient:
         self._writer.write(frame(request_id, ARRAY, body))
         return future
 
-    def close(self) -> None:
-        self._fail_all(ReplicaGone("the connection was closed by the router"))
+    def close(self, why: str = "the connection was closed by the router") -> None:
+        self._fail_all(ReplicaGone(why))
         self._writer.close()
         self._task.cancel()
 
