@@ -8,6 +8,11 @@ replicas with the same placement code as jobs (a GPU may be shared by
 memory), and tells the router which replicas take traffic. A rollout starts
 the new replicas first and switches traffic only once enough of them are
 ready; old replicas drain, then stop. A dead replica is replaced.
+
+Resolving a model asks MLflow, which may stall for minutes (its client retries).
+That runs on a small thread pool: a pass waits for the answers at most
+``resolve_wait_s`` in all, and picks up a late answer at a later pass, so a
+frozen MLflow server never freezes the reconcile loop.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +56,8 @@ class ServeSettings:
     python_path: tuple[str, ...] = ()
     simulated_usage_dir: str | None = None
     resolve_every_s: float = 2.0
+    resolve_wait_s: float = 1.0  # what a pass waits for MLflow, for all deployments together
+    resolve_slow_s: float = 10.0  # no answer this long: the deployment's status says so
     drain_timeout_s: float = 30.0
     retry_backoff_s: float = 5.0  # a replica that failed to start; doubles, up to the max
     retry_backoff_max_s: float = 80.0
@@ -77,6 +85,9 @@ class _Deployment:
     resolved: ResolvedModel | None = None
     resolved_at: float = float("-inf")
     resolve_error: str | None = None
+    resolving: tuple[str, Future[ResolvedModel]] | None = None  # (model URI, MLflow's answer)
+    resolving_since: float = 0.0
+    resolve_slow: str | None = None  # MLflow has not answered for a while
     replicas: dict[str, _Replica] = field(default_factory=dict)
     autoscale: AutoscaleState | None = None
     routed: tuple[str, ...] = ()
@@ -120,6 +131,7 @@ class DeploymentController:
         self._clock = clock
         self._deps: dict[str, _Deployment] = {}
         self._views: dict[str, list[dict[str, Any]]] = {}
+        self._mlflow = ThreadPoolExecutor(max_workers=4, thread_name_prefix="jobworker-resolve")
 
     # -- read by the API (any thread) ----------------------------------------------------
     def replicas_view(self, name: str) -> list[dict[str, Any]]:
@@ -133,6 +145,7 @@ class DeploymentController:
         """Stop every replica (the control plane is shutting down)."""
         for name in list(self._deps):
             self._teardown(self._deps.pop(name))
+        self._mlflow.shutdown(wait=False, cancel_futures=True)
 
     # -- one pass (the loop's thread) ----------------------------------------------------
     def reconcile(
@@ -151,8 +164,13 @@ class DeploymentController:
         for dep in self._deps.values():
             dep.waiting = None
         wanted: list[tuple[_Deployment, Demand]] = []
-        for record in records.values():
-            dep = self._sync(record)
+        deps = [self._sync(record) for record in records.values()]
+        for dep in deps:
+            self._ask(dep, now)
+        asked = [d.resolving[1] for d in deps if d.resolving]
+        if asked:
+            wait(asked, timeout=self._settings.resolve_wait_s)
+        for dep in deps:
             self._resolve(dep, now)
             self._poll(dep, now)
             wanted.extend((dep, demand) for demand in self._demands(dep, now, snap))
@@ -183,14 +201,34 @@ class DeploymentController:
         )
         return dep
 
-    def _resolve(self, dep: _Deployment, now: float) -> None:
+    def _ask(self, dep: _Deployment, now: float) -> None:
+        """Ask MLflow (off this thread) for the model's version, when it is time to."""
+        if dep.resolving is not None:
+            return
         if dep.resolved is not None and not dep.spec.tracks_alias:
             return
         if now - dep.resolved_at < self._settings.resolve_every_s:
             return
         dep.resolved_at = now
+        dep.resolving = (dep.spec.model, self._mlflow.submit(self._resolver, dep.spec.model))
+        dep.resolving_since = now
+
+    def _resolve(self, dep: _Deployment, now: float) -> None:
+        """Take MLflow's answer, if it came; say so in the status if it is long in coming."""
+        if dep.resolving is None:
+            return
+        model, answer = dep.resolving
+        if not answer.done():
+            waited = now - dep.resolving_since
+            if waited >= self._settings.resolve_slow_s:
+                dep.resolve_slow = f"MLflow has not answered for {waited:.0f} s; still asking"
+            return
+        dep.resolving, dep.resolve_slow = None, None
+        if model != dep.spec.model:  # redeployed meanwhile: ask again for the new one
+            dep.resolved_at = float("-inf")
+            return
         try:
-            resolved = self._resolver(dep.spec.model)
+            resolved = answer.result()
         except Exception as exc:  # keep serving what runs; say why in the status
             dep.resolve_error = str(exc)
             return
@@ -406,6 +444,8 @@ class DeploymentController:
         target = self._target(dep)
         routed = [dep.replicas[i] for i in dep.routed if i in dep.replicas]
         if not routed:
+            if dep.resolve_slow and dep.resolved is None:
+                return DeploymentState.DEPLOYING, f"resolving the model: {dep.resolve_slow}"
             if dep.resolve_error and dep.resolved is None:
                 return DeploymentState.FAILED, f"cannot resolve the model: {dep.resolve_error}"
             if dep.start_error:
@@ -413,7 +453,7 @@ class DeploymentController:
             if dep.waiting:
                 return DeploymentState.DEPLOYING, f"waiting for capacity: {dep.waiting}"
             return DeploymentState.DEPLOYING, "starting replicas"
-        notes = [f"model: {dep.resolve_error}"] if dep.resolve_error else []
+        notes = [f"model: {e}" for e in (dep.resolve_slow, dep.resolve_error) if e]
         if dep.waiting:
             notes.append(f"waiting for capacity: {dep.waiting}")
         if dep.start_error:
