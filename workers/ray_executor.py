@@ -279,9 +279,9 @@ class RayExecutor:
         except RayActorError as exc:
             self._forget(job_id)
             return WorkerReport(job_id, WorkerPhase.LOST, error=f"worker lost: {exc}")
-        except Exception as exc:  # the start call raised: the job process could not start
+        except Exception as exc:  # the start call raised: the node could not start the process
             self._forget(job_id)
-            return WorkerReport(job_id, WorkerPhase.FAILED, error=f"could not start: {exc}")
+            return WorkerReport(job_id, WorkerPhase.LOST, error=f"could not start: {exc}")
         self._log_offsets[job_id] = raw["log_offset"] + raw["log_bytes"]
         progress = Progress.model_validate(raw["progress"]) if raw["progress"] else None
         result = raw["result"]

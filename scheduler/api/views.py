@@ -33,6 +33,9 @@ class JobOut(BaseModel):
     started_at: float | None
     finished_at: float | None
     attempts: int
+    preemptions: int  # attempts ended to make room for other work
+    losses: int  # attempts lost with their worker, node, Ray or the control plane
+    failures: int  # attempts whose own process failed (retried up to max_retries)
     assignment: Assignment | None
     run_id: str | None
     run_url: str | None
@@ -85,6 +88,9 @@ def job_out(job: JobRecord, ui_url: str | None, history: list[JobEvent] | None =
         started_at=job.started_at,
         finished_at=job.finished_at,
         attempts=job.attempts,
+        preemptions=job.preemptions,
+        losses=job.losses,
+        failures=job.failures,
         assignment=job.assignment,
         run_id=job.run_id,
         run_url=run_url(ui_url, job),

@@ -84,8 +84,11 @@ class LoopSettings:
     interval_s: float = 0.5
     stop_grace_s: float = 5.0
     preempt_grace_s: float = 30.0  # time to checkpoint before a preempted job is killed
-    retry_backoff_s: float = 2.0  # first retry after a lost worker; doubles, up to the max
+    retry_backoff_s: float = 2.0  # first retry after a loss or failure; doubles, up to the max
     retry_backoff_max_s: float = 60.0
+    # Losses are not the job's fault and never count against max_retries; this many (say,
+    # a job that takes its node down each time) fail it, saying so.
+    max_losses: int = 10
     python_path: tuple[str, ...] = ()
     simulated_usage_dir: str | None = None
     policy: PlacementPolicy = field(default_factory=PlacementPolicy)
@@ -371,25 +374,37 @@ class Scheduler:
             self._requeue_preempted(job, job.preempt_reason, updates)
         elif phase is WorkerPhase.STOPPED:
             self._store.transition(job.id, JobState.CANCELLED, "stopped", **updates)
-        elif phase is WorkerPhase.LOST and (retry := job.attempts - job.preemptions) <= max_retries:
-            settings = self._settings
-            wait_s = backoff_s(retry, settings.retry_backoff_s, settings.retry_backoff_max_s)
-            updates["assignment"] = None
-            updates["not_before"] = self._clock() + wait_s
-            updates["resume_reason"] = f"retry {retry} after: {report.error}"
-            self._store.transition(
-                job.id,
-                JobState.PENDING,
-                f"{report.error}; retry {retry} of {max_retries} in {wait_s:g} s, "
-                "from the last checkpoint",
-                **updates,
-            )
+        elif phase is WorkerPhase.LOST and job.losses < self._settings.max_losses:
+            updates["losses"] = losses = job.losses + 1
+            why = f"lost: {report.error}; requeued (loss {losses}, not counted against max_retries)"
+            self._retry(job, updates, losses, why)
+        elif phase is WorkerPhase.FAILED and job.failures < max_retries:
+            updates["failures"] = failures = job.failures + 1
+            why = f"failed: {report.error}; retry {failures} of {max_retries}"
+            self._retry(job, updates, failures, why)
         else:
             error = report.error or "failed"
+            if phase is WorkerPhase.LOST:
+                error = f"lost {job.losses + 1} times (max_losses); the last time: {error}"
             updates["error"] = error
+            updates["failures"] = job.failures + (phase is WorkerPhase.FAILED)
             self._store.transition(job.id, JobState.FAILED, error, **updates)
         self._stopping.discard(job.id)
         self._executor.release(job.id)
+
+    def _retry(self, job: JobRecord, updates: JobFields, count: int, why: str) -> None:
+        """Back to PENDING after a backoff; it resumes from its last checkpoint, same run."""
+        settings = self._settings
+        wait_s = backoff_s(count, settings.retry_backoff_s, settings.retry_backoff_max_s)
+        updates["assignment"] = None
+        updates["not_before"] = self._clock() + wait_s
+        updates["resume_reason"] = why.split(";")[0]
+        self._store.transition(
+            job.id,
+            JobState.PENDING,
+            f"{why}; resumes in {wait_s:g} s from its last checkpoint",
+            **updates,
+        )
 
     def _requeue_preempted(self, job: JobRecord, reason: str, updates: JobFields) -> None:
         if job.state is JobState.SCHEDULED:  # stopped before it ran: nothing to checkpoint

@@ -76,6 +76,8 @@ class JobRecord:
     queued_at: float
     attempt_started_at: float | None
     attained_gpu_s: float
+    losses: int  # attempts lost with their worker, node, Ray or control plane
+    failures: int  # attempts whose own process failed
 
     @property
     def terminal(self) -> bool:
@@ -97,6 +99,8 @@ class JobFields(TypedDict, total=False):
     preemptions: int
     resume_reason: str | None
     preempt_reason: str | None
+    losses: int
+    failures: int
 
 
 def _record(row: sa.Row[Any]) -> JobRecord:
@@ -134,6 +138,8 @@ def _record(row: sa.Row[Any]) -> JobRecord:
         queued_at=d["queued_at"],
         attempt_started_at=d["attempt_started_at"],
         attained_gpu_s=d["attained_gpu_s"],
+        losses=d["losses"],
+        failures=d["failures"],
     )
 
 

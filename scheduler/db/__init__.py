@@ -51,6 +51,8 @@ jobs = sa.Table(
     sa.Column("queued_at", sa.Float, nullable=False),
     sa.Column("attempt_started_at", sa.Float, nullable=True),
     sa.Column("attained_gpu_s", sa.Float, nullable=False, server_default="0"),
+    sa.Column("losses", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("failures", sa.Integer, nullable=False, server_default="0"),
 )
 
 job_events = sa.Table(

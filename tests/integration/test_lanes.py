@@ -97,11 +97,13 @@ def test_deployment_preempts_lowest_priority_job_which_resumes_in_the_same_run(
     api.wait_for(high, {JobState.CANCELLED}, 60)
 
 
-def test_lost_worker_is_retried_with_backoff_and_resumes(make_api: Any, tmp_path: Path) -> None:
+def test_a_lost_worker_is_requeued_without_counting_and_resumes(
+    make_api: Any, tmp_path: Path
+) -> None:
     api: Api = make_api()
     steps, gate = 40, tmp_path / "go"  # it waits at step 20 until the worker has been killed
     text = entrypoint_yaml("lost", "count_steps", steps=steps, gate=str(gate), gate_step=20)
-    job_id = _submit(api, text + "max_retries: 1\n")
+    job_id = _submit(api, text)  # max_retries 0: a loss is not the job's fault
     _wait_step(api, job_id, 12)
     ray.kill(ray.get_actor(f"jobworker-train-{job_id}", namespace=api.namespace))
     gate.touch()
@@ -110,18 +112,21 @@ def test_lost_worker_is_retried_with_backoff_and_resumes(make_api: Any, tmp_path
     assert done.state is JobState.SUCCEEDED, done.error
     history = api.plane.store.history(job_id)
     retry = next(e for e in history if e.to_state is JobState.PENDING and e.from_state)
-    assert "worker lost" in retry.reason and "retry 1 of 1" in retry.reason
-    assert done.attempts == 2
+    assert "lost: worker lost" in retry.reason and "not counted" in retry.reason
+    assert (done.attempts, done.losses, done.failures) == (2, 1, 0)
     counted = _counted(api, str(done.run_id))
     assert counted[-1] == steps and len(counted) - steps <= 5  # resumed, not restarted
     assert [e.to_state for e in history].count(JobState.SUCCEEDED) == 1
 
 
-def test_user_exception_fails_at_once_even_with_retries_left(make_api: Any) -> None:
+def test_a_user_exception_is_retried_up_to_max_retries_then_fails(make_api: Any) -> None:
     api: Api = make_api()
-    job_id = _submit(api, entrypoint_yaml("boom", "explode") + "max_retries: 3\n")
+    job_id = _submit(api, entrypoint_yaml("boom", "explode") + "max_retries: 1\n")
     done = api.wait_for(job_id, {JobState.SUCCEEDED, JobState.FAILED}, 120)
-    assert done.state is JobState.FAILED and done.attempts == 1
+    assert done.state is JobState.FAILED
+    assert (done.attempts, done.failures, done.losses) == (2, 2, 0)
+    history = api.plane.store.history(job_id)
+    assert any("retry 1 of 1" in e.reason for e in history)
     assert "Traceback" in api.http.get(f"/jobs/{job_id}/logs").json()["text"]
 
 

@@ -191,3 +191,38 @@ def test_a_stored_spec_that_cannot_be_read_is_left_out_and_noted(
     notes = [e.reason for e in store.history(broken) if "cannot be read" in e.reason]
     assert len(notes) == 1 and "gpu_memory_gb" in notes[0]  # noted once, not every pass
     assert store.get(normal).state is JobState.RUNNING  # placed, then seen running
+
+
+class Lost(Workers):
+    def poll(
+        self, job_ids: Sequence[str], world_sizes: Mapping[str, int] | None = None
+    ) -> dict[str, WorkerReport]:
+        return {j: WorkerReport(j, WorkerPhase.LOST, error="node gone") for j in job_ids}
+
+
+def test_losses_never_count_against_max_retries_up_to_max_losses(
+    store: JobStore, tmp_path: Path
+) -> None:
+    job = submit(store, "unlucky")  # max_retries: 0
+    settings = LoopSettings(
+        tracking_uri="unused", log_dir=tmp_path / "logs", retry_backoff_s=0, max_losses=2
+    )
+    workers = Lost()
+    loop = Scheduler(store, workers, OneNode(), settings, clock=lambda: 1000.0)
+
+    for _ in range(20):  # placed, lost, placed, lost, placed, lost: failed
+        loop.run_once()
+        if store.get(job).terminal:
+            break
+
+    done = store.get(job)
+    assert done.state is JobState.FAILED
+    assert (done.attempts, done.losses, done.failures) == (3, 2, 0)
+    assert "lost 3 times (max_losses)" in (done.error or "")
+    requeued = [e.reason for e in store.history(job) if e.to_state is JobState.PENDING]
+    assert requeued[1:] == [
+        "lost: node gone; requeued (loss 1, not counted against max_retries); "
+        "resumes in 0 s from its last checkpoint",
+        "lost: node gone; requeued (loss 2, not counted against max_retries); "
+        "resumes in 0 s from its last checkpoint",
+    ]
