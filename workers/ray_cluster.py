@@ -187,8 +187,9 @@ def connect(address: str | None, namespace: str) -> None:
         # this machine last started (/tmp/ray/ray_current_cluster), e.g. another user's.
         address=address or "local",
         namespace=namespace,
-        # A local Ray listens on loopback only; a cluster address brings its own.
-        _node_ip_address="127.0.0.1" if address is None else None,
+        # A local Ray (in-process, or `jobworker up`'s own head on 127.0.0.1) is reached
+        # over loopback; a cluster address brings its own.
+        _node_ip_address="127.0.0.1" if address is None or address.startswith("127.") else None,
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,

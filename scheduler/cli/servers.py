@@ -7,7 +7,6 @@ background one); the other commands of the CLI only call its API.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,12 +14,14 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
+import httpx
 import typer
 
 from scheduler.api.client import ApiUnreachable, Client
-from scheduler.cli import serving
+from scheduler.cli import daemons, serving
 from scheduler.cli.common import ApiOpt, HomeOpt, err, guard, out, read_text
 from scheduler.cli.jobs import wait_for_job
+from workers.interface.errors import ServiceError
 
 
 def up(
@@ -33,7 +34,8 @@ def up(
     ] = None,
     mlflow_port: Annotated[int, typer.Option(envvar="JOBWORKER_MLFLOW_PORT")] = 5000,
     ray_address: Annotated[
-        str | None, typer.Option(envvar="JOBWORKER_RAY_ADDRESS", help="Join this Ray cluster.")
+        str | None,
+        typer.Option(envvar="JOBWORKER_RAY_ADDRESS", help="Join this Ray cluster; else start one."),
     ] = None,
     db_url: Annotated[
         str | None, typer.Option(envvar="JOBWORKER_DB_URL", help="Job store URL (PostgreSQL).")
@@ -48,36 +50,48 @@ def up(
     ] = None,
     detach: Annotated[bool, typer.Option(help="Run in the background; see `down`.")] = False,
 ) -> None:
-    """Start the API (and local Ray and an MLflow server unless addresses are given)."""
+    """Start the API, with a local Ray and an MLflow server unless addresses are given.
+
+    Ray and the MLflow server run as daemons that outlive this process: a
+    restarted `up` re-uses them, and the jobs on Ray keep running meanwhile.
+    `jobworker down` stops everything.
+    """
     home.mkdir(parents=True, exist_ok=True)
-    if detach:
-        _detach(home, host, port)
-        return
-    from scheduler.cli.mlflow_server import start_mlflow_server, wait_until_up
+    try:
+        if detach:
+            _detach(home, host, port)
+            return
+        lock = daemons.lock_home(home)
+        daemons.check_port_free(host, port, "jobworker API")
+        if tracking_uri is None:
+            mlflow, reused = daemons.mlflow_server(home, mlflow_port)
+            out.print(f"{'re-using' if reused else 'started'} MLflow server: {mlflow.describe()}")
+            tracking_uri = mlflow.address
+        if ray_address is None:
+            ray, reused = daemons.ray_head(home)
+            out.print(f"{'re-using' if reused else 'started'} local Ray: {ray.describe()}")
+            ray_address = ray.address
+            os.environ.update(daemons.ray_auth(home))
+    except ServiceError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from exc
     from scheduler.wiring import Settings
 
-    mlflow_proc = None
-    if tracking_uri is None:
-        tracking_uri = f"http://127.0.0.1:{mlflow_port}"
-        out.print(f"starting MLflow server on {tracking_uri} …")
-        mlflow_proc = start_mlflow_server(home, "127.0.0.1", mlflow_port)
+    settings = Settings(
+        home=home,
+        db_url=db_url,
+        tracking_uri=tracking_uri,
+        ray_address=ray_address,
+        cluster_config=cluster_config,
+        gpu_backend=gpu_backend,
+        queue_config=queue_config,
+    )
+    daemons.this_process(home, host, port)
     try:
-        if mlflow_proc is not None:
-            wait_until_up(f"{tracking_uri}/health", 120, mlflow_proc)
-        settings = Settings(
-            home=home,
-            db_url=db_url,
-            tracking_uri=tracking_uri,
-            ray_address=ray_address,
-            cluster_config=cluster_config,
-            gpu_backend=gpu_backend,
-            queue_config=queue_config,
-        )
         _serve(settings, host, port)
     finally:
-        if mlflow_proc is not None:
-            mlflow_proc.terminate()
-            mlflow_proc.wait(timeout=30)
+        daemons.forget_this_process(home)
+        lock.close()
 
 
 def _serve(settings: Any, host: str, port: int) -> None:
@@ -95,46 +109,61 @@ def _serve(settings: Any, host: str, port: int) -> None:
 
 
 def _detach(home: Path, host: str, port: int) -> None:
-    from scheduler.cli.mlflow_server import wait_until_up
-
+    """Start `up` in the background; succeed only once that very process serves the API."""
+    if daemons.home_is_locked(home):
+        daemons.lock_home(home)  # raises, naming the running instance
+    daemons.check_port_free(host, port, "jobworker API")
     args = [a for a in sys.argv[1:] if a != "--detach"]
-    log = (home / "jobworker.log").open("ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "scheduler.cli", *args],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    (home / "jobworker.pid").write_text(str(proc.pid))
-    with out.status("starting jobworker (Ray, MLflow server, API) …"):
+    log_path = home / "jobworker.log"
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "scheduler.cli", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def serving() -> bool:
+        if proc.poll() is not None:
+            with log_path.open("rb") as fh:
+                fh.seek(offset)
+                said = fh.read().decode(errors="replace").strip()
+            raise ServiceError(f"jobworker up exited with code {proc.returncode}:\n{said[-2000:]}")
+        api = daemons.record(home, daemons.API)
+        if api is None or api.pid != proc.pid:
+            return False
         try:
-            wait_until_up(f"http://{host}:{port}/healthz", 180, proc)
-        except RuntimeError as exc:
-            err.print(f"[red]error:[/] {exc}; see {home / 'jobworker.log'}")
-            raise typer.Exit(1) from exc
+            return httpx.get(f"http://{host}:{port}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    with out.status("starting jobworker (Ray, MLflow server, API) …"):
+        deadline = time.monotonic() + 300
+        while not serving():
+            if time.monotonic() > deadline:
+                raise ServiceError(
+                    f"jobworker up (pid {proc.pid}) did not answer within 300 s; see {log_path}"
+                )
+            time.sleep(0.3)
     out.print(
         f"jobworker is up: API http://{host}:{port} (pid {proc.pid}); stop it with `jobworker down`"
     )
 
 
 def down(home: HomeOpt = Path(".jobworker")) -> None:
-    """Stop a jobworker started with `up --detach`."""
-    pid_file = home / "jobworker.pid"
-    if not pid_file.exists():
-        err.print(f"[yellow]nothing to stop:[/] no {pid_file}")
+    """Stop what `up` started on this home: the API, then local Ray and the MLflow server."""
+    stopped = [
+        d
+        for name, grace_s in ((daemons.API, 60.0), (daemons.RAY, 5.0), (daemons.MLFLOW, 20.0))
+        if (d := daemons.stop(home, name, grace_s)) is not None
+    ]
+    if not stopped:
+        err.print(f"[yellow]nothing to stop:[/] nothing of {home} is running")
         raise typer.Exit(1)
-    pid = int(pid_file.read_text())
-    try:
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            os.kill(pid, 0)
-            time.sleep(0.3)
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    pid_file.unlink()
+    for daemon in stopped:
+        out.print(f"stopped {daemon.describe()}")
     out.print("jobworker stopped")
 
 

@@ -16,6 +16,7 @@ exception type::
     ├── ModelUnavailable       a model to serve cannot be resolved or loaded from MLflow
     ├── ReplicaGone            a replica's connection closed before it answered
     ├── ReplicaFailed          a replica answered a batch with an error
+    ├── ServiceError           a service `jobworker up` needs cannot start (a taken port, ...)
     └── TelemetryError         a GPU backend could not produce a reading
         ├── NvmlUnavailable    NVML cannot start here (no library, no driver, mismatch)
         └── GpuLost            one device stopped answering (internal to a read)
@@ -91,6 +92,10 @@ class ReplicaGone(JobworkerError, ConnectionError):
 
 class ReplicaFailed(JobworkerError):
     """The replica answered with an error (its message is the exception text)."""
+
+
+class ServiceError(JobworkerError):
+    """A service ``jobworker up`` runs or needs cannot start; the message says who holds what."""
 
 
 class TelemetryError(JobworkerError):
