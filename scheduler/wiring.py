@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from scheduler import db
 from scheduler.api.app import Serving, create_app
 from scheduler.api.views import cluster_table
+from scheduler.batch.lease import Lease
 from scheduler.batch.loop import ACTIVE, LoopSettings, Scheduler
 from scheduler.batch.queue_config import load_queue_config
 from scheduler.batch.service import JobService
@@ -48,6 +49,7 @@ class Settings:
     gpu_backend: str = "auto"  # auto | nvml | simulated
     namespace: str = "jobworker"
     loop_interval_s: float = 0.5
+    lease_ttl_s: float = 5.0  # a standby takes over this long after the leader's last pass
 
     @property
     def store_url(self) -> str:
@@ -143,7 +145,8 @@ def build(settings: Settings) -> ControlPlane:
             simulated_usage_dir=str(usage_dir),
         ),
     )
-    scheduler = Scheduler(store, executor, cluster, loop_settings, realtime=controller)
+    lease = Lease(engine, Lease.holder_id(), ttl_s=settings.lease_ttl_s)
+    scheduler = Scheduler(store, executor, cluster, loop_settings, realtime=controller, lease=lease)
     service = JobService(
         store, loop_settings.log_dir, wake=scheduler.wake, python_path=loop_settings.python_path
     )
@@ -156,5 +159,6 @@ def build(settings: Settings) -> ControlPlane:
         cluster_view=lambda: cluster_table(cluster.nodes(), store.find(list(ACTIVE))),
         serving=Serving(deployments, router, metrics),
         queue_view=lambda: [dataclasses.asdict(e) for e in scheduler.queue()],
+        leading=lambda: scheduler.leading,
     )
     return ControlPlane(engine, store, scheduler, service, cluster, executor, app, controller)

@@ -56,9 +56,11 @@ def create_app(
     cluster_view: Callable[[], dict[str, Any]] | None = None,
     serving: Serving | None = None,
     queue_view: Callable[[], list[dict[str, Any]]] | None = None,
+    leading: Callable[[], bool] | None = None,
 ) -> FastAPI:
     """The API over a job service. ``cluster_view`` serves ``GET /cluster``,
-    ``queue_view`` ``GET /queue``."""
+    ``queue_view`` ``GET /queue``; ``leading`` says whether this control plane
+    acts on jobs or stands by (``GET /healthz``'s ``role``)."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -90,7 +92,8 @@ def create_app(
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+        """Up; ``role``: ``leader`` acts on jobs, ``standby`` takes over if it dies."""
+        return {"status": "ok", "role": "leader" if leading is None or leading() else "standby"}
 
     @app.post(
         "/jobs",

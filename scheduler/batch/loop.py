@@ -25,6 +25,7 @@ from scheduler.batch.demands import (
     queued_job,
     running_job,
 )
+from scheduler.batch.lease import Lease
 from scheduler.batch.store import JobFields, JobRecord, JobStore
 from scheduler.core.backoff import backoff_s
 from scheduler.core.model import (
@@ -39,6 +40,7 @@ from scheduler.core.placement import place
 from scheduler.core.preemption import choose_victims, without_jobs
 from scheduler.core.queue_policy import place_plan, plan
 from scheduler.core.states import JobState
+from workers.interface.errors import NotLeader
 from workers.interface.executor import (
     Assignment,
     Executor,
@@ -136,8 +138,10 @@ class Scheduler:
         settings: LoopSettings,
         clock: Callable[[], float] = time.time,
         realtime: RealtimeLane | None = None,
+        lease: Lease | None = None,
     ) -> None:
         self._store = store
+        self._lease = lease
         self._realtime = realtime
         self._executor = executor
         self._cluster = cluster
@@ -163,6 +167,13 @@ class Scheduler:
         self._wake.set()
         if self._thread:
             self._thread.join(timeout=30)
+        if self._lease is not None:
+            self._lease.release()
+
+    @property
+    def leading(self) -> bool:
+        """Whether this control plane acts on jobs (it holds the leader lease, or needs none)."""
+        return self._lease is None or self._lease.leading
 
     def wake(self) -> None:
         self._wake.set()
@@ -184,7 +195,11 @@ class Scheduler:
         cannot be asked, a log the disk refuses) is noted in that job's history
         and never stops the pass for the others; a problem of a whole step (Ray
         unreachable, the real-time lane failing) is logged and the next step runs.
+        A standby (another control plane holds the lease) does nothing.
         """
+        if self._lease is not None and not self._lease.renew():
+            self._queue = []
+            return
         left_out: set[str] = set()
 
         def unreadable(job_id: str, exc: Exception) -> None:
@@ -518,6 +533,9 @@ class Scheduler:
                 continue
             try:
                 self._start(job, assignment_of(decision, nodes_by_id))
+            except NotLeader as exc:  # another control plane took over: it places the rest
+                log.warning("stopped placing: %s", exc)
+                break
             except Exception as exc:  # still PENDING: tried again at the next pass
                 self._job_problem(job.id, "could not schedule it", exc)
             else:
@@ -528,13 +546,16 @@ class Scheduler:
         where = "; ".join(
             f"{n.hostname} GPUs {list(n.gpu_indices) or 'none'}" for n in assignment.nodes
         )
+        lease = self._lease
         job = self._store.transition(
             job.id,
             JobState.SCHEDULED,
             f"placed on {where}",
+            fence=lease.fence if lease else None,
             assignment=assignment,
             attempts=job.attempts + 1,
             pending_reasons=None,
+            lease_generation=lease.generation if lease else None,
         )
         self._launch(job, assignment)
 

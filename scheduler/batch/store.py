@@ -78,6 +78,7 @@ class JobRecord:
     attained_gpu_s: float
     losses: int  # attempts lost with their worker, node, Ray or control plane
     failures: int  # attempts whose own process failed
+    lease_generation: int | None  # of the leader that placed its current or last attempt
 
     @property
     def terminal(self) -> bool:
@@ -101,6 +102,7 @@ class JobFields(TypedDict, total=False):
     preempt_reason: str | None
     losses: int
     failures: int
+    lease_generation: int | None
 
 
 def _record(row: sa.Row[Any]) -> JobRecord:
@@ -140,6 +142,7 @@ def _record(row: sa.Row[Any]) -> JobRecord:
         attained_gpu_s=d["attained_gpu_s"],
         losses=d["losses"],
         failures=d["failures"],
+        lease_generation=d["lease_generation"],
     )
 
 
@@ -292,7 +295,12 @@ class JobStore:
         ]
 
     def transition(
-        self, job_id: str, target: JobState, reason: str, **fields: Unpack[JobFields]
+        self,
+        job_id: str,
+        target: JobState,
+        reason: str,
+        fence: Callable[[sa.Connection], None] | None = None,
+        **fields: Unpack[JobFields],
     ) -> JobRecord:
         """Move a job to ``target`` (checked), record why, and set ``fields`` with it.
 
@@ -300,10 +308,13 @@ class JobStore:
         (and the job, the first time); leaving it adds the attempt's GPU-seconds
         to ``attained_gpu_s``; entering PENDING (re)sets ``queued_at``. Raises
         :class:`IllegalTransition` for a move the state machine forbids,
-        leaving the job untouched.
+        leaving the job untouched. ``fence`` runs first in the same transaction
+        (the leader lease's check): what it raises leaves the job untouched too.
         """
         now = self.clock()
         with self._tx() as conn:
+            if fence is not None:
+                fence(conn)
             query = sa.select(
                 jobs.c.state,
                 jobs.c.started_at,

@@ -53,6 +53,7 @@ jobs = sa.Table(
     sa.Column("attained_gpu_s", sa.Float, nullable=False, server_default="0"),
     sa.Column("losses", sa.Integer, nullable=False, server_default="0"),
     sa.Column("failures", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("lease_generation", sa.Integer, nullable=True),  # of the leader that placed it
 )
 
 job_events = sa.Table(
@@ -78,6 +79,16 @@ deployments = sa.Table(
     sa.Column("run_id", sa.String(64), nullable=True),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+
+leases = sa.Table(
+    "leases",
+    metadata,
+    sa.Column("name", sa.String(32), primary_key=True),
+    sa.Column("holder", sa.String(200), nullable=False),
+    sa.Column("generation", sa.Integer, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
 )
 
 

@@ -20,8 +20,10 @@ from tests.integration.conftest import entrypoint_yaml, free_port
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 
 
-def _up(home: Path, port: int, address: str) -> subprocess.Popen[bytes]:
+def _up(home: Path, port: int, address: str, shared: Path | None = None) -> subprocess.Popen[bytes]:
+    """`jobworker up` on ``home``; with ``shared``, its store and MLflow live there."""
     log = (home / f"up-{time.monotonic_ns()}.log").open("wb")
+    state = shared or home
     return subprocess.Popen(
         [
             sys.executable,
@@ -32,8 +34,10 @@ def _up(home: Path, port: int, address: str) -> subprocess.Popen[bytes]:
             str(home),
             "--port",
             str(port),
+            "--db-url",
+            f"sqlite:///{state / 'jobs.db'}",
             "--tracking-uri",
-            f"sqlite:///{home / 'mlflow.db'}",
+            f"sqlite:///{state / 'mlflow.db'}",
             "--ray-address",
             address,
             "--cluster-config",
@@ -131,6 +135,84 @@ def test_sigkill_mid_run_then_restart_leaves_every_job_terminal_once(
     finally:
         for proc in (first, second):
             if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGINT)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_standby_takes_over_when_the_leader_dies_and_every_job_ends_once(
+    ray_session: None, tmp_path: Path
+) -> None:
+    address = ray.get_runtime_context().gcs_address
+    shared = tmp_path / "shared"
+    homes = [tmp_path / "a", tmp_path / "b"]
+    for path in (shared, *homes):
+        path.mkdir()
+    ports = [free_port(), free_port()]
+    https = [httpx.Client(base_url=f"http://127.0.0.1:{p}", timeout=30) for p in ports]
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        # One after the other: the first creates MLflow's tables in the shared SQLite file.
+        for home, port, http in zip(homes, ports, https, strict=True):
+            procs.append(_up(home, port, address, shared))
+            _wait_up(http, procs[-1])
+
+        def roles() -> list[str]:
+            return sorted(http.get("/healthz").json()["role"] for http in https)
+
+        wait_until(lambda: roles() == ["leader", "standby"], "one leader, one standby", 60)
+        leader = next(i for i in (0, 1) if https[i].get("/healthz").json()["role"] == "leader")
+        standby = 1 - leader
+        steps = 30
+        ids = []
+        for i in range(3):  # submitted to the standby: the store is shared
+            text = entrypoint_yaml(
+                f"ha{i}", "count_steps", gpus=1, gpu_memory_gb=30, steps=steps, step_s=0.2
+            )
+            r = https[standby].post("/jobs", content=text)
+            assert r.status_code == 201, r.text
+            ids.append(r.json()["id"])
+        wait_until(
+            lambda: sum(j["state"] == "RUNNING" for j in _jobs(https[standby]).values()) == 2,
+            "two jobs running",
+            120,
+            every_s=0.3,
+        )
+
+        os.killpg(procs[leader].pid, signal.SIGKILL)
+        procs[leader].wait(timeout=30)
+        wait_until(
+            lambda: https[standby].get("/healthz").json()["role"] == "leader",
+            "the standby to lead",
+            60,
+            every_s=0.2,
+        )
+        wait_until(
+            lambda: all(j["state"] in TERMINAL for j in _jobs(https[standby]).values()),
+            "every job ends",
+            240,
+            every_s=0.5,
+        )
+        mlflow = MlflowClient(f"sqlite:///{shared / 'mlflow.db'}")
+        for job_id in ids:
+            job = https[standby].get(f"/jobs/{job_id}").json()
+            assert job["state"] == "SUCCEEDED", job
+            ends = [e for e in job["history"] if e["to_state"] in TERMINAL]
+            assert len(ends) == 1, job["history"]
+            runs = mlflow.search_runs(
+                [mlflow.get_experiment_by_name("it").experiment_id],
+                filter_string=f"tags.`jobworker.job_id` = '{job_id}'",
+            )
+            assert len(runs) == 1, f"{job_id} has {len(runs)} MLflow runs"
+            counted = [
+                int(m.step) for m in mlflow.get_metric_history(runs[0].info.run_id, "counted")
+            ]
+            assert sorted(counted) == list(range(1, steps + 1))  # every step, once
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGINT)
                 try:
                     proc.wait(timeout=30)

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_until
 from tests.integration.conftest import free_port
 
 
@@ -41,7 +41,10 @@ def test_up_submit_wait_status_logs_down(tmp_path: Path) -> None:
     )
     assert started.returncode == 0, started.stdout + started.stderr
     try:
-        assert httpx.get(f"{api}/healthz").json() == {"status": "ok"}
+        wait_until(  # the first pass takes the leader lease
+            lambda: httpx.get(f"{api}/healthz").json() == {"status": "ok", "role": "leader"},
+            "the control plane to lead",
+        )
         submitted = jobworker("submit", "configs/train/mlp_synthetic.yaml", "--wait", "--api", api)
         assert submitted.returncode == 0, submitted.stdout + submitted.stderr
         assert "SUCCEEDED" in submitted.stdout

@@ -161,7 +161,7 @@ def test_reopen_keeps_everything_and_migrations_are_versioned(tmp_path: Path) ->
     with second.engine.connect() as conn:
         version = conn.execute(sa.text("select version_num from alembic_version")).scalar()
         mode = conn.execute(sa.text("pragma journal_mode")).scalar()
-    assert version == "0005"  # the newest migration
+    assert version == "0006"  # the newest migration
     assert mode == "wal"
 
 

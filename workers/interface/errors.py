@@ -12,6 +12,7 @@ exception type::
     ├── JobNotFound            no job with that id
     ├── DeploymentNotFound     no deployment with that name
     ├── IllegalTransition      a state change the state machine does not allow
+    ├── NotLeader              this control plane no longer holds the leader lease
     ├── PredictError           a prediction refused or failed, with its HTTP status
     ├── ModelUnavailable       a model to serve cannot be resolved or loaded from MLflow
     ├── ReplicaGone            a replica's connection closed before it answered
@@ -66,6 +67,10 @@ class DeploymentNotFound(JobworkerError):
 
 class IllegalTransition(JobworkerError):
     """A job or deployment state change that its state machine does not allow."""
+
+
+class NotLeader(JobworkerError):
+    """This control plane no longer holds the leader lease: it must not act on jobs."""
 
 
 class PredictError(JobworkerError):
