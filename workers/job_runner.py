@@ -5,10 +5,19 @@ thread limits already in its environment. It reads ``launch.json``, runs the
 ``jobs/`` training loop (or the user's entrypoint) with an MLflow-backed
 context, logs and registers the model, and writes ``result.json``. Its stdout
 and stderr are the job's log. SIGTERM asks it to checkpoint and stop.
+
+MLflow being down never fails the job: opening the run, logging the model
+and ending the run wait for it (retrying with backoff, the output saying
+``waiting for MLflow at <uri>: <error>``), and metrics and checkpoints wait in
+the job's spool on local disk while training goes on (see
+:mod:`workers.mlflow_context` for what is an outage and what is a refusal,
+and how each step and the model are recorded once). The spool holds at most
+``JOBWORKER_SPOOL_MAX_BYTES`` (default 256 MiB).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -24,7 +33,7 @@ from typing import Any
 
 import mlflow
 import torch
-from mlflow.entities import Param, RunTag
+from mlflow.entities import LoggedModelStatus, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
@@ -32,9 +41,11 @@ from mlflow.tracking import MlflowClient
 from jobs.context import StopRequested
 from jobs.train import TrainResult, train
 from workers.files import write_json_atomic
+from workers.interface.errors import MlflowRefused
 from workers.interface.executor import LaunchRequest
 from workers.interface.spec import TrainingSpec
-from workers.mlflow_context import MlflowJobContext
+from workers.mlflow_context import DEFAULT_SPOOL_MAX_BYTES, MlflowJobContext, MlflowWaiter
+from workers.mlflow_spool import SPOOL_DIR
 
 _MAX_PARAMS = 100  # MLflow's limit of params per log_batch call
 
@@ -79,42 +90,70 @@ def _find_run(client: MlflowClient, experiment_id: str, job_id: str) -> str | No
     return str(found[0].info.run_id) if found else None
 
 
-def _open_run(client: MlflowClient, launch: LaunchRequest) -> tuple[str, str]:
+def _open_run(client: MlflowClient, launch: LaunchRequest, wait: MlflowWaiter) -> tuple[str, str]:
     """The run to report to, ``(run_id, experiment_id)``: the job's own on a resume.
 
     A job whose run id the scheduler never learnt (it crashed first) finds its
     run by the ``jobworker.job_id`` tag, so that no job ever gets two runs.
+    Every call waits out MLflow outages; each is safe to repeat.
     """
     spec = launch.spec
-    experiment_id = _experiment_id(client, spec.experiment)
-    run_id = launch.run_id or _find_run(client, experiment_id, launch.job_id)
+    experiment_id = wait.call(
+        f"find or create experiment {spec.experiment!r}",
+        lambda: _experiment_id(client, spec.experiment),
+    )
+    run_id = launch.run_id or wait.call(
+        "look up the job's run", lambda: _find_run(client, experiment_id, launch.job_id)
+    )
     if run_id is not None:
-        run = client.get_run(run_id)
-        _record_resume(client, run_id, launch)
+        resumed = run_id
+        run = wait.call("read the run", lambda: client.get_run(resumed))
+        wait.call("record the resume", lambda: _record_resume(client, resumed, launch))
         return run.info.run_id, run.info.experiment_id
     tags = {"mlflow.runName": spec.name, **spec.tags, **launch.tags}
-    run = client.create_run(experiment_id, tags=tags)
+
+    def create() -> str:
+        # A create whose answer was lost made the run all the same: look before each try.
+        found = _find_run(client, experiment_id, launch.job_id)
+        return found or str(client.create_run(experiment_id, tags=tags).info.run_id)
+
+    new_id = wait.call("create the run", create)
     spec_data = spec.model_dump(mode="json")
     params = [Param(k, v[:6000]) for k, v in flatten(spec_data).items()]
     for i in range(0, len(params), _MAX_PARAMS):
-        client.log_batch(run.info.run_id, params=params[i : i + _MAX_PARAMS])
-    client.log_text(run.info.run_id, launch.source_text, "config.yaml")
-    return run.info.run_id, experiment_id
+        chunk = params[i : i + _MAX_PARAMS]
+        wait.call("log the params", functools.partial(client.log_batch, new_id, params=chunk))
+    wait.call(
+        "save config.yaml", lambda: client.log_text(new_id, launch.source_text, "config.yaml")
+    )
+    return new_id, experiment_id
 
 
-def _follow_run(client: MlflowClient, launch: LaunchRequest) -> tuple[str, str]:
-    """A rank > 0 of a multi-node job: the run rank 0 opened (found by the job-id tag)."""
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if launch.run_id:
-            run = client.get_run(launch.run_id)
-            return run.info.run_id, run.info.experiment_id
+def _follow_run(client: MlflowClient, launch: LaunchRequest, wait: MlflowWaiter) -> tuple[str, str]:
+    """A rank > 0 of a multi-node job: the run rank 0 opened (found by the job-id tag).
+
+    Rank 0 has 300 s to open it, not counting the time MLflow was out of reach.
+    """
+    if launch.run_id:
+        run_id = launch.run_id
+        run = wait.call("read the run", lambda: client.get_run(run_id))
+        return run.info.run_id, run.info.experiment_id
+
+    def look() -> tuple[str, str] | None:
         experiment = client.get_experiment_by_name(launch.spec.experiment)
-        if experiment is not None:
-            run_id = _find_run(client, experiment.experiment_id, launch.job_id)
-            if run_id is not None:
-                return run_id, experiment.experiment_id
-        time.sleep(0.5)
+        if experiment is None:
+            return None
+        run_id = _find_run(client, experiment.experiment_id, launch.job_id)
+        return None if run_id is None else (run_id, experiment.experiment_id)
+
+    looked_s = 0.0
+    while looked_s < 300:
+        found = wait.call("look up the job's run", look)
+        if found is not None:
+            return found
+        if wait.stop.wait(0.5):
+            raise StopRequested("stop requested while waiting for rank 0's MLflow run")
+        looked_s += 0.5
     raise RuntimeError(f"rank 0 of {launch.job_id} opened no MLflow run within 300 s")
 
 
@@ -137,28 +176,89 @@ def _run_program(ctx: MlflowJobContext, spec: TrainingSpec) -> TrainResult | Non
 
 
 def _log_model(
-    client: MlflowClient, result: TrainResult, register_as: str | None, alias: str | None
+    client: MlflowClient,
+    wait: MlflowWaiter,
+    run_id: str,
+    experiment_id: str,
+    result: TrainResult,
+    register_as: str | None,
+    alias: str | None,
 ) -> str | None:
+    """Log the trained model to the run and register it once; its version, if registered."""
     model = result.model.to("cpu").eval()
     example = result.example_input.to("cpu")
     with torch.no_grad():
         output = model(example)
     signature = infer_signature(example.numpy(), output.numpy())
-    info = mlflow.pytorch.log_model(
-        model,
-        name="model",
-        signature=signature,
-        input_example=example.numpy(),
-        registered_model_name=register_as,
-        # Declared, not inferred: inference loads the model in a subprocess (seconds).
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-    )
-    version = info.registered_model_version
-    if version is None:
+
+    def log() -> str:
+        # A try whose answer was lost may have logged the model all the same: take that one.
+        logged = client.search_logged_models(
+            [experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = 'model'"
+        )
+        ready = [m.model_id for m in logged if m.status == LoggedModelStatus.READY]
+        if ready:
+            return str(ready[0])
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            signature=signature,
+            input_example=example.numpy(),
+            # Declared, not inferred: inference loads the model in a subprocess (seconds).
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        )
+        return str(info.model_id)
+
+    model_id = wait.call("log the model", log)
+    if not register_as:
         return None
-    if register_as and alias:
-        client.set_registered_model_alias(register_as, alias, str(version))
-    return str(version)
+    name = register_as
+
+    def register() -> str:
+        # One version per run, however often this is tried (or a resumed attempt repeats it).
+        mine = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        if mine:
+            return str(min(int(v.version) for v in mine))
+        return str(mlflow.register_model(f"models:/{model_id}", name).version)
+
+    version = wait.call(f"register the model as {name!r}", register)
+    if alias:
+        wait.call(
+            f"set alias {alias!r}",
+            lambda: client.set_registered_model_alias(name, alias, version),
+        )
+    return version
+
+
+def _end_run(
+    client: MlflowClient, wait: MlflowWaiter, run_id: str, outcome: str, status: str
+) -> None:
+    """Tag the run with the job's outcome and end it (after a stop request: one try)."""
+
+    def end() -> None:
+        if mlflow.active_run() is not None:  # also stops MLflow's system-metrics monitor
+            mlflow.end_run(status=status)  # forgets the run, then sets its status
+        else:
+            client.set_terminated(run_id, status)
+
+    try:
+        wait.call("tag the run", lambda: client.set_tag(run_id, "jobworker.outcome", outcome))
+        wait.call("end the run", end)
+    except (StopRequested, MlflowRefused) as exc:
+        print(f"jobworker: the run is not ended in MLflow: {exc}", file=sys.stderr, flush=True)
+
+
+def _spool_max_bytes() -> int:
+    return int(os.environ.get("JOBWORKER_SPOOL_MAX_BYTES", DEFAULT_SPOOL_MAX_BYTES))
+
+
+def _earlier_spools(work_dir: Path) -> list[Path]:
+    """Spools that earlier attempts of this job left on this node.
+
+    The executor gives each attempt its own work dir in the job's dir; what
+    is in another job's spool (another run) is left alone.
+    """
+    return [p for p in work_dir.parent.glob(f"*/{SPOOL_DIR}") if p.parent != work_dir]
 
 
 def _exit_with_parent() -> None:
@@ -183,40 +283,51 @@ def main(work_dir: Path) -> int:
     client = MlflowClient(launch.tracking_uri)
     result_path = work_dir / "result.json"
     leader = launch.leader
-    run_id, experiment_id = _open_run(client, launch) if leader else _follow_run(client, launch)
-    ctx = MlflowJobContext(
-        client=client,
-        run_id=run_id,
-        experiment_id=experiment_id,
-        work_dir=work_dir,
-        gpu_ids=launch.node.gpu_indices,
-        cpus=cpus,
-        leader=leader,
-    )
-    if leader:
-        # MLflow's own system-metrics monitor (CPU, memory, and GPU through NVML when present).
-        mlflow.set_system_metrics_sampling_interval(2)  # type: ignore[no-untyped-call]
-        mlflow.set_system_metrics_samples_before_logging(1)  # type: ignore[no-untyped-call]
-        mlflow.start_run(run_id=run_id, log_system_metrics=True)
+    wait = MlflowWaiter(launch.tracking_uri, threading.Event())
 
     def on_sigterm(_signum: int, _frame: FrameType | None) -> None:
-        ctx.request_stop()
+        wait.stop.set()  # ctx.request_stop(), also before the run is open
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    print(
-        f"jobworker: job {launch.job_id} attempt {launch.attempt} run {run_id} "
-        f"gpus={list(launch.node.gpu_indices)} cpus={cpus} "
-        f"rank {launch.rank} of {launch.world_size}",
-        flush=True,
-    )
-    outcome: dict[str, Any] = {"run_id": run_id}
+    outcome: dict[str, Any] = {"run_id": launch.run_id}
+    run_id: str | None = None
+    ctx: MlflowJobContext | None = None
     status = "FINISHED"
     try:
+        run_id, experiment_id = (_open_run if leader else _follow_run)(client, launch, wait)
+        outcome["run_id"] = run_id
+        ctx = MlflowJobContext(
+            client=client,
+            run_id=run_id,
+            experiment_id=experiment_id,
+            work_dir=work_dir,
+            gpu_ids=launch.node.gpu_indices,
+            cpus=cpus,
+            waiter=wait,
+            leader=leader,
+            spool_max_bytes=_spool_max_bytes(),
+            adopt=_earlier_spools(work_dir) if launch.world_size == 1 else (),
+        )
+        if leader:
+            opened = run_id
+            # MLflow's own system-metrics monitor (CPU, memory, and GPU through NVML when present).
+            mlflow.set_system_metrics_sampling_interval(2)  # type: ignore[no-untyped-call]
+            mlflow.set_system_metrics_samples_before_logging(1)  # type: ignore[no-untyped-call]
+            wait.call(
+                "start the run",
+                lambda: mlflow.start_run(run_id=opened, log_system_metrics=True),
+            )
+        print(
+            f"jobworker: job {launch.job_id} attempt {launch.attempt} run {run_id} "
+            f"gpus={list(launch.node.gpu_indices)} cpus={cpus} "
+            f"rank {launch.rank} of {launch.world_size}",
+            flush=True,
+        )
         result = _run_program(ctx, spec)
         if result is not None and leader:
             outcome["metrics"] = result.metrics
             outcome["model_version"] = _log_model(
-                client, result, spec.register_as, spec.register_alias
+                client, wait, run_id, experiment_id, result, spec.register_as, spec.register_alias
             )
         outcome["status"] = "succeeded"
     except StopRequested:
@@ -227,12 +338,11 @@ def main(work_dir: Path) -> int:
         outcome.update(status="failed", error=f"{type(exc).__name__}: {exc}")
         status = "FAILED"
     finally:
-        logging_errors = ctx.close()
-        for err in logging_errors:
-            print(f"jobworker: {err}", file=sys.stderr, flush=True)
-        if leader:
-            client.set_tag(run_id, "jobworker.outcome", outcome.get("status", "failed"))
-            mlflow.end_run(status=status)
+        if ctx is not None:
+            for err in ctx.close():
+                print(f"jobworker: {err}", file=sys.stderr, flush=True)
+        if leader and run_id is not None:
+            _end_run(client, wait, run_id, outcome.get("status", "failed"), status)
         write_json_atomic(result_path, outcome)
     return 0 if outcome["status"] != "failed" else 1
 

@@ -52,7 +52,14 @@ class Daemon:
 
     def running(self) -> bool:
         try:
-            return bool(abs(psutil.Process(self.pid).create_time() - self.started) < 0.01)
+            proc = psutil.Process(self.pid)
+            if abs(proc.create_time() - self.started) >= 0.01:
+                return False  # another process got its pid
+            if proc.status() == psutil.STATUS_ZOMBIE:  # exited; reaped here if ours
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(self.pid, os.WNOHANG)
+                return False
+            return True
         except psutil.Error:
             return False
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from jobs.context import JobContext, StopRequested
+from jobs.train import TrainResult
 
 
 def explode(ctx: JobContext, config: dict[str, Any]) -> None:
@@ -137,3 +141,45 @@ def gang_allreduce(ctx: JobContext, config: dict[str, Any]) -> None:
         dist.destroy_process_group()
     print(f"rank={rank} world={world} allreduce={value.item():g}", flush=True)
     ctx.log_metrics({"allreduce": value.item()}, step=1)
+
+
+class _Gated:
+    """``ctx`` whose ``log_metrics`` waits, from step ``gate_step`` on, until the file ``gate``
+    exists (or a stop is asked), saying so; it prints the first step it logs (a resume
+    redoes the steps after its checkpoint)."""
+
+    def __init__(self, ctx: JobContext, gate: str | None, gate_step: int) -> None:
+        self._ctx = ctx
+        self._gate = gate
+        self._gate_step = gate_step
+        self._first_step: int | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ctx, name)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if self._first_step is None:
+            self._first_step = step
+            print(f"train_example: first step {step}", flush=True)
+        self._ctx.log_metrics(metrics, step)
+        if self._gate and step >= self._gate_step and not os.path.exists(self._gate):
+            print(f"train_example: waiting at the gate after step {step}", flush=True)
+            while not os.path.exists(self._gate) and not self._ctx.should_stop():
+                time.sleep(0.05)
+
+
+def train_example(ctx: JobContext, config: dict[str, Any]) -> TrainResult:
+    """The example config's model (configs/train/mlp_synthetic.yaml) trained by ``jobs.train``
+    for ``max_steps``, checkpointing every ``checkpoint_every_steps``; with ``gate`` (a file
+    path) the loop waits after logging step ``gate_step`` until that file exists."""
+    from jobs.train import train
+    from workers.interface.spec import load_spec
+
+    example = Path(__file__).resolve().parents[2] / "configs" / "train" / "mlp_synthetic.yaml"
+    params = dataclasses.replace(
+        load_spec(example.read_text()).train_params(),
+        max_steps=int(config["max_steps"]),
+        checkpoint_every_steps=int(config["checkpoint_every_steps"]),
+    )
+    gated = _Gated(ctx, config.get("gate"), int(config.get("gate_step", 0)))
+    return train(gated, params)

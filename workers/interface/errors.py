@@ -15,6 +15,7 @@ exception type::
     ├── NotLeader              this control plane no longer holds the leader lease
     ├── PredictError           a prediction refused or failed, with its HTTP status
     ├── ModelUnavailable       a model to serve cannot be resolved or loaded from MLflow
+    ├── MlflowRefused          MLflow refused a job's call for good (not an outage)
     ├── ReplicaGone            a replica's connection closed before it answered
     ├── ReplicaFailed          a replica answered a batch with an error
     ├── ServiceError           a service `jobworker up` needs cannot start (a taken port, ...)
@@ -89,6 +90,10 @@ class PredictError(JobworkerError):
 
 class ModelUnavailable(JobworkerError):
     """A model to serve cannot be found or loaded; the message names the URI and why."""
+
+
+class MlflowRefused(JobworkerError):
+    """MLflow refused a call for good (HTTP 4xx, or data it cannot take): retrying cannot help."""
 
 
 class ReplicaGone(JobworkerError, ConnectionError):
