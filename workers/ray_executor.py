@@ -77,9 +77,16 @@ class TrainingWorker:
         self._proc: subprocess.Popen[bytes] | None = None
         self._stop_timer: threading.Timer | None = None
         self._log_sent = 0
+        self._start_lock = threading.Lock()
 
     def start(self) -> int:
-        """Start the job process; returns its pid."""
+        """Start the job process, once however often asked; returns its pid."""
+        with self._start_lock:
+            if self._proc is not None:
+                return self._proc.pid
+            return self._start()
+
+    def _start(self) -> int:
         launch = self._launch
         (self._work_dir / "launch.json").write_text(launch.model_dump_json())
         env = dict(os.environ)
@@ -87,6 +94,9 @@ class TrainingWorker:
             pinned_env(launch.node.gpu_indices, launch.spec.resources.cpus),
             PYTHONUNBUFFERED="1",
             JOBWORKER_JOB_ID=launch.job_id,
+            # The job runner waits out MLflow outages itself (workers.mlflow_context): the
+            # client's own retries would only delay noticing one, and a stop request.
+            MLFLOW_HTTP_REQUEST_MAX_RETRIES=env.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
             # Where Ray really put this actor: lets a job (and the tests) check the pinning.
             JOBWORKER_RAY_NODE_ID=ray.get_runtime_context().get_node_id(),
         )
@@ -292,6 +302,10 @@ class RayExecutor:
             "run_id": progress.run_id if progress else None,
         }
         if raw["pid"] is None:
+            if job_id not in self._starts and (actor := self._actor(job_id)) is not None:
+                # Placed by a control plane that died before its start call reached the
+                # actor: start it now (start is idempotent).
+                self._starts[job_id] = actor.start.remote()
             return WorkerReport(job_id, WorkerPhase.STARTING, **common)
         if raw["exit_code"] is None:
             return WorkerReport(job_id, WorkerPhase.RUNNING, **common)
