@@ -1,4 +1,5 @@
-"""Shared fixtures: one session-scoped local Ray for every test that needs it."""
+"""Shared fixtures: one session-scoped local Ray and one throw-away PostgreSQL server for
+every test that needs them, and a store URL on each database backend."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+
+from scheduler import db
+from tests.postgres import INSTALL_HINT, PostgresServer, find_bin_dir
 
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -56,3 +60,37 @@ def ray_session() -> Iterator[None]:
     yield
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of its own for this test run, on loopback; gone at the end."""
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        pytest.fail(INSTALL_HINT, pytrace=False)
+    server = PostgresServer.start(bin_dir)
+    try:
+        wait_until(server.ready, f"PostgreSQL ({bin_dir}) accepts connections", timeout_s=60)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """The SQLAlchemy URL of a fresh, empty PostgreSQL database, dropped after the test.
+
+    Dropped with its connections cut: request it (or ``store_url``) before fixtures that
+    hold engines on it, such as ``make_api``, so that they are torn down first.
+    """
+    url = postgres_server.create_database()
+    yield url
+    postgres_server.drop_database(url)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty job store on each backend: a SQLite file, a PostgreSQL database."""
+    if request.param == "postgres":
+        return str(request.getfixturevalue("postgres_url"))
+    return db.sqlite_url(tmp_path / "jobs.db")

@@ -21,6 +21,22 @@ from alembic.config import Config
 
 metadata = sa.MetaData()
 
+
+class Text(sa.TypeDecorator[str]):
+    """Text as every backend can store it: a NUL becomes U+FFFD.
+
+    PostgreSQL's text cannot hold a NUL, and an error message or a reason may carry one
+    from user code; refused, it would leave the job unable to reach its end. SQLite could
+    keep it, but both backends read back the same. The schema type is plain ``TEXT``.
+    """
+
+    impl = sa.Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: sa.Dialect) -> str | None:
+        return value.replace("\x00", "\ufffd") if value is not None else None
+
+
 jobs = sa.Table(
     "jobs",
     metadata,
@@ -30,24 +46,24 @@ jobs = sa.Table(
     sa.Column("team", sa.String(100), nullable=False),
     sa.Column("priority", sa.Integer, nullable=False),
     sa.Column("state", sa.String(16), nullable=False, index=True),
-    sa.Column("spec_json", sa.Text, nullable=False),
-    sa.Column("source_text", sa.Text, nullable=False),
+    sa.Column("spec_json", Text, nullable=False),
+    sa.Column("source_text", Text, nullable=False),
     sa.Column("submitted_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.Column("started_at", sa.Float, nullable=True),
     sa.Column("finished_at", sa.Float, nullable=True),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("assignment_json", sa.Text, nullable=True),
+    sa.Column("assignment_json", Text, nullable=True),
     sa.Column("run_id", sa.String(64), nullable=True),
     sa.Column("model_version", sa.String(32), nullable=True),
-    sa.Column("error", sa.Text, nullable=True),
-    sa.Column("progress_json", sa.Text, nullable=True),
-    sa.Column("pending_reasons_json", sa.Text, nullable=True),
+    sa.Column("error", Text, nullable=True),
+    sa.Column("progress_json", Text, nullable=True),
+    sa.Column("pending_reasons_json", Text, nullable=True),
     sa.Column("cancel_requested", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("not_before", sa.Float, nullable=True),
     sa.Column("preemptions", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("resume_reason", sa.Text, nullable=True),
-    sa.Column("preempt_reason", sa.Text, nullable=True),
+    sa.Column("resume_reason", Text, nullable=True),
+    sa.Column("preempt_reason", Text, nullable=True),
     sa.Column("queued_at", sa.Float, nullable=False),
     sa.Column("attempt_started_at", sa.Float, nullable=True),
     sa.Column("attained_gpu_s", sa.Float, nullable=False, server_default="0"),
@@ -64,17 +80,17 @@ job_events = sa.Table(
     sa.Column("at", sa.Float, nullable=False),
     sa.Column("from_state", sa.String(16), nullable=True),
     sa.Column("to_state", sa.String(16), nullable=False),
-    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("reason", Text, nullable=False),
 )
 
 deployments = sa.Table(
     "deployments",
     metadata,
     sa.Column("name", sa.String(64), primary_key=True),
-    sa.Column("spec_json", sa.Text, nullable=False),
-    sa.Column("source_text", sa.Text, nullable=False),
+    sa.Column("spec_json", Text, nullable=False),
+    sa.Column("source_text", Text, nullable=False),
     sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("message", sa.Text, nullable=True),
+    sa.Column("message", Text, nullable=True),
     sa.Column("model_version", sa.String(32), nullable=True),
     sa.Column("run_id", sa.String(64), nullable=True),
     sa.Column("created_at", sa.Float, nullable=False),
@@ -96,14 +112,29 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path}"
 
 
+# pg_advisory_xact_lock's key for the schema upgrade: any constant all versions share.
+_MIGRATION_LOCK = 0x6A6F62776F726B  # "jobwork"
+
+
 def connect(url: str) -> sa.Engine:
-    """An engine on ``url`` whose schema has been upgraded to the newest migration."""
-    engine = sa.create_engine(url)
-    if engine.dialect.name == "sqlite":
+    """An engine on ``url`` whose schema has been upgraded to the newest migration.
+
+    SQLite gets its pragmas on every connection; a server database (PostgreSQL) a
+    pool that tests each connection before handing it out, so one the server or the
+    network dropped meanwhile is replaced, not handed to the loop to fail a pass.
+    """
+    if sa.make_url(url).get_backend_name() == "sqlite":
+        engine = sa.create_engine(url)
         sa.event.listen(engine, "connect", _sqlite_pragmas)
+    else:
+        engine = sa.create_engine(url, pool_pre_ping=True)
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
     with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            # Control planes starting together on one new database (a leader and its
+            # standby) would all create the tables: one at a time, the others find them.
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK)))
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
     return engine

@@ -1,4 +1,5 @@
-"""A real control plane per test: Ray (session), SQLite store, MLflow on SQLite, HTTP."""
+"""A real control plane per test: Ray (session), SQLite store (or PostgreSQL: ``db_url``),
+MLflow on SQLite, HTTP."""
 
 from __future__ import annotations
 
@@ -99,15 +100,23 @@ def serve(plane: ControlPlane) -> tuple[uvicorn.Server, threading.Thread, str]:
 
 @pytest.fixture
 def make_api(ray_session: None, tmp_path: Path) -> Iterator[Callable[..., Api]]:
-    """Build (and later stop) control planes; each call may reuse the same home."""
+    """Build (and later stop) control planes; each call may reuse the same home.
+
+    ``db_url`` puts the job store there instead of SQLite under ``home`` (a test on
+    PostgreSQL requests ``store_url`` or ``postgres_url`` before ``make_api``, so its
+    control planes stop before the database is dropped).
+    """
     started: list[tuple[ControlPlane, uvicorn.Server, threading.Thread]] = []
     namespace = f"jw-test-{uuid.uuid4().hex[:8]}"
 
-    def make(home: Path = tmp_path, cluster: str = "local_sim.yaml") -> Api:
+    def make(
+        home: Path = tmp_path, cluster: str = "local_sim.yaml", db_url: str | None = None
+    ) -> Api:
         tracking_uri = f"sqlite:///{home / 'mlflow.db'}"
         MlflowClient(tracking_uri).search_experiments()  # create MLflow's tables once, here
         settings = Settings(
             home=home,
+            db_url=db_url,
             tracking_uri=tracking_uri,
             cluster_config=REPO / "configs" / "cluster" / cluster,
             gpu_backend="simulated",

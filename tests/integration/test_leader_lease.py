@@ -1,6 +1,6 @@
 """Two control planes on one store: exactly one leads, the other takes over, none launches twice.
 
-The store is real (SQLite, one file, two engines as two processes would have); the
+The store is real (SQLite and PostgreSQL, two engines as two processes would have); the
 clock is passed in, so expiry is a value, not a wait. The workers are a stand-in
 that records every launch, shared by both control planes as one Ray cluster is.
 """
@@ -83,8 +83,10 @@ def submit(store: JobStore, name: str) -> str:
     return store.create(load_spec(text), text).id
 
 
-def test_one_leads_the_other_takes_over_when_it_stops_renewing(tmp_path: Path) -> None:
-    url = db.sqlite_url(tmp_path / "jobs.db")
+def test_one_leads_the_other_takes_over_when_it_stops_renewing(
+    store_url: str, tmp_path: Path
+) -> None:
+    url = store_url
     clock, cluster, workers = Clock(), Cluster(), Workers()
     a, store, lease_a = plane(url, "a", clock, cluster, workers, tmp_path)
     b, _, lease_b = plane(url, "b", clock, cluster, workers, tmp_path)
@@ -115,8 +117,8 @@ def test_one_leads_the_other_takes_over_when_it_stops_renewing(tmp_path: Path) -
     assert len(launched) == len(set(launched))
 
 
-def test_a_leader_that_paused_past_its_lease_places_nothing(tmp_path: Path) -> None:
-    url = db.sqlite_url(tmp_path / "jobs.db")
+def test_a_leader_that_paused_past_its_lease_places_nothing(store_url: str, tmp_path: Path) -> None:
+    url = store_url
     clock, cluster, workers = Clock(), Cluster(), Workers()
     a, store, _ = plane(url, "a", clock, cluster, workers, tmp_path)
     b, _, lease_b = plane(url, "b", clock, cluster, workers, tmp_path)
@@ -141,8 +143,8 @@ def test_a_leader_that_paused_past_its_lease_places_nothing(tmp_path: Path) -> N
     assert store.get(job).lease_generation == 2
 
 
-def test_a_clean_stop_hands_over_at_once(tmp_path: Path) -> None:
-    url = db.sqlite_url(tmp_path / "jobs.db")
+def test_a_clean_stop_hands_over_at_once(store_url: str, tmp_path: Path) -> None:
+    url = store_url
     clock, cluster, workers = Clock(), Cluster(), Workers()
     a, _, _ = plane(url, "a", clock, cluster, workers, tmp_path)
     b, _, _ = plane(url, "b", clock, cluster, workers, tmp_path)

@@ -1,13 +1,14 @@
 """One job's trouble stays that job's: the reconcile loop goes on for every other job.
 
-The job store is real (SQLite) and so is the disk; the workers are a stand-in that
-reports what each test needs, and the cluster is one node of two simulated GPUs.
+The job store is real (SQLite and PostgreSQL) and so is the disk; the workers are a
+stand-in that reports what each test needs, and the cluster is one node of two simulated
+GPUs.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -73,8 +74,10 @@ class Workers:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> JobStore:
-    return JobStore(db.connect(db.sqlite_url(tmp_path / "jobs.db")), clock=lambda: 1000.0)
+def store(store_url: str) -> Iterator[JobStore]:
+    engine = db.connect(store_url)
+    yield JobStore(engine, clock=lambda: 1000.0)
+    engine.dispose()
 
 
 def loop_over(store: JobStore, workers: Workers, tmp_path: Path) -> Scheduler:

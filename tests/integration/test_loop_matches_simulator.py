@@ -3,9 +3,9 @@
 The same small trace runs twice under the simulator's ``ours`` policy (LAS + backfill +
 preemption) on two simulated 4-GPU nodes: once through ``scheduler.sim.simulator``, and
 once through the live reconcile loop (``scheduler.batch.loop.Scheduler``) over a real
-job store on SQLite, its clock driven from event to event. Only the workers are
-simulated on the live side, by an executor that runs each job for its trace duration
-(keeping its work across preemptions, as the simulator does with continuous
+job store (on SQLite, and on PostgreSQL), its clock driven from event to event. Only the
+workers are simulated on the live side, by an executor that runs each job for its trace
+duration (keeping its work across preemptions, as the simulator does with continuous
 checkpoints and free restarts). Every job must start first, end and be preempted at
 the same times in both: the live loop hands the queue policy what the simulator does
 (attained service, queue entry time, start of the current attempt).
@@ -140,10 +140,11 @@ def _config(job: TraceJob) -> str:
     )
 
 
-def _live(tmp_path: Path) -> dict[str, tuple[float, float, int]]:
+def _live(store_url: str, tmp_path: Path) -> dict[str, tuple[float, float, int]]:
     """Run the trace through the live loop; per job (first start, end, preemptions)."""
     clock = Clock()
-    store = JobStore(db.connect(db.sqlite_url(tmp_path / "jobs.db")), clock=clock)
+    engine = db.connect(store_url)
+    store = JobStore(engine, clock=clock)
     executor = TraceExecutor(clock, {t.job_id: t.duration_s for t in TRACE})
     settings = LoopSettings(
         tracking_uri="unused", log_dir=tmp_path / "logs", queue=POLICIES["ours"].queue
@@ -173,6 +174,7 @@ def _live(tmp_path: Path) -> dict[str, tuple[float, float, int]]:
             break
         clock.now = later
     jobs = store.find()
+    engine.dispose()
     assert all(j.state in TERMINAL for j in jobs), [(j.name, j.state) for j in jobs]
     nan = math.nan
     return {
@@ -185,12 +187,12 @@ def _live(tmp_path: Path) -> dict[str, tuple[float, float, int]]:
     }
 
 
-def test_live_loop_and_simulator_schedule_a_trace_alike(tmp_path: Path) -> None:
+def test_live_loop_and_simulator_schedule_a_trace_alike(store_url: str, tmp_path: Path) -> None:
     result = simulate(TRACE, "ours", CONFIG)
     assert result.skipped == result.unfinished == 0
     simulated = {j.job_id: (j.first_start_s, j.end_s, j.preemptions) for j in result.jobs}
     assert sum(p for _, _, p in simulated.values()) > 0, "the trace must exercise preemption"
-    live = _live(tmp_path)
+    live = _live(store_url, tmp_path)
     order = sorted(simulated, key=lambda j: (simulated[j][0], j))
     assert sorted(live, key=lambda j: (live[j][0], j)) == order
     assert live == simulated  # the same event times: both sum the same whole seconds

@@ -3,8 +3,8 @@
 A batch job that was preempted for a replica has stopped, but the node agent's last
 sample (taken every 2 s) may still show its memory. A replica that asks again in that
 window must not cost a second victim: the loop decides on telemetry sampled now. The
-job store is real (SQLite); the cluster's two telemetry samples and the real-time lane
-are stand-ins that show exactly that window.
+job store is real (SQLite and PostgreSQL); the cluster's two telemetry samples and the
+real-time lane are stand-ins that show exactly that window.
 """
 
 from __future__ import annotations
@@ -97,9 +97,10 @@ class OneReplica:
 
 
 def test_a_replica_asking_again_while_telemetry_lags_costs_no_second_victim(
-    tmp_path: Path,
+    store_url: str, tmp_path: Path
 ) -> None:
-    store = JobStore(db.connect(db.sqlite_url(tmp_path / "jobs.db")))
+    engine = db.connect(store_url)
+    store = JobStore(engine)
     job = store.create(load_spec(HIGH), HIGH)
     on_gpu0 = NodeAssignment(
         node_id="node-a", hostname="node-a", gpu_indices=(0,), gpu_uuids=(uuid("node-a", 0),)
@@ -114,4 +115,5 @@ def test_a_replica_asking_again_while_telemetry_lags_costs_no_second_victim(
     assert lane.answers == ["room was freed just now; it starts at the next pass"]
     assert workers.stopped == []  # without the fresh sample: ["<high>"], a needless victim
     high = store.get(job.id)
+    engine.dispose()
     assert high.state is JobState.RUNNING and high.preempt_reason is None

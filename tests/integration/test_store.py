@@ -1,10 +1,15 @@
-"""The stores on a real SQLite file: jobs (create, transition, attempts, history, reopen),
-deployments (checked state changes), and the migration of rows written by older versions."""
+"""The stores on each backend, a SQLite file and a PostgreSQL database: jobs (create,
+transition, attempts, history, reopen), deployments (checked state changes), and the
+migration of rows written by older versions."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -16,6 +21,8 @@ from scheduler.batch.store import JobStore
 from scheduler.core.states import DeploymentState, JobState
 from scheduler.realtime.spec import load_deployment
 from scheduler.realtime.store import DeploymentStore
+from tests.conftest import wait_until
+from tests.postgres import PostgresServer
 from workers.interface.errors import DeploymentNotFound, IllegalTransition, JobNotFound
 from workers.interface.executor import Assignment, NodeAssignment, Progress
 from workers.interface.spec import TrainingSpec, load_spec
@@ -36,8 +43,10 @@ class FakeClock:
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> sa.Engine:
-    return db.connect(db.sqlite_url(tmp_path / "jobs.db"))
+def engine(store_url: str) -> Iterator[sa.Engine]:
+    engine = db.connect(store_url)
+    yield engine
+    engine.dispose()
 
 
 @pytest.fixture
@@ -149,26 +158,32 @@ def test_find_filters_by_state_newest_first(store: JobStore) -> None:
     assert [j.id for j in store.find([JobState.PENDING])] == [b]
 
 
-def test_reopen_keeps_everything_and_migrations_are_versioned(tmp_path: Path) -> None:
-    url = db.sqlite_url(tmp_path / "jobs.db")
-    first = JobStore(db.connect(url))
+def test_reopen_keeps_everything_and_migrations_are_versioned(store_url: str) -> None:
+    first = JobStore(db.connect(store_url))
     job_id = first.create(spec(), TEXT).id
     first.transition(job_id, JobState.CANCELLED, "bye")
     first.engine.dispose()
-    second = JobStore(db.connect(url))  # runs the migrations again: must be a no-op
+    second = JobStore(db.connect(store_url))  # runs the migrations again: must be a no-op
     assert second.get(job_id).state is JobState.CANCELLED
     assert len(second.history(job_id)) == 2
     with second.engine.connect() as conn:
         version = conn.execute(sa.text("select version_num from alembic_version")).scalar()
-        mode = conn.execute(sa.text("pragma journal_mode")).scalar()
+    second.engine.dispose()
     assert version == "0006"  # the newest migration
+
+
+def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
+    """WAL lets the API read while the loop writes (the pragmas are SQLite's alone)."""
+    engine = db.connect(db.sqlite_url(tmp_path / "jobs.db"))
+    with engine.connect() as conn:
+        mode = conn.execute(sa.text("pragma journal_mode")).scalar()
+    engine.dispose()
     assert mode == "wal"
 
 
-def test_migration_0004_types_the_assignments_older_versions_stored(tmp_path: Path) -> None:
+def test_migration_0004_types_the_assignments_older_versions_stored(store_url: str) -> None:
     """A job placed and being preempted by an older version keeps its nodes, pids and reason."""
-    url = db.sqlite_url(tmp_path / "jobs.db")
-    engine = sa.create_engine(url)
+    engine = sa.create_engine(store_url)
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(db.__file__).parent / "migrations"))
     with engine.begin() as conn:
@@ -182,12 +197,14 @@ def test_migration_0004_types_the_assignments_older_versions_stored(tmp_path: Pa
                 "insert into jobs (id, name, experiment, team, priority, state, spec_json, "
                 "source_text, submitted_at, updated_at, started_at, attempts, assignment_json, "
                 "cancel_requested, preemptions) values ('j-1', 'j', 'e', 't', 0, 'RUNNING', "
-                ":spec, :text, 10.0, 20.0, 15.0, 1, :assignment, 0, 0)"
+                ":spec, :text, 10.0, 20.0, 15.0, 1, :assignment, false, 0)"
             ),
             {"spec": spec().model_dump_json(), "text": TEXT, "assignment": json.dumps(old)},
         )
     engine.dispose()
-    job = JobStore(db.connect(url)).get("j-1")
+    migrated = db.connect(store_url)
+    job = JobStore(migrated).get("j-1")
+    migrated.dispose()
     assert job.assignment == Assignment(
         nodes=(
             NodeAssignment(
@@ -222,3 +239,96 @@ def test_deployment_state_changes_are_checked(engine: sa.Engine) -> None:
     deployments.transition("mlp", DeploymentState.FAILED, "late report", None, None)  # no-op
     with pytest.raises(DeploymentNotFound):
         deployments.get("mlp")
+
+
+def test_text_with_a_nul_reads_back_alike_on_every_backend(store: JobStore) -> None:
+    """User code may raise with a NUL in its message, and PostgreSQL text cannot hold one:
+    the store keeps U+FFFD in its place (on SQLite too), so the job still ends."""
+    job_id = store.create(spec(), TEXT).id
+    store.note(job_id, "worker said a\x00b")
+    job = store.transition(job_id, JobState.FAILED, "failed: a\x00b", error="Error: a\x00b")
+    assert job.state is JobState.FAILED and job.error == "Error: a\ufffdb"
+    assert [e.reason for e in store.history(job_id)] == [
+        "submitted",
+        "worker said a\ufffdb",
+        "failed: a\ufffdb",
+    ]
+    deployments = DeploymentStore(store.engine)
+    deployments.put(load_deployment(DEPLOYMENT), DEPLOYMENT)
+    deployments.transition("mlp", DeploymentState.FAILED, "cannot load: \x00", None, None)
+    assert deployments.get("mlp").message == "cannot load: \ufffd"
+
+
+def test_a_connection_postgres_dropped_is_replaced_not_handed_out(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    """After a server restart or a failover the pool holds dead connections: each is tested
+    before use (pre-ping) and replaced, so the loop's next pass does not fail on one."""
+    engine = db.connect(postgres_url)
+    store = JobStore(engine)
+    job_id = store.create(spec(), TEXT).id  # leaves a connection in the pool
+    assert postgres_server.terminate_connections(postgres_url) >= 1
+    assert store.get(job_id).state is JobState.PENDING
+    engine.dispose()
+
+
+def test_a_transition_on_postgres_is_checked_against_what_a_concurrent_one_committed(
+    postgres_url: str,
+) -> None:
+    """Two writers move one job at once (the loop places it while the API cancels it): the
+    later one waits for the row and is checked against the state the first one left."""
+    engine = db.connect(postgres_url)
+    store = JobStore(engine)
+    job_id = store.create(spec(), TEXT).id
+    outcome: list[Any] = []
+
+    def place() -> None:
+        try:
+            outcome.append(store.transition(job_id, JobState.SCHEDULED, "placed"))
+        except IllegalTransition as exc:
+            outcome.append(exc)
+
+    def waiting_for_a_lock() -> bool:
+        query = (
+            "select count(*) from pg_stat_activity"
+            " where datname = current_database() and wait_event_type = 'Lock'"
+        )
+        with engine.connect() as conn:
+            return bool(conn.execute(sa.text(query)).scalar())
+
+    placing = threading.Thread(target=place)
+    with engine.begin() as conn:  # the other writer, mid-transaction
+        cancelled = {"state": JobState.CANCELLED.value, "finished_at": 2e9}
+        conn.execute(db.jobs.update().where(db.jobs.c.id == job_id).values(**cancelled))
+        placing.start()
+        wait_until(waiting_for_a_lock, "the placement waits for the cancellation's row lock")
+    placing.join(timeout=30)
+    assert len(outcome) == 1 and isinstance(outcome[0], IllegalTransition), outcome
+    assert store.get(job_id).state is JobState.CANCELLED
+    engine.dispose()
+
+
+def _migrate(url: str, barrier: Any, results: Any) -> None:
+    """In a process of its own, as a control plane starting: open the store, migrating it."""
+    barrier.wait(timeout=120)
+    try:
+        db.connect(url).dispose()
+        results.put("migrated")
+    except Exception as exc:
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_control_planes_starting_together_on_a_new_postgres_database_all_start(
+    postgres_url: str,
+) -> None:
+    """A leader and its standby started at once on an empty database: one creates the
+    tables, the others wait for it and find them (processes: Alembic's context is global)."""
+    spawn = multiprocessing.get_context("spawn")  # no fork of a process that runs Ray threads
+    barrier, results = spawn.Barrier(3), spawn.Queue()
+    planes = [spawn.Process(target=_migrate, args=(postgres_url, barrier, results)) for _ in "abc"]
+    for plane in planes:
+        plane.start()
+    outcomes = [results.get(timeout=180) for _ in planes]
+    for plane in planes:
+        plane.join(timeout=30)
+    assert outcomes == ["migrated"] * 3

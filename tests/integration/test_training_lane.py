@@ -1,8 +1,10 @@
-"""The training lane end to end on real Ray, MLflow (SQLite), SQLite and HTTP."""
+"""The training lane end to end on real Ray, MLflow (SQLite), SQLite and HTTP; a job's whole
+life and a restart on PostgreSQL too."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,10 @@ def submit(api: Api, text: str) -> str:
     return str(response.json()["id"])
 
 
-def test_submit_runs_to_success_with_metrics_artifacts_and_registered_model(api: Api) -> None:
+def test_submit_runs_to_success_with_metrics_artifacts_and_registered_model(
+    store_url: str, make_api: Callable[..., Api]
+) -> None:
+    api = make_api(db_url=store_url)
     text = train_yaml(steps=30)
     job_id = submit(api, text)
     job = api.wait_for(job_id, DONE)
@@ -207,14 +212,16 @@ def test_json_body_is_accepted(api: Api) -> None:
     assert response.json()["spec"]["train"]["max_steps"] == 2
 
 
-def test_restarted_api_keeps_jobs_and_histories(make_api: object, tmp_path: Path) -> None:
-    first: Api = make_api()  # type: ignore[operator]
+def test_restarted_api_keeps_jobs_and_histories(
+    store_url: str, make_api: Callable[..., Api], tmp_path: Path
+) -> None:
+    first = make_api(db_url=store_url)
     job_id = submit(first, entrypoint_yaml("boom", "explode"))
     first.wait_for(job_id, DONE)
     before = first.http.get(f"/jobs/{job_id}").json()
     first.plane.stop()
 
-    second: Api = make_api(home=tmp_path)  # type: ignore[operator]
+    second = make_api(home=tmp_path, db_url=store_url)
     after = second.http.get(f"/jobs/{job_id}").json()
     assert after == before
     assert [j["id"] for j in second.http.get("/jobs").json()] == [job_id]
