@@ -3,12 +3,14 @@
 Run from the repository root::
 
     .venv/bin/python bench/chaos.py [--jobs 200] [--cp-kills 10] [--worker-kills 10]
-                                    [--mlflow-restarts 2] [--db-url URL] [--seed 0]
+                                    [--mlflow-restarts 2] [--db-url URL | --postgres]
+                                    [--seed 0]
 
 Two control planes on one store (``--db-url``; default a SQLite file; a
 ``postgresql+psycopg://`` URL for PostgreSQL) and one Ray: ``a`` is the embedded
 set-up (``jobworker up`` starts local Ray and the MLflow server as daemons),
-``b`` a hot standby joined to them. One simulated node of four 40 GB GPUs.
+``b`` a hot standby joined to them. ``--postgres`` starts a throw-away
+PostgreSQL 15 for the store (``tests/postgres.py``). One simulated node of four 40 GB GPUs.
 
 The workload: ``--jobs`` short jobs (``bench/chaos_job.py``: count steps,
 checkpoint, resume) of 1, 2 or 4 GPUs at mixed priorities, 5 % of them made to
@@ -153,6 +155,9 @@ def main() -> None:
     parser.add_argument("--worker-kills", type=int, default=10)
     parser.add_argument("--mlflow-restarts", type=int, default=2)
     parser.add_argument("--db-url", help="the shared store (default: a SQLite file)")
+    parser.add_argument(
+        "--postgres", action="store_true", help="the store on a throw-away PostgreSQL server"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout-s", type=float, default=3600)
     args = parser.parse_args()
@@ -162,6 +167,16 @@ def main() -> None:
     for home in homes:
         home.mkdir()
     (root / "cluster.yaml").write_text(CLUSTER)
+    postgres = None
+    if args.postgres:
+        from tests.postgres import PostgresServer, find_bin_dir
+
+        bin_dir = find_bin_dir()
+        if bin_dir is None:
+            raise SystemExit("chaos: --postgres needs PostgreSQL's initdb and postgres")
+        postgres = PostgresServer.start(bin_dir)
+        wait(postgres.ready, "PostgreSQL to accept connections", 60)
+        args.db_url = postgres.url(postgres.create_database())
     db_url = args.db_url or f"sqlite:///{root / 'jobs.db'}"
     store = "postgres" if db_url.startswith("postgresql") else "sqlite"
     mlflow_port = free_port()
@@ -328,6 +343,11 @@ def main() -> None:
             except ProcessLookupError:
                 continue
             cmdline = " ".join(proc.info["cmdline"] or [])
+            try:
+                if proc.status() == psutil.STATUS_ZOMBIE:  # exited (a child of ours, unreaped)
+                    continue
+            except psutil.Error:
+                continue
             if {proc.info["pid"], group} & pids or any(m in cmdline for m in marks):
                 found.append(proc.info["pid"])
         return found
@@ -336,6 +356,8 @@ def main() -> None:
     while left() and time.monotonic() < deadline:
         time.sleep(0.5)
     orphans = len(left())
+    if postgres is not None:
+        postgres.stop()
     median = statistics.median(failovers) if failovers else float("nan")
     worst = max(failovers) if failovers else float("nan")
     print(
