@@ -274,14 +274,13 @@ class Scheduler:
             self._job_problem(job.id, "cannot count what it holds", exc)
             return None
 
-    def _plannable(self, ready: list[JobRecord]) -> list[JobRecord]:
-        """The jobs the planner can take; one it cannot (say, numbers that overflow) fails
-        with the reason, instead of stopping every pass for every other job."""
-        keep = []
+    def _plannable(self, ready: list[JobRecord]) -> dict[str, Demand]:
+        """What each job the planner can take demands; one it cannot (say, numbers that
+        overflow) fails with the reason, instead of stopping every pass for every other."""
+        demands: dict[str, Demand] = {}
         for job in ready:
             try:
-                queued_job(job)
-                demand_of(job)
+                demands[job.id] = demand_of(job)
             except Exception as exc:
                 reason = f"the scheduler cannot plan it: {type(exc).__name__}: {exc}"
                 log.warning("job %s: %s", job.id, reason)
@@ -289,9 +288,7 @@ class Scheduler:
                     self._store.transition(job.id, JobState.FAILED, reason, error=reason)
                 except Exception as store_exc:
                     self._job_problem(job.id, "could not fail it", store_exc)
-            else:
-                keep.append(job)
-        return keep
+        return demands
 
     def _cancel_pending(self, pending: list[JobRecord]) -> list[JobRecord]:
         keep = []
@@ -391,12 +388,22 @@ class Scheduler:
             self._store.transition(job.id, JobState.CANCELLED, "stopped", **updates)
         elif phase is WorkerPhase.LOST and job.losses < self._settings.max_losses:
             updates["losses"] = losses = job.losses + 1
-            why = f"lost: {report.error}; requeued (loss {losses}, not counted against max_retries)"
-            self._retry(job, updates, losses, why)
+            self._retry(
+                job,
+                updates,
+                losses,
+                f"lost: {report.error}",
+                f"requeued (loss {losses}, not counted against max_retries)",
+            )
         elif phase is WorkerPhase.FAILED and job.failures < max_retries:
             updates["failures"] = failures = job.failures + 1
-            why = f"failed: {report.error}; retry {failures} of {max_retries}"
-            self._retry(job, updates, failures, why)
+            self._retry(
+                job,
+                updates,
+                failures,
+                f"failed: {report.error}",
+                f"retry {failures} of {max_retries}",
+            )
         else:
             error = report.error or "failed"
             if phase is WorkerPhase.LOST:
@@ -407,17 +414,19 @@ class Scheduler:
         self._stopping.discard(job.id)
         self._executor.release(job.id)
 
-    def _retry(self, job: JobRecord, updates: JobFields, count: int, why: str) -> None:
+    def _retry(
+        self, job: JobRecord, updates: JobFields, count: int, cause: str, counted: str
+    ) -> None:
         """Back to PENDING after a backoff; it resumes from its last checkpoint, same run."""
         settings = self._settings
         wait_s = backoff_s(count, settings.retry_backoff_s, settings.retry_backoff_max_s)
         updates["assignment"] = None
         updates["not_before"] = self._clock() + wait_s
-        updates["resume_reason"] = why.split(";")[0]
+        updates["resume_reason"] = cause
         self._store.transition(
             job.id,
             JobState.PENDING,
-            f"{why}; resumes in {wait_s:g} s from its last checkpoint",
+            f"{cause}; {counted}; resumes in {wait_s:g} s from its last checkpoint",
             **updates,
         )
 
@@ -485,16 +494,21 @@ class Scheduler:
         for job in pending:
             if job.not_before is not None and job.not_before > now:
                 reasons[job.id] = [f"retry: backing off for {job.not_before - now:.0f} s more"]
-        ready = self._plannable([j for j in pending if j.id not in reasons])
+        demands = self._plannable([j for j in pending if j.id not in reasons])
         placed: set[str] = set()
         order: list[str] = []
         self._next_change_at = None
-        if ready:
-            order, placed = self._place_ready(ready, now, reasons)
+        if demands:
+            ready = [j for j in pending if j.id in demands]
+            order, placed = self._place_ready(ready, demands, now, reasons)
         self._record_queue(pending, order, placed, reasons)
 
     def _place_ready(
-        self, ready: list[JobRecord], now: float, reasons: dict[str, list[str]]
+        self,
+        ready: list[JobRecord],
+        demands: dict[str, Demand],
+        now: float,
+        reasons: dict[str, list[str]],
     ) -> tuple[list[str], set[str]]:
         """Plan with the queue policy, preempt what it says, place what may start."""
         snapshot = self._snapshot()
@@ -520,10 +534,8 @@ class Scheduler:
             ]
         for job_id, why in queue_plan.reasons.items():
             reasons[job_id] = [why]
-        demands = {
-            j: demand_of(by_id[j]) for j in queue_plan.order if j not in queue_plan.victims_of
-        }
-        decisions = place_plan(snapshot, queue_plan, demands, self._settings.policy)
+        startable = {j: demands[j] for j in queue_plan.order if j not in queue_plan.victims_of}
+        decisions = place_plan(snapshot, queue_plan, startable, self._settings.policy)
         nodes_by_id: dict[str, NodeReading] = {n.node_id: n for n in snapshot.nodes}
         placed: set[str] = set()
         for decision in decisions:

@@ -119,17 +119,6 @@ def lock_home(home: Path) -> IO[str]:
     return lock
 
 
-def home_is_locked(home: Path) -> bool:
-    """Whether an ``up`` holds the home now (checked without keeping the lock)."""
-    if not (home / "up.lock").exists():
-        return False
-    try:
-        lock_home(home).close()
-    except ServiceError:
-        return True
-    return False
-
-
 def holder_of(port: int) -> str:
     """Who listens on ``port`` on this machine, in words."""
     try:

@@ -110,8 +110,7 @@ def _serve(settings: Any, host: str, port: int) -> None:
 
 def _detach(home: Path, host: str, port: int) -> None:
     """Start `up` in the background; succeed only once that very process serves the API."""
-    if daemons.home_is_locked(home):
-        daemons.lock_home(home)  # raises, naming the running instance
+    daemons.lock_home(home).close()  # raises, naming the running instance, if one holds it
     daemons.check_port_free(host, port, "jobworker API")
     args = [a for a in sys.argv[1:] if a != "--detach"]
     log_path = home / "jobworker.log"

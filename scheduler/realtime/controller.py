@@ -165,10 +165,8 @@ class DeploymentController:
             dep.waiting = None
         wanted: list[tuple[_Deployment, Demand]] = []
         deps = [self._sync(record) for record in records.values()]
-        for dep in deps:
-            self._ask(dep, now)
-        asked = [d.resolving[1] for d in deps if d.resolving]
-        if asked:
+        asked = [answer for dep in deps if (answer := self._ask(dep, now)) is not None]
+        if asked:  # a question asked in an earlier pass is not waited for again
             wait(asked, timeout=self._settings.resolve_wait_s)
         for dep in deps:
             self._resolve(dep, now)
@@ -201,17 +199,19 @@ class DeploymentController:
         )
         return dep
 
-    def _ask(self, dep: _Deployment, now: float) -> None:
-        """Ask MLflow (off this thread) for the model's version, when it is time to."""
+    def _ask(self, dep: _Deployment, now: float) -> Future[ResolvedModel] | None:
+        """Ask MLflow (off this thread) for the model's version when it is time to; the
+        answer to come, or None when nothing was asked."""
         if dep.resolving is not None:
-            return
+            return None
         if dep.resolved is not None and not dep.spec.tracks_alias:
-            return
+            return None
         if now - dep.resolved_at < self._settings.resolve_every_s:
-            return
+            return None
         dep.resolved_at = now
-        dep.resolving = (dep.spec.model, self._mlflow.submit(self._resolver, dep.spec.model))
-        dep.resolving_since = now
+        answer = self._mlflow.submit(self._resolver, dep.spec.model)
+        dep.resolving, dep.resolving_since = (dep.spec.model, answer), now
+        return answer
 
     def _resolve(self, dep: _Deployment, now: float) -> None:
         """Take MLflow's answer, if it came; say so in the status if it is long in coming."""
