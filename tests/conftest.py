@@ -3,6 +3,7 @@ every test that needs them, and a store URL on each database backend."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,6 +34,12 @@ def wait_until(
         if time.monotonic() >= deadline:
             raise AssertionError(f"{what}: still not the case after {timeout_s:g} s")
         time.sleep(every_s)
+
+
+def user_env() -> dict[str, str]:
+    """This environment without the settings earlier tests left in it (MLflow's client sets
+    ``MLFLOW_TRACKING_URI`` in ``os.environ``): a CLI run as a user would start it."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "JOBWORKER_"))}
 
 
 SIM_NODE = "jobworker_sim_node_"  # workers.ray_cluster.SIM_NODE_RESOURCE

@@ -21,7 +21,7 @@ import psutil
 from mlflow.tracking import MlflowClient
 
 from scheduler.cli import daemons
-from tests.conftest import REPO, wait_until
+from tests.conftest import REPO, user_env, wait_until
 from tests.integration.conftest import entrypoint_yaml, free_port
 
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
@@ -34,7 +34,7 @@ def jobworker(*args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=300,
         cwd=REPO,
-        env={**os.environ, "COLUMNS": "250"},
+        env={**user_env(), "COLUMNS": "250"},
     )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import httpx
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, wait_until
+from tests.conftest import REPO, user_env, wait_until
 from tests.integration.conftest import free_port
 
 
@@ -21,7 +20,7 @@ def jobworker(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess
         text=True,
         timeout=timeout_s,
         cwd=REPO,
-        env={**os.environ, "COLUMNS": "200"},
+        env={**user_env(), "COLUMNS": "200"},
     )
 
 
