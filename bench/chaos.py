@@ -176,7 +176,7 @@ def main() -> None:
             raise SystemExit("chaos: --postgres needs PostgreSQL's initdb and postgres")
         postgres = PostgresServer.start(bin_dir)
         wait(postgres.ready, "PostgreSQL to accept connections", 60)
-        args.db_url = postgres.url(postgres.create_database())
+        args.db_url = postgres.create_database()
     db_url = args.db_url or f"sqlite:///{root / 'jobs.db'}"
     store = "postgres" if db_url.startswith("postgresql") else "sqlite"
     mlflow_port = free_port()
