@@ -202,7 +202,9 @@ def main() -> None:
         for _ in range(100):  # the plane asked may be the one just killed: ask the other
             for plane in planes:
                 try:
-                    r = plane.http.post("/jobs", content=text)
+                    r = plane.http.post(
+                        "/jobs", content=text, headers={"content-type": "application/yaml"}
+                    )
                 except httpx.HTTPError:
                     continue
                 if r.status_code == 201:
@@ -266,7 +268,9 @@ def main() -> None:
         daemons.mlflow_server(a.home, mlflow_port)
 
     def deploy() -> None:
-        leader().http.post("/deployments", content=DEPLOYMENT)
+        leader().http.post(
+            "/deployments", content=DEPLOYMENT, headers={"content-type": "application/yaml"}
+        )
         undeploy_at.append(time.monotonic() + 60)
 
     actions: dict[str, Callable[[], None]] = {

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from scheduler import db
 from scheduler.api.app import Serving, create_app
+from scheduler.api.guards import MIB, BodyLimits, allowed_hosts
 from scheduler.api.views import cluster_table
 from scheduler.batch.lease import Lease
 from scheduler.batch.loop import ACTIVE, LoopSettings, Scheduler
@@ -50,6 +51,12 @@ class Settings:
     namespace: str = "jobworker"
     loop_interval_s: float = 0.5
     lease_ttl_s: float = 5.0  # a standby takes over this long after the leader's last pass
+    api_host: str = "127.0.0.1"  # the address the API binds
+    # Host names served besides api_host (and, on loopback, the loopback names); bound
+    # to 0.0.0.0 with none listed, any Host is served.
+    allowed_hosts: tuple[str, ...] = ()
+    max_body_bytes: int = 8 * MIB  # any request body; predict bodies may use all of it
+    max_config_bytes: int = 1 * MIB  # bodies of every route but predict (configs, tokens)
 
     @property
     def store_url(self) -> str:
@@ -160,5 +167,7 @@ def build(settings: Settings) -> ControlPlane:
         serving=Serving(deployments, router, metrics),
         queue_view=lambda: [dataclasses.asdict(e) for e in scheduler.queue()],
         leading=lambda: scheduler.leading,
+        body_limits=BodyLimits(settings.max_body_bytes, settings.max_config_bytes),
+        allowed_hosts=allowed_hosts(settings.api_host, settings.allowed_hosts),
     )
     return ControlPlane(engine, store, scheduler, service, cluster, executor, app, controller)

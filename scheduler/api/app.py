@@ -9,15 +9,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Query, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
+from scheduler.api.guards import BodyLimits, RequestGuard
 from scheduler.api.views import (
     ConfigRejected,
     DeploymentOut,
     JobOut,
     LogsOut,
+    PredictionOut,
     QueueEntryOut,
+    Refusal,
     ValidationOk,
     deployment_out,
     job_out,
@@ -39,6 +42,16 @@ _CONFIG_BODY = {
         },
     }
 }
+# Refusals any route may give before it runs (scheduler.api.guards), and the 404 of a
+# route naming a job or deployment.
+_GUARDED: dict[int | str, dict[str, Any]] = {
+    400: {"model": Refusal, "description": "Host not served, or a malformed request"},
+    413: {"model": Refusal, "description": "Request body over the route's limit"},
+    415: {"model": Refusal, "description": "Body neither JSON nor YAML (mutating routes)"},
+}
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Refusal}}
+_UNAVAILABLE: dict[int | str, dict[str, Any]] = {503: {"model": Refusal}}
+_MAX_OFFSET = 2**63 - 1  # the largest file offset (off_t)
 
 
 @dataclass
@@ -57,10 +70,14 @@ def create_app(
     serving: Serving | None = None,
     queue_view: Callable[[], list[dict[str, Any]]] | None = None,
     leading: Callable[[], bool] | None = None,
+    body_limits: BodyLimits = BodyLimits(),
+    allowed_hosts: frozenset[str] | None = None,
 ) -> FastAPI:
     """The API over a job service. ``cluster_view`` serves ``GET /cluster``,
     ``queue_view`` ``GET /queue``; ``leading`` says whether this control plane
-    acts on jobs or stands by (``GET /healthz``'s ``role``)."""
+    acts on jobs or stands by (``GET /healthz``'s ``role``). Requests pass
+    :class:`~scheduler.api.guards.RequestGuard` first: ``body_limits``, and the
+    ``Host`` names served (``allowed_hosts``; None: any)."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -73,7 +90,9 @@ def create_app(
         description="GPU-aware scheduler for ML training and inference.",
         version="0.1.0",
         lifespan=lifespan,
+        responses=_GUARDED,
     )
+    app.add_middleware(RequestGuard, limits=body_limits, allowed_hosts=allowed_hosts)
 
     @app.exception_handler(ConfigError)
     async def _config_error(_request: Request, exc: ConfigError) -> JSONResponse:
@@ -126,32 +145,36 @@ def create_app(
     ) -> list[JobOut]:
         return [job_out(j, mlflow_ui_url) for j in service.list(state, limit)]
 
-    @app.get("/jobs/{job_id}", response_model=JobOut)
+    @app.get("/jobs/{job_id}", response_model=JobOut, responses=_NOT_FOUND)
     def get_job(job_id: str) -> JobOut:
         return job_out(service.get(job_id), mlflow_ui_url, service.history(job_id))
 
-    @app.post("/jobs/{job_id}/cancel", response_model=JobOut)
+    @app.post("/jobs/{job_id}/cancel", response_model=JobOut, responses=_NOT_FOUND)
     def cancel(job_id: str) -> JobOut:
         return job_out(service.cancel(job_id), mlflow_ui_url, service.history(job_id))
 
-    @app.get("/jobs/{job_id}/logs", response_model=LogsOut)
+    @app.get(
+        "/jobs/{job_id}/logs",
+        response_model=LogsOut,
+        responses={**_NOT_FOUND, 200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
     def logs(
-        job_id: str, offset: int = Query(default=0, ge=0), follow: bool = False
+        job_id: str, offset: int = Query(default=0, ge=0, le=_MAX_OFFSET), follow: bool = False
     ) -> LogsOut | StreamingResponse:
-        """The job's output; with ``follow`` a plain-text stream until the job ends."""
+        """The job's output: JSON, or with ``follow`` a ``text/plain`` stream until the job ends."""
         text, next_offset = service.logs(job_id, offset)
         if not follow:
             return LogsOut(text=text, next_offset=next_offset)
         return StreamingResponse(_follow(service, job_id, offset), media_type="text/plain")
 
-    @app.get("/queue", response_model=list[QueueEntryOut])
+    @app.get("/queue", response_model=list[QueueEntryOut], responses=_UNAVAILABLE)
     def queue() -> list[QueueEntryOut]:
         """Pending jobs in the order the scheduler considers them, with why each waits."""
         if queue_view is None:
             raise HTTPException(status_code=503, detail="no queue view configured")
         return [QueueEntryOut(position=i, **e) for i, e in enumerate(queue_view(), start=1)]
 
-    @app.get("/cluster")
+    @app.get("/cluster", responses=_UNAVAILABLE)
     def cluster() -> dict[str, Any]:
         if cluster_view is None:
             raise HTTPException(status_code=503, detail="no cluster view configured")
@@ -187,11 +210,11 @@ def _serving_routes(app: FastAPI, serving: Serving) -> None:
     def list_deployments() -> list[DeploymentOut]:
         return [deployment_out(r, deployments.replicas(r.name)) for r in deployments.all()]
 
-    @app.get("/deployments/{name}", response_model=DeploymentOut)
+    @app.get("/deployments/{name}", response_model=DeploymentOut, responses=_NOT_FOUND)
     def get_deployment(name: str) -> DeploymentOut:
         return out(name)
 
-    @app.delete("/deployments/{name}", status_code=204)
+    @app.delete("/deployments/{name}", status_code=204, responses=_NOT_FOUND)
     def undeploy(name: str) -> Response:
         deployments.undeploy(name)
         return Response(status_code=204)
@@ -211,7 +234,14 @@ def _serving_routes(app: FastAPI, serving: Serving) -> None:
 
     @app.post(
         "/v1/models/{name}/predict",
-        responses={422: {}, 429: {}, 503: {}},
+        response_model=PredictionOut,
+        responses={
+            **_NOT_FOUND,
+            413: {"model": Refusal, "description": "Body or row count over the limit"},
+            422: {"model": Refusal},
+            429: {"model": Refusal},
+            503: {"model": Refusal},
+        },
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -222,13 +252,17 @@ def _serving_routes(app: FastAPI, serving: Serving) -> None:
     async def predict_documented(name: str, request: Request) -> Response:
         """Predict: ``{"inputs": [[...]]}`` → outputs, model name, version and run id.
 
-        422 when the input does not match the model's signature, 429 with
-        ``Retry-After`` when overloaded, 503 while no replica is ready.
+        413 when it has more rows than the deployment takes in one request
+        (``max_batch_size`` times 4), 422 when the input does not match the model's
+        signature or holds a non-finite number, 429 with ``Retry-After`` when
+        overloaded, 503 while no replica is ready. A non-finite output (NaN,
+        ±infinity) is written as ``null``: the body is always JSON.
         """
         return await predict(request)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> Response:
+        """Serving metrics in Prometheus' text format."""
         return Response(serving.metrics.render(), media_type="text/plain; version=0.0.4")
 
 

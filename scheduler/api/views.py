@@ -56,6 +56,12 @@ class ConfigRejected(BaseModel):
     detail: list[FieldError]
 
 
+class Refusal(BaseModel):
+    """Why a request was refused: a 4xx or 503 other than a config's 422."""
+
+    detail: str
+
+
 class ValidationOk(BaseModel):
     valid: bool
     name: str
@@ -155,6 +161,15 @@ def deployment_out(record: DeploymentRecord, replicas: list[dict[str, Any]]) -> 
         created_at=record.created_at,
         updated_at=record.updated_at,
     )
+
+
+class PredictionOut(BaseModel):
+    """A prediction; a non-finite output (NaN, ±infinity) is ``null``."""
+
+    outputs: list[Any]
+    model: str
+    version: str | None
+    run_id: str | None
 
 
 class QueueEntryOut(BaseModel):

@@ -18,6 +18,7 @@ import httpx
 import typer
 
 from scheduler.api.client import ApiUnreachable, Client
+from scheduler.api.guards import MIB
 from scheduler.cli import daemons, serving
 from scheduler.cli.common import ApiOpt, HomeOpt, err, guard, out, read_text
 from scheduler.cli.jobs import wait_for_job
@@ -48,6 +49,18 @@ def up(
         Path | None,
         typer.Option(envvar="JOBWORKER_QUEUE_CONFIG", help="Queue rules: quotas, fair share."),
     ] = None,
+    allowed_hosts: Annotated[
+        str,
+        typer.Option(
+            envvar="JOBWORKER_ALLOWED_HOSTS",
+            help="Host names served besides --host, comma-separated (DNS rebinding guard).",
+        ),
+    ] = "",
+    max_body_bytes: Annotated[int, typer.Option(envvar="JOBWORKER_MAX_BODY_BYTES")] = 8 * MIB,
+    max_config_bytes: Annotated[
+        int,
+        typer.Option(envvar="JOBWORKER_MAX_CONFIG_BYTES", help="Body limit of non-predict routes."),
+    ] = MIB,
     detach: Annotated[bool, typer.Option(help="Run in the background; see `down`.")] = False,
 ) -> None:
     """Start the API, with a local Ray and an MLflow server unless addresses are given.
@@ -85,6 +98,10 @@ def up(
         cluster_config=cluster_config,
         gpu_backend=gpu_backend,
         queue_config=queue_config,
+        api_host=host,
+        allowed_hosts=tuple(h for h in allowed_hosts.split(",") if h.strip()),
+        max_body_bytes=max_body_bytes,
+        max_config_bytes=max_config_bytes,
     )
     daemons.this_process(home, host, port)
     try:

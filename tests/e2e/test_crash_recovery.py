@@ -171,7 +171,9 @@ def test_a_standby_takes_over_when_the_leader_dies_and_every_job_ends_once(
             text = entrypoint_yaml(
                 f"ha{i}", "count_steps", gpus=1, gpu_memory_gb=30, steps=steps, step_s=0.2
             )
-            r = https[standby].post("/jobs", content=text)
+            r = https[standby].post(
+                "/jobs", content=text, headers={"content-type": "application/yaml"}
+            )
             assert r.status_code == 201, r.text
             ids.append(r.json()["id"])
         wait_until(

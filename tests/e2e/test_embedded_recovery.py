@@ -85,6 +85,7 @@ def test_sigkill_of_embedded_up_loses_nothing_and_down_leaves_nothing(tmp_path: 
                 content=entrypoint_yaml(
                     f"job{i}", "count_steps", gpus=1, steps=steps, gate=str(gate), gate_step=20
                 ),
+                headers={"content-type": "application/yaml"},
             ).json()["id"]
             for i in range(4)  # two simulated GPUs: two run, two wait
         ]

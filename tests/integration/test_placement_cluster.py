@@ -36,7 +36,9 @@ def test_jobs_land_where_the_policy_predicts(make_api: Callable[..., Api]) -> No
 
     def job(name: str, hold_s: float, **resources: object) -> str:
         text = entrypoint_yaml(name, "report_and_hold", hold_s=hold_s, **resources)  # type: ignore[arg-type]
-        response = api.http.post("/jobs", content=text)
+        response = api.http.post(
+            "/jobs", content=text, headers={"content-type": "application/yaml"}
+        )
         assert response.status_code == 201, response.text
         return str(response.json()["id"])
 
@@ -87,7 +89,9 @@ def test_jobs_land_where_the_policy_predicts(make_api: Callable[..., Api]) -> No
 def test_job_too_big_for_any_node_stays_pending_with_reasons(make_api: Callable[..., Api]) -> None:
     api = make_api(cluster="two_nodes_sim.yaml")
     text = entrypoint_yaml("huge", "report_and_hold", gpus=4, gpu_memory_gb=70)
-    job_id = api.http.post("/jobs", content=text).json()["id"]
+    job_id = api.http.post(
+        "/jobs", content=text, headers={"content-type": "application/yaml"}
+    ).json()["id"]
     wait_until(lambda: api.plane.store.get(job_id).pending_reasons, f"{job_id} has reasons")
     body = api.http.get(f"/jobs/{job_id}").json()
     assert body["state"] == "PENDING"
@@ -106,7 +110,7 @@ def test_multi_node_gang_runs_one_rank_per_chosen_node(make_api: Callable[..., A
         "train: {max_steps: 1}\n"
         "resources: {gpus: 1, gpu_memory_gb: 10, cpus: 1, memory_gb: 1, nodes: 2}\n"
     )
-    response = api.http.post("/jobs", content=text)
+    response = api.http.post("/jobs", content=text, headers={"content-type": "application/yaml"})
     assert response.status_code == 201, response.text
     job_id = response.json()["id"]
     done = api.wait_for(job_id, DONE, 180)
@@ -140,7 +144,7 @@ def test_multi_node_builtin_training_is_data_parallel_in_one_run(
         "resources: {gpus: 1, gpu_memory_gb: 4, cpus: 1, memory_gb: 1, nodes: 2}\n"
         "register_as: ddp-mlp\n"
     )
-    response = api.http.post("/jobs", content=text)
+    response = api.http.post("/jobs", content=text, headers={"content-type": "application/yaml"})
     assert response.status_code == 201, response.text
     job_id = response.json()["id"]
     done = api.wait_for(job_id, DONE, 240)

@@ -104,7 +104,9 @@ def test_refusals_name_what_is_wrong(make_api: Any) -> None:
     locs = {d["loc"] for d in bad.json()["detail"]}
     assert {"name", "model", "batching.max_batch_size"} <= locs
     missing = api.http.post(
-        "/deployments", content=deploy_yaml("ghost", "models:/no-such-model@champion")
+        "/deployments",
+        content=deploy_yaml("ghost", "models:/no-such-model@champion"),
+        headers={"content-type": "application/yaml"},
     )
     assert missing.status_code == 422
     assert missing.json()["detail"][0]["loc"] == "model"
@@ -119,7 +121,12 @@ def test_refusals_name_what_is_wrong(make_api: Any) -> None:
     wrong = api.http.post(url, json={"inputs": [[0.0] * 63]})
     assert wrong.status_code == 422
     assert "expected shape (N, 64) float32, got (1, 63)" in wrong.json()["detail"]
-    assert api.http.post(url, content=b"{not json").status_code == 422
+    assert (
+        api.http.post(
+            url, content=b"{not json", headers={"content-type": "application/json"}
+        ).status_code
+        == 422
+    )
     assert api.http.post(url, json={"rows": rows(1)}).status_code == 422
     assert api.http.post(url, json={"inputs": [["a"] * 64]}).status_code == 422
     assert api.http.post(url, json={"inputs": rows(3)}).status_code == 200

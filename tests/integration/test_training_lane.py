@@ -191,7 +191,9 @@ def test_bad_config_is_refused_with_field_and_nothing_stored(
         base.pop("model")
     lines = [f"{k}: {v}" for k, v in base.items() if k != key] + [patch]
     before = api.http.get("/jobs").json()
-    response = api.http.post("/jobs", content="\n".join(lines))
+    response = api.http.post(
+        "/jobs", content="\n".join(lines), headers={"content-type": "application/yaml"}
+    )
     assert response.status_code == 422
     detail = response.json()["detail"]
     assert any(d["loc"] == loc and words in d["msg"] for d in detail), detail
@@ -199,7 +201,11 @@ def test_bad_config_is_refused_with_field_and_nothing_stored(
 
 
 def test_yaml_syntax_error_names_the_line(api: Api) -> None:
-    response = api.http.post("/jobs", content="name: x\ntrain: {max_steps: 3\nmodel: mlp\n")
+    response = api.http.post(
+        "/jobs",
+        content="name: x\ntrain: {max_steps: 3\nmodel: mlp\n",
+        headers={"content-type": "application/yaml"},
+    )
     assert response.status_code == 422
     assert "line 3" in response.json()["detail"][0]["msg"]
     assert api.http.get("/jobs").json() == []
