@@ -57,7 +57,7 @@ _DEFAULT_TDP_W = 300.0
 class SimGpuSpec(BaseModel):
     """One declared GPU (or ``count`` identical ones). Example: ``{type: A100, memory_gb: 40}``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     type: Annotated[str, Field(min_length=1)]
     memory_gb: Annotated[float, Field(gt=0)]
@@ -80,7 +80,7 @@ class SimGpuSpec(BaseModel):
 class SimNodeSpec(BaseModel):
     """One simulated node. Example: ``{name: local, cpus: 4, memory_gb: 16, gpus: [...]}``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: Annotated[str, Field(min_length=1)]
     cpus: Annotated[int, Field(ge=1)]
@@ -95,7 +95,7 @@ class SimNodeSpec(BaseModel):
 class SimClusterSpec(BaseModel):
     """A simulated cluster: its nodes, with unique names."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     nodes: Annotated[list[SimNodeSpec], Field(min_length=1)]
 

@@ -20,7 +20,7 @@ from workers.interface.spec import parse_text, validation_errors
 class QueueConfig(BaseModel):
     """Queue rules; see ``scheduler/queue_policy.py`` for what each does."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     mode: Literal["fifo", "sjf", "las"] = "fifo"
     backfill: bool = True

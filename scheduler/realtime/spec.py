@@ -28,7 +28,14 @@ from pydantic import (
     model_validator,
 )
 
-from workers.interface.spec import parse_text, validate_config
+from workers.interface.spec import (
+    MAX_CPUS,
+    MAX_GPU_MEMORY_GB,
+    MAX_MEMORY_GB,
+    Tags,
+    parse_text,
+    validate_config,
+)
 from workers.interface.telemetry import GIB
 
 # The name is a URL path segment (/v1/models/{name}/predict) and a label value, so it is
@@ -74,6 +81,10 @@ def parse_model_uri(uri: str) -> ModelUri:
     raise ValueError(f"expected one of {_MODEL_URI_HELP}; got {uri!r}")
 
 
+MAX_REPLICAS = 256  # per deployment
+MAX_QUEUE = 100_000  # waiting requests per deployment
+
+
 class _Strict(BaseModel):
     # workers.interface.spec's base, plus: YAML's .inf/.nan are never a sensible latency or size.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -82,8 +93,8 @@ class _Strict(BaseModel):
 class Replicas(_Strict):
     """How many replicas the autoscaler may run; ``max`` defaults to ``min`` (a fixed pool)."""
 
-    min: int = Field(default=1, ge=1)
-    max: int = Field(default=1, ge=1)
+    min: int = Field(default=1, ge=1, le=MAX_REPLICAS, description=f"At most {MAX_REPLICAS}.")
+    max: int = Field(default=1, ge=1, le=MAX_REPLICAS, description=f"At most {MAX_REPLICAS}.")
 
     @model_validator(mode="before")
     @classmethod
@@ -106,10 +117,14 @@ class ServeResources(_Strict):
     """What one replica needs. A GPU share is asked for by memory or by fraction, not both;
     asking for neither gives a CPU-only replica."""
 
-    gpu_memory_gb: float | None = Field(default=None, gt=0)
+    gpu_memory_gb: float | None = Field(
+        default=None, gt=0, le=MAX_GPU_MEMORY_GB, description=f"At most {MAX_GPU_MEMORY_GB:g}."
+    )
     gpu_fraction: float | None = Field(default=None, gt=0, le=1)
-    cpus: float = Field(default=1.0, gt=0)
-    memory_gb: float = Field(default=1.0, gt=0)
+    cpus: float = Field(default=1.0, gt=0, le=MAX_CPUS, description=f"At most {MAX_CPUS}.")
+    memory_gb: float = Field(
+        default=1.0, gt=0, le=MAX_MEMORY_GB, description=f"At most {MAX_MEMORY_GB:g}."
+    )
     gpu_type: str | None = None
 
     @model_validator(mode="after")
@@ -160,15 +175,15 @@ class Batching(_Strict):
 class Slo(_Strict):
     """The latency objective the autoscaler defends (end to end, queueing included)."""
 
-    p99_ms: float = Field(default=100.0, gt=0)
+    p99_ms: float = Field(default=100.0, gt=0, le=600_000, description="At most 10 minutes.")
 
 
 class Autoscaling(_Strict):
     """When to change the replica count; the rules are in :mod:`scheduler.core.autoscale`."""
 
-    target_queue_per_replica: float = Field(default=8.0, gt=0)
-    upscale_delay_s: float = Field(default=2.0, ge=0)
-    downscale_delay_s: float = Field(default=30.0, ge=0)
+    target_queue_per_replica: float = Field(default=8.0, gt=0, le=MAX_QUEUE)
+    upscale_delay_s: float = Field(default=2.0, ge=0, le=86_400, description="At most a day.")
+    downscale_delay_s: float = Field(default=30.0, ge=0, le=86_400, description="At most a day.")
 
 
 class DeploymentSpec(_Strict):
@@ -194,11 +209,16 @@ class DeploymentSpec(_Strict):
     resources: ServeResources = Field(default_factory=ServeResources)
     batching: Batching = Field(default_factory=Batching)
     slo: Slo = Field(default_factory=Slo)
-    max_queue: int = Field(default=256, ge=1)  # waiting requests beyond this get 429
+    max_queue: int = Field(
+        default=256,
+        ge=1,
+        le=MAX_QUEUE,
+        description=f"Waiting requests beyond this get 429; at most {MAX_QUEUE:,}.",
+    )
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     priority: int = Field(default=100, ge=-100, le=100)
     team: str | None = Field(default=None, pattern=_TEAM)
-    tags: dict[str, str] = Field(default_factory=dict)
+    tags: Tags = Field(default_factory=dict)
 
     @field_validator("model")
     @classmethod

@@ -14,20 +14,47 @@ from __future__ import annotations
 
 import ast
 import functools
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib.machinery import PathFinder
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Annotated, Any, Self, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
 from jobs.params import TrainParams, resolve_dataset_options, resolve_model_options
 from workers.interface.errors import ConfigError
 from workers.interface.telemetry import GIB
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+
+# Upper bounds on what one job or replica may ask for: far above any machine of today,
+# low enough that the scheduler's arithmetic on them stays exact and cheap.
+MAX_GPU_MEMORY_GB = 1024.0  # per GPU
+MAX_MEMORY_GB = 16384.0  # host memory per node (16 TiB)
+MAX_CPUS = 256  # per node
+
+# User tags become MLflow run tags: MLflow's own limits (one log_batch holds 100 tags;
+# keys up to 250 characters, values up to 8,000).
+Tags = Annotated[
+    dict[
+        Annotated[str, StringConstraints(min_length=1, max_length=250)],
+        Annotated[str, StringConstraints(max_length=8000)],
+    ],
+    Field(
+        max_length=100,
+        description="At most 100 tags; keys of 1 to 250 characters, values up to 8,000.",
+    ),
+]
 
 
 class _Strict(BaseModel):
@@ -77,14 +104,24 @@ class TrainSettings(_Strict):
 
 
 class Resources(_Strict):
-    gpus: int = Field(default=0, ge=0, le=64)
-    gpu_memory_gb: float = Field(default=0.0, ge=0)
+    gpus: int = Field(default=0, ge=0, le=64, description="GPUs per node, at most 64.")
+    gpu_memory_gb: float = Field(
+        default=0.0,
+        ge=0,
+        le=MAX_GPU_MEMORY_GB,
+        description=f"GPU memory held on each GPU, at most {MAX_GPU_MEMORY_GB:g} GB.",
+    )
     gpu_type: str | None = None
-    cpus: int = Field(default=1, ge=1, le=256)
-    memory_gb: float = Field(default=1.0, gt=0)
+    cpus: int = Field(default=1, ge=1, le=MAX_CPUS, description=f"At most {MAX_CPUS} per node.")
+    memory_gb: float = Field(
+        default=1.0,
+        gt=0,
+        le=MAX_MEMORY_GB,
+        description=f"Host memory per node, at most {MAX_MEMORY_GB:g} GB.",
+    )
     # More than one: a data-parallel gang, `gpus` on each of `nodes` distinct nodes,
     # placed all-or-nothing, one process per node (torch.distributed, jobs/distributed.py).
-    nodes: int = Field(default=1, ge=1, le=64)
+    nodes: int = Field(default=1, ge=1, le=64, description="Nodes of a gang, at most 64.")
 
     @model_validator(mode="after")
     def _gpu_memory_needs_gpus(self) -> Self:
@@ -125,7 +162,7 @@ class TrainingSpec(_Strict):
     # Point this alias of the registered model at the new version (deployments follow it).
     register_alias: str | None = Field(default=None, pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,99}$")
     team: str = Field(default="default", pattern=_NAME)
-    tags: dict[str, str] = Field(default_factory=dict)
+    tags: Tags = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _one_program(self) -> Self:
@@ -156,16 +193,61 @@ class TrainingSpec(_Strict):
         )
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing aliases: six levels of ``*x`` in 558 bytes expand
+    to megabytes (a "billion laughs"), and a config never needs one."""
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            mark = event.start_mark
+            raise ConfigError(
+                [
+                    (
+                        "",
+                        f"YAML aliases (*{event.anchor}) are not accepted, at line "
+                        f"{mark.line + 1}, column {mark.column + 1}: write the value out",
+                    )
+                ]
+            )
+        return super().compose_node(parent, index)
+
+
 def parse_text(text: str) -> Any:
-    """Parse YAML (a superset of JSON); a syntax error names the line and column."""
+    """Parse a config's YAML (a superset of JSON) into plain data.
+
+    Refused with a :class:`ConfigError`: a syntax error (naming the line and
+    column), an alias (``*x``), nesting deeper than Python's recursion allows, and
+    a non-finite number anywhere (``.inf``, ``.nan``, ``1.0e+999``; naming its
+    path): JSON, the store's form of a spec, cannot write one, and the
+    scheduler's arithmetic overflows on it.
+    """
     try:
-        return yaml.safe_load(text)
+        data = yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader, without aliases
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
         raise ConfigError([("", f"YAML syntax error at {where}: {exc.problem}")]) from exc
     except yaml.YAMLError as exc:
         raise ConfigError([("", f"YAML error: {exc}")]) from exc
+    except RecursionError:
+        raise ConfigError([("", "the config is nested too deeply")]) from None
+    problems = list(_non_finite(data, ()))
+    if problems:
+        raise ConfigError(problems)
+    return data
+
+
+def _non_finite(data: Any, path: tuple[str, ...]) -> Iterator[tuple[str, str]]:
+    """``(dotted.path, message)`` for each non-finite float in parsed YAML."""
+    if isinstance(data, float) and not math.isfinite(data):
+        yield ".".join(path), f"must be a finite number, got {data}"
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            yield from _non_finite(value, (*path, str(key)))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            yield from _non_finite(value, (*path, str(i)))
 
 
 def validation_errors(exc: ValidationError) -> list[tuple[str, str]]:
