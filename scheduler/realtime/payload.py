@@ -3,8 +3,11 @@
 Request: ``{"inputs": [[...], ...]}`` (rows along the first axis). The shape
 and dtype are checked before the request reaches a replica, so that a bad
 input gets a 422 naming the expected shape instead of an error from inside
-the model. Response: ``{"outputs": ..., "model": ..., "version": ...,
-"run_id": ...}``, the last three also as ``x-model-*`` headers.
+the model; so are non-finite numbers (``NaN``, ``Infinity``, ``1e309``), which
+no model is trained on. Response: ``{"outputs": ..., "model": ..., "version":
+..., "run_id": ...}``, the last three also as ``x-model-*`` headers. A
+non-finite output is written as ``null``: the body is always valid JSON (a
+bare ``NaN`` is not), and the client sees which values the model could not give.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ def parse_inputs(body: bytes, shape: tuple[int, ...] | None, dtype: str | None) 
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise PredictError(422, f"the body is not JSON: {exc}") from None
+    except RecursionError:
+        raise PredictError(422, "the body is nested too deeply") from None
     if not isinstance(data, dict) or "inputs" not in data:
         raise PredictError(422, 'the body must be a JSON object with an "inputs" array')
     try:
@@ -38,6 +43,8 @@ def parse_inputs(body: bytes, shape: tuple[int, ...] | None, dtype: str | None) 
         raise PredictError(422, f"inputs: expected at least one row of shape {want}")
     if array.dtype.kind not in "biuf":
         raise PredictError(422, f"inputs: expected numbers of shape {want}, got {array.dtype}")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise PredictError(422, "inputs: expected finite numbers, got NaN or infinity")
     if shape is None or dtype is None:
         return np.ascontiguousarray(array, dtype=np.float32)
     expected = np.dtype(dtype)
@@ -64,8 +71,12 @@ def parse_inputs(body: bytes, shape: tuple[int, ...] | None, dtype: str | None) 
 def render(prediction: Prediction) -> tuple[bytes, dict[str, str]]:
     """The response body and headers of a prediction."""
     ep = prediction.endpoint
+    outputs = prediction.outputs
+    if outputs.dtype.kind == "f" and not np.isfinite(outputs).all():
+        outputs = outputs.astype(object)
+        outputs[~np.isfinite(prediction.outputs)] = None
     body = {
-        "outputs": prediction.outputs.tolist(),
+        "outputs": outputs.tolist(),
         "model": ep.model_name,
         "version": ep.model_version,
         "run_id": ep.run_id,
@@ -75,4 +86,4 @@ def render(prediction: Prediction) -> tuple[bytes, dict[str, str]]:
         "x-model-version": ep.model_version or "",
         "x-mlflow-run-id": ep.run_id or "",
     }
-    return json.dumps(body).encode(), headers
+    return json.dumps(body, allow_nan=False).encode(), headers
