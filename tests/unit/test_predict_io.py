@@ -82,6 +82,12 @@ def test_accepted_inputs(
         (body([[2**63] * 8]), TOKENS, ["(N, 8) int64"]),
         (body([[2**40] * 4]), ((-1, 4), "int32"), ["(N, 4) int32"]),
         (body([[-1, 256]]), ((-1, 2), "uint8"), ["(N, 2) uint8"]),
+        (b'{"inputs": [[1.0, NaN]]}', NONE, ["finite"]),
+        (b'{"inputs": [[Infinity, 1.0]]}', NONE, ["finite"]),
+        (b'{"inputs": [[-Infinity, 1.0]]}', NONE, ["finite"]),
+        (b'{"inputs": [[1e309, 1.0]]}', NONE, ["finite"]),
+        (b'{"inputs": [[0.5, NaN]]}', ((-1, 2), "float32"), ["finite"]),
+        (b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", NONE, ["nested too deeply"]),
     ],
     ids=[
         "narrow",
@@ -109,6 +115,12 @@ def test_accepted_inputs(
         "out of int64 range",
         "out of int32 range",
         "out of uint8 range",
+        "NaN",
+        "Infinity",
+        "-Infinity",
+        "1e309",
+        "NaN for float32",
+        "nested too deeply",
     ],
 )
 def test_refused_inputs_are_422_saying_why(
@@ -152,3 +164,15 @@ def test_render_of_a_read_only_int_output() -> None:
     endpoint = ReplicaEndpoint("r1", "h", 1, "tok", "1", None, None, None)
     payload, _ = render(Prediction(outputs, endpoint))
     assert json.loads(payload)["outputs"] == [[0, 1], [2, 3]]
+
+
+def test_render_writes_non_finite_outputs_as_null() -> None:
+    """A bare NaN is not JSON: a non-finite output is null, and the body parses strictly."""
+    outputs = np.array([[np.nan, 1.5], [np.inf, -np.inf]], dtype=np.float32)
+    endpoint = ReplicaEndpoint("r1", "h", 1, "mlp", "1", None, None, None)
+    payload, _ = render(Prediction(outputs, endpoint))
+
+    def not_json(constant: str) -> None:
+        raise AssertionError(f"{constant} in the body")
+
+    assert json.loads(payload, parse_constant=not_json)["outputs"] == [[None, 1.5], [None, None]]

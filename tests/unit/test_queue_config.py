@@ -32,6 +32,9 @@ def test_example_folder_is_not_empty() -> None:
         ("backfil: true\n", "backfil"),
         ("weights: {nlp: 0}\n", ""),
         ("quotas: {nlp: -2}\n", ""),
+        ("aging_s_per_priority: .inf\n", "aging_s_per_priority"),
+        ("weights: {nlp: .nan}\n", "weights.nlp"),
+        ("min_run_s: 1.0e+999\n", "min_run_s"),
     ],
 )
 def test_bad_fields_are_named(tmp_path: Path, text: str, loc: str) -> None:
