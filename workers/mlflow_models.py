@@ -105,8 +105,9 @@ def load(
         # is not the user's to follow.
         message = message.split(". You can set environment variable")[0]
         raise ModelUnavailable(f"{uri} is not safe to load: {message}. {_HOW_TO_FIX}") from exc
-    if not unsafe:  # an exported program is loaded where it was saved (jobs save on CPU)
-        module = module.to(device)
+    # An exported program loads where it was saved (jobs save on CPU); a pickled module
+    # was mapped to the device already.
+    module = module.to(device)
     return module, _schema(info.signature)
 
 

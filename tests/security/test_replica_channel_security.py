@@ -34,7 +34,7 @@ from workers.interface.channel import (
 )
 from workers.interface.errors import ReplicaFailed, ReplicaGone
 from workers.interface.replicas import ReplicaPhase, ReplicaRequest, ReplicaStatus
-from workers.ray_replicas import RayReplicaLauncher
+from workers.ray_replicas import RayReplicaLauncher, listen_host
 
 GUARD_S = 10.0  # a bound on every wait: reaching it means a hang
 SHORT_S = 0.3  # the servers' handshake and I/O timeouts here
@@ -244,6 +244,20 @@ def test_rows_beyond_the_cap_are_refused() -> None:
     finally:
         free.close()
         fixed.close()
+
+
+@pytest.mark.parametrize(
+    ("node_ip", "control_plane_ip", "host"),
+    [
+        ("192.0.2.2", "192.0.2.2", "127.0.0.1"),  # the embedded set-up: one machine
+        ("127.0.0.1", "192.0.2.2", "127.0.0.1"),
+        ("192.0.2.7", "192.0.2.2", "192.0.2.7"),  # another node of a cluster
+    ],
+)
+def test_channel_listens_on_loopback_when_the_router_is_on_the_same_machine(
+    node_ip: str, control_plane_ip: str, host: str
+) -> None:
+    assert listen_host(node_ip, control_plane_ip) == host
 
 
 # -- a real replica actor -------------------------------------------------------------------

@@ -243,14 +243,14 @@ class ChannelServer:
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
-            greeted = False
             try:
-                greeted = self._greet(conn)
-                with self._conns_lock:
-                    self._pending -= 1
+                try:
+                    greeted = self._greet(conn)
+                finally:
+                    with self._conns_lock:
+                        self._pending -= 1
                 if not greeted:
                     return
-                conn.settimeout(self._io_timeout_s)
                 while True:
                     head = _recv_exact(conn, _HEAD.size, idle=True)
                     request_id, length, kind = _HEAD.unpack(head)
@@ -266,9 +266,6 @@ class ChannelServer:
                     body = _recv_exact(conn, length)
                     conn.sendall(self._answer(request_id, body))
             except (ConnectionError, OSError):
-                if not greeted:
-                    with self._conns_lock:
-                        self._pending -= 1
                 return
             finally:
                 with self._conns_lock:
@@ -381,7 +378,8 @@ class ChannelClient:
         except asyncio.IncompleteReadError as exc:
             writer.close()
             raise ConnectionError(
-                f"the replica at {host}:{port} closed the connection: it refused the secret"
+                f"the replica at {host}:{port} closed the connection instead of answering "
+                "HELLO: it refused the secret (or it is stopping)"
             ) from exc
         except BaseException:
             writer.close()
