@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from serving_model import build_model, configure_torch, example_rows
 
-from workers.interface.channel import ChannelClient, ChannelServer
+from workers.interface.channel import ChannelClient, ChannelServer, new_secret
 
 
 def _model_fn() -> Callable[[np.ndarray], np.ndarray]:
@@ -51,9 +51,10 @@ def _model_fn() -> Callable[[np.ndarray], np.ndarray]:
 
 
 def _serve_channel(ready: mp.Queue) -> None:  # type: ignore[type-arg]
-    server = ChannelServer(_model_fn())
+    secret = new_secret()
+    server = ChannelServer(_model_fn(), secret=secret)
     server.start()
-    ready.put(server.address)
+    ready.put((*server.address, secret))
     while True:
         time.sleep(3600)
 
@@ -78,7 +79,7 @@ async def _inproc(batch: np.ndarray, calls: int) -> list[float]:
     return await _timed(call, calls)
 
 
-async def _channel(address: tuple[str, int], batch: np.ndarray, calls: int) -> list[float]:
+async def _channel(address: tuple[str, int, bytes], batch: np.ndarray, calls: int) -> list[float]:
     client = await ChannelClient.connect(*address)
     try:
         return await _timed(lambda: client.call(batch), calls)

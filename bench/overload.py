@@ -55,6 +55,8 @@ def deployment_yaml(batch: int, slo_ms: float) -> str:
         f"name: {MODEL}\nmodel: models:/{MODEL}/1\nreplicas: {{min: 1, max: 1}}\n"
         f"resources: {{cpus: 1}}\nbatching: {{max_batch_size: {batch}}}\n"
         f"slo: {{p99_ms: {slo_ms:g}}}\nmax_queue: 256\n"
+        # The slow model is pickled (a traced program would drop its sleep).
+        "allow_pickled_model: true\n"
     )
 
 

@@ -47,7 +47,12 @@ class JobContext(Protocol):
         ...
 
     def save_checkpoint(self, state: Mapping[str, Any], step: int) -> None:
-        """Persist a resumable state taken after ``step``."""
+        """Persist a resumable state taken after ``step``.
+
+        ``state`` holds tensors and plain values only (numbers, strings, bytes, None, and
+        lists, tuples, sets and dicts of them): it is read back with
+        ``torch.load(weights_only=True)``, which runs no code; a runner refuses anything else.
+        """
         ...
 
     def load_checkpoint(self) -> tuple[dict[str, Any], int] | None:

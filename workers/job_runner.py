@@ -204,6 +204,9 @@ def _log_model(
             name="model",
             signature=signature,
             input_example=example.numpy(),
+            # A torch.export program: replicas load it without unpickling (MLflow's default
+            # today, named so that a change of default cannot bring pickles back).
+            serialization_format="pt2",
             # Declared, not inferred: inference loads the model in a subprocess (seconds).
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )

@@ -39,7 +39,9 @@ should the server die in between, the record is sent again, and MLflow's SQL
 store keeps a metric sent twice with the same timestamp once.)
 
 Resume. :meth:`MlflowJobContext.load_checkpoint` takes the run's newest
-checkpoint, uploaded or still waiting in the spool (the local file). A job
+checkpoint, uploaded or still waiting in the spool (the local file), and loads
+it with ``torch.load(weights_only=True)``: tensors and plain values only, no
+code (:class:`CheckpointRefused` otherwise). A job
 process that ends before MLflow took its spool (stopped during an outage,
 killed) leaves it in its work dir; the job's next attempt on the same node
 adopts it and sends it first. An attempt on another node cannot see it: it
@@ -50,7 +52,10 @@ there again, without the steps logged meanwhile).
 
 from __future__ import annotations
 
+import collections
 import functools
+import pickle
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -64,7 +69,7 @@ from mlflow.tracking import MlflowClient
 
 from jobs.context import StopRequested
 from workers.files import write_json_atomic
-from workers.interface.errors import MlflowRefused
+from workers.interface.errors import CheckpointRefused, MlflowRefused
 from workers.interface.executor import Progress
 from workers.mlflow_spool import SPOOL_DIR, Entry, Spool
 
@@ -76,6 +81,48 @@ LOGGED_BATCH_TAG = "jobworker.logged_batch"
 DEFAULT_SPOOL_MAX_BYTES = 256 * 2**20
 _MAX_BATCH = 998  # MLflow takes 1000 entities per log_batch call: 998 metrics and our 2 tags
 _MAX_BUFFERED = 20 * _MAX_BATCH  # beyond this the training thread spools them itself
+
+
+_PLAIN_HELP = (
+    "jobworker loads checkpoints with torch.load(weights_only=True), which runs no code: "
+    "checkpoint only tensors, numbers, strings, bytes, None and lists, tuples, sets and dicts "
+    "of them (model.state_dict(), optimizer.state_dict(); torch.from_numpy(x) for an array)"
+)
+# What torch.load(weights_only=True) takes back without an allow-list (exact types: a
+# subclass, an enum say, is pickled by its own class and refused).
+_PLAIN_VALUES = (
+    *(torch.Tensor, torch.nn.Parameter, torch.Size, torch.dtype, torch.device),
+    *(int, float, complex, bool, str, bytes, bytearray, type(None)),
+)
+_PLAIN_CONTAINERS = (list, tuple, set, dict, collections.OrderedDict)
+
+
+def _not_plain(value: Any, where: str) -> str | None:
+    """Where in ``value`` the first value is that weights-only loading refuses, or None."""
+    kind = type(value)
+    if kind in _PLAIN_VALUES:
+        return None
+    if kind not in _PLAIN_CONTAINERS:
+        return f"{where} is a {kind.__module__}.{kind.__qualname__}"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _not_plain(key, f"a key of {where}") or _not_plain(item, f"{where}[{key!r}]")
+            if found:
+                return found
+        return None
+    for i, item in enumerate(value):
+        found = _not_plain(item, f"{where}[{i}]")
+        if found:
+            return found
+    return None
+
+
+def _refused_part(exc: pickle.UnpicklingError) -> str:
+    """What torch's weights-only unpickler refused, out of its long message."""
+    found = re.search(
+        r"WeightsUnpickler error: (.*?)(?: was not an allowed global|\.?\n|$)", str(exc)
+    )
+    return found.group(1) if found else str(exc).splitlines()[0]
 
 
 def say(message: str) -> None:
@@ -268,6 +315,9 @@ class MlflowJobContext:
     def save_checkpoint(self, state: Mapping[str, Any], step: int) -> None:
         if not self._leader:
             return
+        problem = _not_plain(state, "state")
+        if problem is not None:  # now, rather than when a resume cannot load it
+            raise CheckpointRefused(f"cannot checkpoint step {step}: {problem}. {_PLAIN_HELP}")
         local = self._work_dir / CHECKPOINT_DIR
         local.mkdir(exist_ok=True)
         path = local / f"step-{step:09d}.pt"
@@ -306,7 +356,13 @@ class MlflowJobContext:
                     lambda: self._client.download_artifacts(self.run_id, name, str(self._work_dir)),
                 )
             )
-        state: dict[str, Any] = torch.load(source, map_location="cpu", weights_only=False)
+        try:
+            state: dict[str, Any] = torch.load(source, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise CheckpointRefused(
+                f"checkpoint {source.name} of run {self.run_id} holds more than tensors and "
+                f"plain values ({_refused_part(exc)}). {_PLAIN_HELP}"
+            ) from None
         return state, step
 
     def should_stop(self) -> bool:

@@ -5,7 +5,12 @@ Both halves live here: :class:`RayReplicaLauncher` in the control plane, and the
 node affinity). The replica sees only the GPU it was given:
 ``CUDA_VISIBLE_DEVICES`` is set before torch is imported. Torch and MLflow are
 imported in :meth:`InferenceReplica.start`, inside the actor process, never in
-the control plane. Once warm it serves over ``workers.interface.channel``.
+the control plane. Once warm it serves over ``workers.interface.channel``, with a
+secret it makes itself and returns, with its address, from ``start`` (the Ray
+call the control plane makes anyway), so the secret travels only through Ray.
+It listens on 127.0.0.1 when it runs on the control plane's machine (the
+embedded set-up: Ray reports the machine's address even for a head started on
+127.0.0.1), else on its node's address.
 
 Actors are owned by the control-plane process (not detached): when it dies,
 its replicas go with it, and a restarted control plane starts them afresh
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import os
 import time
@@ -28,7 +34,12 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from workers.interface.channel import ChannelServer
+from workers.interface.channel import (
+    MAX_ROWS_FACTOR,
+    ChannelServer,
+    InputLimits,
+    new_secret,
+)
 from workers.interface.replicas import ReplicaPhase, ReplicaRequest, ReplicaStatus
 from workers.pinning import pinned_env
 from workers.sim_backend import remove_usage, write_usage
@@ -38,12 +49,20 @@ log = logging.getLogger(__name__)
 ACTOR_PREFIX = "jobworker-replica-"
 
 
+def listen_host(node_ip: str, control_plane_ip: str) -> str:
+    """Where a replica's channel listens: loopback when the router is on the same machine."""
+    if node_ip == control_plane_ip or ipaddress.ip_address(node_ip).is_loopback:
+        return "127.0.0.1"
+    return node_ip
+
+
 @ray.remote(num_cpus=0, max_restarts=0, max_concurrency=2)  # type: ignore[call-overload]
 class InferenceReplica:
-    """One replica; ``start`` returns its address and input schema once it is warm."""
+    """One replica; ``start`` returns its address, secret and input schema once it is warm."""
 
-    def __init__(self, request: ReplicaRequest) -> None:
+    def __init__(self, request: ReplicaRequest, control_plane_ip: str) -> None:
         self._request = request
+        self._control_plane_ip = control_plane_ip
         os.environ.update(pinned_env(request.gpu_indices, request.cpus))
         self._server: ChannelServer | None = None
 
@@ -55,7 +74,7 @@ class InferenceReplica:
         req = self._request
         torch.set_num_threads(max(1, int(req.cpus)))
         device = "cuda" if req.gpu_indices and torch.cuda.is_available() else "cpu"
-        module, schema = load(req.model_uri, req.tracking_uri, device)
+        module, schema = load(req.model_uri, req.tracking_uri, device, req.allow_pickled_model)
         with contextlib.suppress(NotImplementedError, RuntimeError):
             module.eval()  # an exported (pt2) program is traced in eval mode and refuses this
 
@@ -70,8 +89,14 @@ class InferenceReplica:
                 shape = [rows if d == -1 else d for d in schema.shape]
                 predict(np.zeros(shape, dtype=schema.dtype))
         warmup_ms = (time.perf_counter() - started) * 1000
-        host = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
-        self._server = ChannelServer(predict, host=host)
+        node_ip = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+        secret = new_secret()
+        self._server = ChannelServer(
+            predict,
+            secret=secret,
+            limits=InputLimits(schema, req.max_batch_size * MAX_ROWS_FACTOR),
+            host=listen_host(node_ip, self._control_plane_ip),
+        )
         self._server.start()
         if req.simulated_usage_dir and req.gpu_indices:
             write_usage(
@@ -85,6 +110,7 @@ class InferenceReplica:
         return {
             "host": host,
             "port": port,
+            "secret": secret,
             "pid": os.getpid(),
             "device": device,
             "warmup_ms": warmup_ms,
@@ -118,6 +144,7 @@ class RayReplicaLauncher:
     def __init__(self, namespace: str) -> None:
         self._namespace = namespace
         self._replicas: dict[str, _Replica] = {}
+        self._ip: str | None = None  # this process's node address, read once connected
 
     def start(self, request: ReplicaRequest) -> None:
         runtime_env = (
@@ -130,8 +157,13 @@ class RayReplicaLauncher:
             namespace=self._namespace,
             scheduling_strategy=NodeAffinitySchedulingStrategy(request.node_id, soft=False),
             runtime_env=runtime_env,
-        ).remote(request)
+        ).remote(request, self._node_ip())
         self._replicas[request.replica_id] = _Replica(actor, request, actor.start.remote())
+
+    def _node_ip(self) -> str:
+        if self._ip is None:
+            self._ip = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+        return self._ip
 
     def poll(self, replica_ids: Sequence[str]) -> dict[str, ReplicaStatus]:
         return {rid: self._poll_one(rid) for rid in replica_ids}
@@ -177,6 +209,7 @@ class RayReplicaLauncher:
             ReplicaPhase.READY,
             host=info["host"],
             port=info["port"],
+            secret=info["secret"],
             pid=info["pid"],
             input_shape=tuple(shape) if shape is not None else None,
             input_dtype=info["input_dtype"],

@@ -99,7 +99,9 @@ class _Deployment:
 
 def generation_of(spec: DeploymentSpec) -> str:
     """A short hash of the parts of a spec that a replica is built from."""
-    keep = spec.model_dump(mode="json", include={"model", "resources", "batching"})
+    keep = spec.model_dump(
+        mode="json", include={"model", "resources", "batching", "allow_pickled_model"}
+    )
     return hashlib.sha1(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -361,6 +363,7 @@ class DeploymentController:
                 max_batch_size=dep.spec.batching.max_batch_size,
                 python_path=self._settings.python_path,
                 simulated_usage_dir=self._settings.simulated_usage_dir,
+                allow_pickled_model=dep.spec.allow_pickled_model,
             )
             holding = Holding(
                 job_id=demand.job_id,
@@ -483,11 +486,12 @@ def _with_pid(h: Holding, pid: int) -> Holding:
 
 def _endpoint(rep: _Replica) -> ReplicaEndpoint:
     st = rep.status
-    assert st.host is not None and st.port is not None
+    assert st.host is not None and st.port is not None and st.secret is not None
     return ReplicaEndpoint(
         replica_id=rep.id,
         host=st.host,
         port=st.port,
+        secret=st.secret,
         model_name=rep.resolved.name or rep.resolved.uri,
         model_version=rep.resolved.version,
         run_id=rep.resolved.run_id,

@@ -82,6 +82,7 @@ class ReplicaEndpoint:
     run_id: str | None
     input_shape: tuple[int, ...] | None
     input_dtype: str | None
+    secret: bytes = field(repr=False)  # what the router presents on the replica's channel
 
 
 @dataclass(frozen=True)
@@ -258,7 +259,7 @@ class Router:
 
     async def _connect(self, endpoint: ReplicaEndpoint) -> ChannelClient | None:
         try:
-            return await ChannelClient.connect(endpoint.host, endpoint.port)
+            return await ChannelClient.connect(endpoint.host, endpoint.port, endpoint.secret)
         except (OSError, TimeoutError) as exc:
             log.warning("cannot reach replica %s: %s", endpoint.replica_id, exc)
             return None

@@ -219,6 +219,8 @@ class DeploymentSpec(_Strict):
     priority: int = Field(default=100, ge=-100, le=100)
     team: str | None = Field(default=None, pattern=_TEAM)
     tags: Tags = Field(default_factory=dict)
+    # Load a pickled model (or one that ships code): its unpickling runs whatever it names.
+    allow_pickled_model: bool = False
 
     @field_validator("model")
     @classmethod

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from scheduler.realtime.metrics import ServingMetrics
 from scheduler.realtime.router import Prediction, ReplicaEndpoint, RouteConfig, RouteLoad, Router
-from workers.interface.channel import ChannelServer
+from workers.interface.channel import ChannelServer, new_secret
 from workers.interface.errors import DeploymentNotFound, PredictError
 
 MODEL = "mlp"
@@ -53,7 +53,8 @@ class Replica:
         self._delay_s = delay_s
         self._open = threading.Event()
         self._open.set()
-        self.server = ChannelServer(self._handle)
+        self.secret = new_secret()
+        self.server = ChannelServer(self._handle, secret=self.secret)
         self.server.start()
 
     def _handle(self, x: np.ndarray) -> np.ndarray:
@@ -89,6 +90,7 @@ class Replica:
             run_id="run-abc",
             input_shape=shape,
             input_dtype=dtype,
+            secret=self.secret,
         )
 
 

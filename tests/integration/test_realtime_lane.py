@@ -195,6 +195,7 @@ def test_overload_sheds_with_429_and_retry_after(make_api: Any) -> None:
             batching="{max_batch_size: 4}",
             slo=f"{{p99_ms: {slo_ms}}}",
             max_queue="256",
+            allow_pickled_model="true",  # SlowModel is pickled: its sleep is Python code
         ),
     )
     wait_deployment(api, "slow")
@@ -225,6 +226,7 @@ def test_autoscaler_adds_a_replica_under_load_and_removes_it_after(make_api: Any
             slo="{p99_ms: 5000}",
             max_queue="1024",
             autoscaling="{target_queue_per_replica: 2, upscale_delay_s: 1, downscale_delay_s: 3}",
+            allow_pickled_model="true",  # SlowModel is pickled: its sleep is Python code
         ),
     )
     wait_deployment(api, "busy")

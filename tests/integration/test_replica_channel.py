@@ -26,12 +26,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from workers.interface.channel import ChannelClient, ChannelServer, decode_array, encode_array
+from workers.interface.channel import (
+    ChannelClient,
+    ChannelServer,
+    decode_array,
+    encode_array,
+    new_secret,
+)
 from workers.interface.errors import ReplicaFailed, ReplicaGone
 
 REPO = Path(__file__).resolve().parents[2]
 GUARD_S = 10.0  # a bound on every wait: reaching it means a hang, and the test fails
 SUPPORTED = ("float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8", "bool")
+SECRET = new_secret()  # every server of this module's tests
 T = TypeVar("T")
 
 Handler = Callable[[np.ndarray], np.ndarray]
@@ -69,7 +76,7 @@ def serve() -> Iterator[Callable[[Handler], ChannelServer]]:
     servers: list[ChannelServer] = []
 
     def start(handler: Handler) -> ChannelServer:
-        server = ChannelServer(handler)
+        server = ChannelServer(handler, secret=SECRET)
         server.start()
         servers.append(server)
         return server
@@ -82,7 +89,7 @@ def serve() -> Iterator[Callable[[Handler], ChannelServer]]:
 @pytest.fixture(scope="module")
 def echo_address() -> Iterator[tuple[str, int]]:
     """One echo replica shared by the property test (hypothesis reruns the body)."""
-    server = ChannelServer(lambda x: x)
+    server = ChannelServer(lambda x: x, secret=SECRET)
     server.start()
     yield server.address
     server.close()
@@ -91,7 +98,7 @@ def echo_address() -> Iterator[tuple[str, int]]:
 async def _connect(server_or_address: ChannelServer | tuple[str, int]) -> ChannelClient:
     if isinstance(server_or_address, ChannelServer):
         server_or_address = server_or_address.address
-    return await ChannelClient.connect(*server_or_address)
+    return await ChannelClient.connect(*server_or_address, SECRET)
 
 
 # -- encoding -----------------------------------------------------------------------------
@@ -206,6 +213,9 @@ def test_answers_are_matched_by_request_id_not_by_order() -> None:
     def reverse_replica() -> None:
         conn, _ = listener.accept()
         with conn:
+            request_id, length, kind = head.unpack(recv_exact(conn, head.size))
+            assert (kind, recv_exact(conn, length)) == (2, SECRET)  # HELLO with the secret
+            conn.sendall(head.pack(request_id, 0, 2))
             requests = []
             for _ in range(5):
                 request_id, length, kind = head.unpack(recv_exact(conn, head.size))
@@ -368,7 +378,7 @@ def test_server_close_stops_accepting_and_leaves_no_thread(
 
     async def main() -> None:
         with pytest.raises(OSError):
-            await ChannelClient.connect(*address, timeout_s=2)
+            await ChannelClient.connect(*address, SECRET, timeout_s=2)
 
     run(main())  # the autouse fixture checks that the accept thread ended
 
@@ -379,13 +389,15 @@ _CHILD = textwrap.dedent(
     import numpy as np
     from workers.interface.channel import ChannelServer
 
+    secret = bytes.fromhex(sys.argv[1])
+
     def handler(x):
         if x[0] < 0:
             print("entered", flush=True)
             threading.Event().wait()  # computes forever, until killed
         return x * 2
 
-    server = ChannelServer(handler)
+    server = ChannelServer(handler, secret=secret)
     server.start()
     print(server.address[1], flush=True)
     sys.stdin.read()
@@ -396,7 +408,7 @@ _CHILD = textwrap.dedent(
 def test_killed_replica_process_is_replica_gone() -> None:
     """The realistic case: the replica's process dies while it holds a batch."""
     child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD],
+        [sys.executable, "-c", _CHILD, SECRET.hex()],
         cwd=REPO,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -407,7 +419,7 @@ def test_killed_replica_process_is_replica_gone() -> None:
 
     async def main() -> None:
         port = int(await asyncio.to_thread(stdout.readline))
-        client = await ChannelClient.connect("127.0.0.1", port)
+        client = await ChannelClient.connect("127.0.0.1", port, SECRET)
         try:
             assert _same(await client.call(np.array([1.5])), np.array([3.0]))
             stuck = asyncio.ensure_future(client.call(np.array([-1.0])))

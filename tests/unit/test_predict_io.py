@@ -136,7 +136,9 @@ def test_refused_inputs_are_422_saying_why(
 
 
 def _prediction(version: str | None, run_id: str | None) -> Prediction:
-    endpoint = ReplicaEndpoint("r1", "127.0.0.1", 1, "mlp", version, run_id, (-1, 64), "float32")
+    endpoint = ReplicaEndpoint(
+        "r1", "127.0.0.1", 1, "mlp", version, run_id, (-1, 64), "float32", b"s" * 32
+    )
     return Prediction(np.array([[0.25, -1.0], [2.0, 3.5]], dtype=np.float32), endpoint)
 
 
@@ -161,7 +163,7 @@ def test_render_without_version_or_run() -> None:
 def test_render_of_a_read_only_int_output() -> None:
     """Outputs decoded off the socket are read-only views, of any supported dtype."""
     outputs = np.frombuffer(np.arange(4, dtype=np.int64).tobytes(), dtype=np.int64).reshape(2, 2)
-    endpoint = ReplicaEndpoint("r1", "h", 1, "tok", "1", None, None, None)
+    endpoint = ReplicaEndpoint("r1", "h", 1, "tok", "1", None, None, None, b"s" * 32)
     payload, _ = render(Prediction(outputs, endpoint))
     assert json.loads(payload)["outputs"] == [[0, 1], [2, 3]]
 

@@ -12,18 +12,34 @@ Frame layout (network byte order)::
     response: u32 request id | u32 body length | u8 kind | body
 
 ``kind`` is ``ARRAY`` (body: u8 dtype code, u8 ndim, ndim x u32 dims, raw
-C-order data) or ``ERROR`` (body: UTF-8 message). Stdlib and numpy only.
+C-order data), ``ERROR`` (body: UTF-8 message) or ``HELLO``. Stdlib and numpy only.
+
+Safe bytes. Each replica makes a random secret when it starts
+(:func:`new_secret`) and hands it to the control plane with its address, through
+the Ray call that reports it ready. A client's first frame is ``HELLO`` carrying
+the secret; the replica compares it in constant time and answers an empty
+``HELLO``, or drops the connection: also when the secret does not come within
+``handshake_timeout_s`` (in all). Before it allocates a body, the replica checks
+the length against :meth:`InputLimits.max_body_bytes` (the signature's row size
+times ``max_rows``) and drops the connection when it is more; a body whose
+array does not match the signature gets an ``ERROR`` frame. Once a frame has
+begun, every read and write must make progress within ``io_timeout_s``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
+import math
+import secrets
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,9 +50,86 @@ log = logging.getLogger(__name__)
 
 ARRAY = 0
 ERROR = 1
+HELLO = 2
 _HEAD = struct.Struct("!IIB")
 _DTYPES = ("float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8", "bool")
 _CODES = {np.dtype(name): code for code, name in enumerate(_DTYPES)}
+
+SECRET_BYTES = 32
+# A frame may carry up to max_batch_size x this many rows: the router sends one request
+# whole even when it alone is larger than a batch (the API caps a request's rows).
+MAX_ROWS_FACTOR = 4
+# The body cap when the signature does not bound a row (no signature, a free dimension).
+DEFAULT_MAX_BODY_BYTES = 64 * 2**20
+# What the router takes from a replica in one frame (outputs are not in the signature).
+DEFAULT_MAX_RESPONSE_BYTES = 256 * 2**20
+HANDSHAKE_TIMEOUT_S = 5.0
+IO_TIMEOUT_S = 10.0
+MAX_PENDING_HANDSHAKES = 64  # connections not yet authenticated; more are closed at once
+
+
+def new_secret() -> bytes:
+    """A fresh channel secret (``secrets.token_bytes``)."""
+    return secrets.token_bytes(SECRET_BYTES)
+
+
+@dataclass(frozen=True)
+class InputSchema:
+    """The model's tensor input: ``shape`` with -1 for any size, numpy dtype name."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    def text(self) -> str:
+        dims = ", ".join("N" if d == -1 else str(d) for d in self.shape)
+        return f"({dims}) {self.dtype}"
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """What a replica accepts on its channel: arrays of ``schema`` (any array when it is
+    None) with 1 to ``max_rows`` rows.
+
+    Example::
+
+        limits = InputLimits(InputSchema((-1, 64), "float32"), max_rows=128)
+        limits.max_body_bytes()  # 2 + 4 * 2 + 128 * 64 * 4
+        limits.check(np.zeros((3, 64), np.float32))  # passes; a mismatch is a ValueError
+    """
+
+    schema: InputSchema | None
+    max_rows: int
+
+    def max_body_bytes(self) -> int:
+        """The largest ARRAY body an accepted array can take."""
+        if self.schema is None:
+            return DEFAULT_MAX_BODY_BYTES
+        shape = self.schema.shape
+        dims = [self.max_rows if i == 0 and d == -1 else d for i, d in enumerate(shape)]
+        if any(d < 0 for d in dims):  # a free dimension besides the rows: no row size
+            return DEFAULT_MAX_BODY_BYTES
+        data_bytes = math.prod(dims) * np.dtype(self.schema.dtype).itemsize
+        return 2 + 4 * len(shape) + data_bytes
+
+    def check(self, array: np.ndarray) -> None:
+        """``ValueError`` naming the expected and the received shape when ``array`` does not fit."""
+        rows = array.shape[0] if array.ndim else 0
+        schema = self.schema
+        fits = 1 <= rows <= self.max_rows
+        if schema is not None:
+            fits = (
+                fits
+                and array.dtype == np.dtype(schema.dtype)
+                and array.ndim == len(schema.shape)
+                and all(d in (-1, got) for d, got in zip(schema.shape, array.shape, strict=True))
+            )
+        if not fits:
+            want = schema.text() if schema is not None else "any array"
+            got = ", ".join(str(d) for d in array.shape)
+            raise ValueError(
+                f"expected inputs of shape {want} with 1 to {self.max_rows} rows, "
+                f"got ({got}) {array.dtype}"
+            )
 
 
 def encode_array(array: np.ndarray) -> bytes:
@@ -62,25 +155,43 @@ def frame(request_id: int, kind: int, body: bytes) -> bytes:
 
 # -- replica side (blocking sockets, one thread per connection) ---------------------------
 class ChannelServer:
-    """Serves ``handler(array) -> array`` on 127.0.0.1 or a given host, port chosen by the OS.
+    """Serves ``handler(array) -> array`` to clients that present ``secret``, on 127.0.0.1 or
+    a given host, port chosen by the OS. ``limits`` bounds and checks the arrays (None: any
+    array whose body fits :data:`DEFAULT_MAX_BODY_BYTES`).
 
     Example::
 
-        server = ChannelServer(lambda x: x * 2)
+        secret = new_secret()
+        server = ChannelServer(lambda x: x * 2, secret=secret)
         server.start()
-        host, port = server.address
+        host, port = server.address  # ChannelClient.connect(host, port, secret)
     """
 
     def __init__(
-        self, handler: Callable[[np.ndarray], np.ndarray], host: str = "127.0.0.1"
+        self,
+        handler: Callable[[np.ndarray], np.ndarray],
+        *,
+        secret: bytes,
+        limits: InputLimits | None = None,
+        host: str = "127.0.0.1",
+        handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+        io_timeout_s: float = IO_TIMEOUT_S,
     ) -> None:
+        if len(secret) < 16:
+            raise ValueError("a channel secret has at least 16 bytes (see new_secret())")
         self._handler = handler
+        self._secret = secret
+        self._limits = limits
+        self._max_body_bytes = limits.max_body_bytes() if limits else DEFAULT_MAX_BODY_BYTES
+        self._handshake_timeout_s = handshake_timeout_s
+        self._io_timeout_s = io_timeout_s
         self._sock = socket.create_server((host, 0))
         self._lock = threading.Lock()  # one batch at a time on the model
         self._closed = False
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
         self._accepted = 0
+        self._pending = 0  # connections that have not presented the secret yet
 
     @property
     def address(self) -> tuple[str, int]:
@@ -119,20 +230,39 @@ class ChannelServer:
             except OSError:
                 return
             with self._conns_lock:
-                if self._closed:
+                if self._closed or self._pending >= MAX_PENDING_HANDSHAKES:
                     conn.close()
-                    return
+                    if self._closed:
+                        return
+                    continue
                 self._conns.add(conn)
                 self._accepted += 1
+                self._pending += 1
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
             try:
+                try:
+                    greeted = self._greet(conn)
+                finally:
+                    with self._conns_lock:
+                        self._pending -= 1
+                if not greeted:
+                    return
                 while True:
-                    head = _recv_exact(conn, _HEAD.size)
-                    request_id, length, _kind = _HEAD.unpack(head)
+                    head = _recv_exact(conn, _HEAD.size, idle=True)
+                    request_id, length, kind = _HEAD.unpack(head)
+                    if kind != ARRAY or length > self._max_body_bytes:
+                        log.warning(
+                            "replica channel: dropping a connection that sent a frame of kind "
+                            "%d and %d bytes (at most %d bytes of ARRAY)",
+                            kind,
+                            length,
+                            self._max_body_bytes,
+                        )
+                        return
                     body = _recv_exact(conn, length)
                     conn.sendall(self._answer(request_id, body))
             except (ConnectionError, OSError):
@@ -141,23 +271,59 @@ class ChannelServer:
                 with self._conns_lock:
                     self._conns.discard(conn)
 
+    def _greet(self, conn: socket.socket) -> bool:
+        """Whether the client presented the secret in time (then it is told so)."""
+        deadline = time.monotonic() + self._handshake_timeout_s
+        request_id, length, kind = _HEAD.unpack(_recv_exact(conn, _HEAD.size, deadline=deadline))
+        if kind != HELLO or length != len(self._secret):
+            log.warning("replica channel: dropping a connection that did not say HELLO first")
+            return False
+        if not hmac.compare_digest(
+            bytes(_recv_exact(conn, length, deadline=deadline)), self._secret
+        ):
+            log.warning("replica channel: dropping a connection with a wrong secret")
+            return False
+        conn.settimeout(self._io_timeout_s)
+        conn.sendall(frame(request_id, HELLO, b""))
+        return True
+
     def _answer(self, request_id: int, body: bytearray) -> bytes:
         try:
+            array = decode_array(body)
+            if self._limits is not None:
+                self._limits.check(array)
             with self._lock:
-                result = self._handler(decode_array(body))
+                result = self._handler(array)
             return frame(request_id, ARRAY, encode_array(result))
         except Exception as exc:  # the model's error goes back to the caller, serving goes on
             log.exception("replica handler failed")
             return frame(request_id, ERROR, f"{type(exc).__name__}: {exc}".encode())
 
 
-def _recv_exact(conn: socket.socket, n: int) -> bytearray:
-    """Exactly ``n`` bytes (writable, so that arrays decoded from it are too)."""
+def _recv_exact(
+    conn: socket.socket, n: int, deadline: float | None = None, idle: bool = False
+) -> bytearray:
+    """Exactly ``n`` bytes (writable, so that arrays decoded from it are too).
+
+    Each read waits at most the socket's timeout, or until ``deadline`` (monotonic) for
+    all of them. ``idle``: waiting for the first byte never times out (a connection may be
+    quiet between frames).
+    """
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
     while got < n:
-        k = conn.recv_into(view[got:], n - got)
+        if deadline is not None:
+            left_s = deadline - time.monotonic()
+            if left_s <= 0:
+                raise TimeoutError("the peer was too slow")
+            conn.settimeout(left_s)
+        try:
+            k = conn.recv_into(view[got:], n - got)
+        except TimeoutError:
+            if idle and got == 0:
+                continue
+            raise
         if k == 0:
             raise ConnectionError("peer closed")
         got += k
@@ -170,25 +336,55 @@ class ChannelClient:
 
     Example::
 
-        client = await ChannelClient.connect("127.0.0.1", port)
+        client = await ChannelClient.connect("127.0.0.1", port, secret)
         outputs = await client.call(inputs)
     """
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    ) -> None:
         self._reader = reader
         self._writer = writer
+        self._max_response_bytes = max_response_bytes
         self._pending: dict[int, asyncio.Future[np.ndarray]] = {}
         self._next_id = 0
         self._closed: BaseException | None = None
         self._task = asyncio.get_running_loop().create_task(self._read())
 
     @classmethod
-    async def connect(cls, host: str, port: int, timeout_s: float = 10.0) -> ChannelClient:
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        secret: bytes,
+        timeout_s: float = 10.0,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    ) -> ChannelClient:
+        """Connect and present ``secret``; ``ConnectionError`` when the replica refuses it,
+        ``TimeoutError`` when connecting or the answer takes more than ``timeout_s``."""
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
         sock: Any = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return cls(reader, writer)
+        try:
+            writer.write(frame(0, HELLO, secret))
+            head = await asyncio.wait_for(reader.readexactly(_HEAD.size), timeout_s)
+            _, length, kind = _HEAD.unpack(head)
+            if kind != HELLO or length != 0:
+                raise ConnectionError(f"{host}:{port} did not answer as a replica does")
+        except asyncio.IncompleteReadError as exc:
+            writer.close()
+            raise ConnectionError(
+                f"the replica at {host}:{port} closed the connection instead of answering "
+                "HELLO: it refused the secret (or it is stopping)"
+            ) from exc
+        except BaseException:
+            writer.close()
+            raise
+        return cls(reader, writer, max_response_bytes)
 
     @property
     def alive(self) -> bool:
@@ -228,6 +424,15 @@ class ChannelClient:
             while True:
                 head = await self._reader.readexactly(_HEAD.size)
                 request_id, length, kind = _HEAD.unpack(head)
+                if length > self._max_response_bytes:
+                    self._fail_all(
+                        ReplicaGone(
+                            f"the replica sent a frame of {length} bytes, more than the "
+                            f"{self._max_response_bytes} the router takes"
+                        )
+                    )
+                    self._writer.close()
+                    return
                 body = await self._reader.readexactly(length)
                 future = self._pending.pop(request_id, None)
                 if future is None or future.done():

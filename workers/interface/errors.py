@@ -16,6 +16,7 @@ exception type::
     ├── PredictError           a prediction refused or failed, with its HTTP status
     ├── ModelUnavailable       a model to serve cannot be resolved or loaded from MLflow
     ├── MlflowRefused          MLflow refused a job's call for good (not an outage)
+    ├── CheckpointRefused      a checkpoint holds more than tensors and plain values
     ├── ReplicaGone            a replica's connection closed before it answered
     ├── ReplicaFailed          a replica answered a batch with an error
     ├── ServiceError           a service `jobworker up` needs cannot start (a taken port, ...)
@@ -94,6 +95,11 @@ class ModelUnavailable(JobworkerError):
 
 class MlflowRefused(JobworkerError):
     """MLflow refused a call for good (HTTP 4xx, or data it cannot take): retrying cannot help."""
+
+
+class CheckpointRefused(JobworkerError):
+    """A checkpoint cannot be loaded with ``torch.load(weights_only=True)``: it holds objects
+    whose unpickling could run code; the message names the first one."""
 
 
 class ReplicaGone(JobworkerError, ConnectionError):

@@ -7,7 +7,7 @@ replica is ``workers/interface/channel.py``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
@@ -37,6 +37,7 @@ class ReplicaRequest:
     max_batch_size: int
     python_path: tuple[str, ...] = ()
     simulated_usage_dir: str | None = None
+    allow_pickled_model: bool = False  # the deployment's: load a pickled model (runs its code)
 
 
 class ReplicaPhase(StrEnum):
@@ -56,6 +57,7 @@ class ReplicaStatus:
     input_shape: tuple[int, ...] | None = None  # -1 for any size; None: no tensor signature
     input_dtype: str | None = None
     error: str | None = None
+    secret: bytes | None = field(default=None, repr=False)  # what a channel client presents
 
 
 class ReplicaLauncher(Protocol):
