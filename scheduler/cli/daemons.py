@@ -368,10 +368,13 @@ def _has_our_mlflow_login(daemon: Daemon) -> bool:
 def ray_head(home: Path, timeout_s: float = 120.0) -> tuple[Daemon, bool]:
     """The home's local Ray head on 127.0.0.1, with token authentication: (daemon, re-used).
 
-    Its workers (the job processes, the replicas) inherit its environment, and
-    with it the MLflow login (``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``) this
-    process has: a running head started with another login is replaced (its
-    jobs are lost to Ray and requeued), as its workers could not log to MLflow.
+    (127.0.0.1 is the address it advertises; Ray 2.60's GCS, raylet and agents
+    still listen on every interface, where the token guards all but the
+    agents' health and metrics endpoints.) Its workers (the job processes, the
+    replicas) inherit its environment, and with it the MLflow login
+    (``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``) this process has: a running head
+    started with another login is replaced (its jobs are lost to Ray and
+    requeued), as its workers could not log to MLflow.
     """
     known = record(home, RAY)
     if (
