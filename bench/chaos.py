@@ -190,7 +190,8 @@ def main() -> None:
     mlflow = daemons.record(a.home, daemons.MLFLOW)
     assert ray is not None and mlflow is not None
     b_flags = [*common, "--ray-address", ray.address, "--tracking-uri", mlflow.address]
-    b = Plane("b", homes[1], free_port(), b_flags, daemons.ray_auth(a.home))
+    login = daemons.mlflow_credentials(a.home)  # a's MLflow server: b logs in as a does
+    b = Plane("b", homes[1], free_port(), b_flags, {**daemons.ray_auth(a.home), **login})
     b.up()
     planes = [a, b]
     wait(lambda: sorted(p.role() or "" for p in planes) == ["leader", "standby"], "roles", 60)
@@ -296,6 +297,7 @@ def main() -> None:
         time.sleep(1.0)
 
     final = jobs()
+    os.environ.update(login)  # MLflow's client reads its login from the environment
     client = MlflowClient(mlflow.address)
     experiment = client.get_experiment_by_name("chaos")
     lost = duplicated = failed_not_own = missing = dup_steps = 0

@@ -3,6 +3,7 @@ every test that needs them, and a store URL on each database backend."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -12,6 +13,7 @@ from typing import TypeVar
 import pytest
 
 from scheduler import db
+from scheduler.cli import daemons
 from tests.postgres import INSTALL_HINT, PostgresServer, find_bin_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,6 +42,24 @@ def user_env() -> dict[str, str]:
     """This environment without the settings earlier tests left in it (MLflow's client sets
     ``MLFLOW_TRACKING_URI`` in ``os.environ``): a CLI run as a user would start it."""
     return {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "JOBWORKER_"))}
+
+
+@contextlib.contextmanager
+def mlflow_login(home: Path) -> Iterator[None]:
+    """Within it, MLflow's client in this process (and the processes it starts) logs in to
+    the MLflow server of jobworker home ``home``: MLflow's client reads the login from
+    ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``, which it leaves as they were."""
+    login = daemons.mlflow_credentials(home)
+    before = {key: os.environ.get(key) for key in login}
+    os.environ.update(login)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 SIM_NODE = "jobworker_sim_node_"  # workers.ray_cluster.SIM_NODE_RESOURCE

@@ -14,6 +14,7 @@ the kernel drops when the process dies, however it dies) for its lifetime.
 
 from __future__ import annotations
 
+import configparser
 import contextlib
 import fcntl
 import hashlib
@@ -231,30 +232,107 @@ def _signal(daemon: Daemon, sig: int) -> None:
 
 
 # -- the embedded services --------------------------------------------------------------------
+MLFLOW_ADMIN, MLFLOW_AUTH = "admin", "mlflow-auth.ini"  # the admin user, its config file
+MLFLOW_LOGIN = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")  # read by MLflow's client
+
+
+def mlflow_auth_config(home: Path) -> Path:
+    """The home's config of MLflow's basic-auth app, made once, readable by this user only.
+
+    It is MLflow's own ini (``MLFLOW_AUTH_CONFIG_PATH``): the auth database
+    (SQLite under the home), the admin user and its generated password, and
+    ``default_permission = NO_PERMISSIONS`` (a user an admin adds sees nothing
+    until granted). Its ``[jobworker]`` section holds the Flask secret key the
+    auth app needs. A restarted ``up`` re-uses it, edits included.
+    """
+    path = home.resolve() / MLFLOW_AUTH
+    if not path.exists():
+        config = configparser.ConfigParser()
+        config["mlflow"] = {
+            "default_permission": "NO_PERMISSIONS",
+            "database_uri": f"sqlite:///{home.resolve() / 'mlflow-auth.db'}",
+            "admin_username": MLFLOW_ADMIN,
+            "admin_password": secrets.token_urlsafe(24),
+            "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
+        }
+        config["jobworker"] = {"flask_secret_key": secrets.token_hex(32)}
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            config.write(fh)
+    return path
+
+
+def _read_mlflow_auth(home: Path) -> configparser.ConfigParser:
+    config = configparser.ConfigParser()
+    config.read(mlflow_auth_config(home))
+    return config
+
+
+def mlflow_credentials(home: Path) -> dict[str, str]:
+    """The environment with which MLflow's client logs in to the home's MLflow server."""
+    admin = _read_mlflow_auth(home)["mlflow"]
+    return dict(zip(MLFLOW_LOGIN, (admin["admin_username"], admin["admin_password"]), strict=True))
+
+
 def mlflow_server(home: Path, port: int, timeout_s: float = 120.0) -> tuple[Daemon, bool]:
-    """The home's MLflow server (SQLite + local artifacts) on ``port``: (daemon, re-used)."""
-    health = f"http://127.0.0.1:{port}/health"
+    """The home's MLflow server (SQLite + local artifacts) on ``port``, with MLflow's
+    basic-auth app on (see :func:`mlflow_auth_config`): (daemon, re-used).
+
+    A running server is re-used only when it refuses a request without the
+    home's credentials and answers one with them.
+    """
+    base = f"http://127.0.0.1:{port}"
+    login = mlflow_credentials(home)
+    auth = (login["MLFLOW_TRACKING_USERNAME"], login["MLFLOW_TRACKING_PASSWORD"])
+    probe = f"{base}/api/2.0/mlflow/experiments/search?max_results=1"
+
+    def status(credentials: tuple[str, str] | None) -> int | None:
+        try:  # (the first login checks a PBKDF2 hash, on a busy machine in seconds)
+            return httpx.get(probe, auth=credentials, timeout=30).status_code
+        except httpx.HTTPError:
+            return None
 
     def healthy() -> bool:
         try:
-            return httpx.get(health, timeout=2).status_code == 200
+            return httpx.get(f"{base}/health", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
 
     known = record(home, MLFLOW)
-    if known is not None and known.running() and known.port == port and healthy():
+    if (
+        known is not None
+        and known.running()
+        and known.port == port
+        and healthy()
+        and status(None) == 401  # basic-auth on
+        and status(auth) == 200  # and our login
+    ):
         return known, True
-    stop(home, MLFLOW)  # not running, not answering, or on another port
+    stop(home, MLFLOW)  # not running, not answering, on another port, or not ours to log in to
     check_port_free("127.0.0.1", port, "MLflow server")
     state = home.resolve()
     command = [
-        *(sys.executable, "-m", "mlflow", "server"),
+        *(sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth"),
         *("--backend-store-uri", f"sqlite:///{state / 'mlflow.db'}"),
         *("--artifacts-destination", str(state / "mlartifacts")),
         *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
     ]
-    address = f"http://127.0.0.1:{port}"
-    return _start(home, MLFLOW, command, port, address, healthy, timeout_s), False
+    config = mlflow_auth_config(home)
+    env = {  # the operator's own MLFLOW_AUTH_ADMIN_* would override the ini's
+        "MLFLOW_AUTH_CONFIG_PATH": str(config),
+        "MLFLOW_AUTH_ADMIN_USERNAME": auth[0],
+        "MLFLOW_AUTH_ADMIN_PASSWORD": auth[1],
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": _read_mlflow_auth(home)["jobworker"]["flask_secret_key"],
+    }
+    started = _start(home, MLFLOW, command, port, base, healthy, timeout_s, env)
+    if status(auth) != 200:  # an auth database whose admin has another password
+        stop(home, MLFLOW)
+        raise ServiceError(
+            f"the MLflow server refuses the credentials in {config}: its auth database "
+            f"{state / 'mlflow-auth.db'} holds another password for {auth[0]!r}; put that "
+            "password in the config, or move the database away to start a fresh one"
+        )
+    return started, False
 
 
 def ray_auth(home: Path) -> dict[str, str]:
@@ -278,10 +356,33 @@ def ray_temp_dir(home: Path) -> Path:
     return Path(tempfile.gettempdir()) / f"jobworker-ray-{tag}"
 
 
+def _has_our_mlflow_login(daemon: Daemon) -> bool:
+    """Whether ``daemon`` started with this process's MLflow login (or both without one)."""
+    try:
+        theirs = psutil.Process(daemon.pid).environ()
+    except psutil.Error:
+        return False
+    return all(theirs.get(key) == os.environ.get(key) for key in MLFLOW_LOGIN)
+
+
 def ray_head(home: Path, timeout_s: float = 120.0) -> tuple[Daemon, bool]:
-    """The home's local Ray head on 127.0.0.1, with token authentication: (daemon, re-used)."""
+    """The home's local Ray head on 127.0.0.1, with token authentication: (daemon, re-used).
+
+    (127.0.0.1 is the address it advertises; Ray 2.60's GCS, raylet and agents
+    still listen on every interface, where the token guards all but the
+    agents' health and metrics endpoints.) Its workers (the job processes, the
+    replicas) inherit its environment, and with it the MLflow login
+    (``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``) this process has: a running head
+    started with another login is replaced (its jobs are lost to Ray and
+    requeued), as its workers could not log to MLflow.
+    """
     known = record(home, RAY)
-    if known is not None and known.running() and _listening(known.port):
+    if (
+        known is not None
+        and known.running()
+        and _listening(known.port)
+        and _has_our_mlflow_login(known)
+    ):
         return known, True
     stop(home, RAY)
     port = _free_port()

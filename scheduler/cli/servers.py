@@ -79,7 +79,11 @@ def up(
         if tracking_uri is None:
             mlflow, reused = daemons.mlflow_server(home, mlflow_port)
             out.print(f"{'re-using' if reused else 'started'} MLflow server: {mlflow.describe()}")
+            out.print(f"MLflow UI login: {_mlflow_login(home)}")
             tracking_uri = mlflow.address
+            # This process, and the Ray head started below (its workers inherit it), log in
+            # with it; with --tracking-uri, the operator's own MLFLOW_TRACKING_* are passed on.
+            os.environ.update(daemons.mlflow_credentials(home))
         if ray_address is None:
             ray, reused = daemons.ray_head(home)
             out.print(f"{'re-using' if reused else 'started'} local Ray: {ray.describe()}")
@@ -109,6 +113,13 @@ def up(
     finally:
         daemons.forget_this_process(home)
         lock.close()
+
+
+def _mlflow_login(home: Path) -> str:
+    """How to log in to the home's MLflow UI, without the password (``up``'s output goes to a
+    log file when detached): the user name and the file that holds the password."""
+    user = daemons.mlflow_credentials(home)["MLFLOW_TRACKING_USERNAME"]
+    return f"user {user}, password in {daemons.mlflow_auth_config(home)} (admin_password)"
 
 
 def _serve(settings: Any, host: str, port: int) -> None:
@@ -225,3 +236,9 @@ def demo(
     out.print(
         f"\nMLflow UI: [bold]http://127.0.0.1:{mlflow_port}[/]  (stop everything: `make stop`)"
     )
+    if (home / daemons.MLFLOW_AUTH).exists():  # the MLflow server is this home's: its login
+        login = daemons.mlflow_credentials(home)
+        out.print(  # on the terminal of the user who started it, who can read the file anyway
+            f"  log in as [bold]{login['MLFLOW_TRACKING_USERNAME']}[/] with password "
+            f"[bold]{login['MLFLOW_TRACKING_PASSWORD']}[/] (kept in {home / daemons.MLFLOW_AUTH})"
+        )

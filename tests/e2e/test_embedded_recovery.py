@@ -21,7 +21,7 @@ import psutil
 from mlflow.tracking import MlflowClient
 
 from scheduler.cli import daemons
-from tests.conftest import REPO, user_env, wait_until
+from tests.conftest import REPO, mlflow_login, user_env, wait_until
 from tests.integration.conftest import entrypoint_yaml, free_port
 
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
@@ -113,19 +113,20 @@ def test_sigkill_of_embedded_up_loses_nothing_and_down_leaves_nothing(tmp_path: 
 
         jobs = wait_until(all_done, "every job to end", 300, every_s=0.5)
         client = MlflowClient(f"http://127.0.0.1:{mlflow_port}")
-        for job_id, job in jobs.items():
-            assert job["state"] == "SUCCEEDED", job
-            ends = [e for e in job["history"] if e["to_state"] in TERMINAL]
-            assert len(ends) == 1
-            if job_id in running:  # it kept running through the restart: one attempt
-                assert job["attempts"] == 1 and job["losses"] == 0
-            runs = client.search_runs(
-                [client.get_run(job["run_id"]).info.experiment_id],
-                filter_string=f"tags.`jobworker.job_id` = '{job_id}'",
-            )
-            assert len(runs) == 1
-            counted = [int(m.step) for m in client.get_metric_history(job["run_id"], "counted")]
-            assert sorted(counted) == list(range(1, steps + 1))  # every step, once
+        with mlflow_login(home):
+            for job_id, job in jobs.items():
+                assert job["state"] == "SUCCEEDED", job
+                ends = [e for e in job["history"] if e["to_state"] in TERMINAL]
+                assert len(ends) == 1
+                if job_id in running:  # it kept running through the restart: one attempt
+                    assert job["attempts"] == 1 and job["losses"] == 0
+                runs = client.search_runs(
+                    [client.get_run(job["run_id"]).info.experiment_id],
+                    filter_string=f"tags.`jobworker.job_id` = '{job_id}'",
+                )
+                assert len(runs) == 1
+                counted = [int(m.step) for m in client.get_metric_history(job["run_id"], "counted")]
+                assert sorted(counted) == list(range(1, steps + 1))  # every step, once
     finally:
         stopped = jobworker("down", "--home", str(home))
     assert stopped.returncode == 0, stopped.stderr

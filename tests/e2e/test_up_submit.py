@@ -9,7 +9,8 @@ from pathlib import Path
 import httpx
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, user_env, wait_until
+from scheduler.cli import daemons
+from tests.conftest import REPO, mlflow_login, user_env, wait_until
 from tests.integration.conftest import free_port
 
 
@@ -58,11 +59,12 @@ def test_up_submit_wait_status_logs_down(tmp_path: Path) -> None:
         assert f"jobworker: job {job['id']}" in logs.stdout
 
         client = MlflowClient(f"http://127.0.0.1:{mlflow_port}")
-        run = client.get_run(job["run_id"])
-        assert len(client.get_metric_history(run.info.run_id, "loss")) == 300
-        assert any(a.path == "config.yaml" for a in client.list_artifacts(run.info.run_id))
-        version = client.get_model_version("mlp-synthetic", job["model_version"])
-        assert version.run_id == run.info.run_id
+        with mlflow_login(home):  # the job logged in with the same login (basic-auth is on)
+            run = client.get_run(job["run_id"])
+            assert len(client.get_metric_history(run.info.run_id, "loss")) == 300
+            assert any(a.path == "config.yaml" for a in client.list_artifacts(run.info.run_id))
+            version = client.get_model_version("mlp-synthetic", job["model_version"])
+            assert version.run_id == run.info.run_id
 
         # The rest of `make demo`, on the same real MLflow server: train again (the alias
         # moves to version 2), deploy configs/serve/mlp_synthetic.yaml, answer a prediction.
@@ -73,6 +75,12 @@ def test_up_submit_wait_status_logs_down(tmp_path: Path) -> None:
         assert "already up" in demo.stdout and "READY" in demo.stdout
         assert "from mlp-synthetic version 2" in demo.stdout
         assert f"MLflow UI: http://127.0.0.1:{mlflow_port}" in demo.stdout
+        login = daemons.mlflow_credentials(home)
+        password = login["MLFLOW_TRACKING_PASSWORD"]
+        assert f"log in as admin with password {password}" in demo.stdout
+        log = (home / "jobworker.log").read_text()  # up's own output names the file only
+        assert f"MLflow UI login: user admin, password in {home.resolve()}" in log
+        assert password not in log
         predicted = jobworker("predict", "mlp-synthetic", "--data", str([[0.5] * 64]), "--api", api)
         assert predicted.returncode == 0, predicted.stderr
         assert "model mlp-synthetic version 2" in predicted.stdout

@@ -16,7 +16,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from scheduler.cli import daemons
-from tests.conftest import REPO, wait_until
+from tests.conftest import REPO, mlflow_login, wait_until
 from tests.integration.conftest import free_port
 from workers.interface.executor import LaunchRequest, NodeAssignment
 from workers.interface.spec import load_spec
@@ -170,45 +170,46 @@ def outage_scenario(tmp_path: Path, down_for_s: float) -> None:
     then started again on the same port and backend: the job ends as if nothing happened."""
     server = MlflowServer(tmp_path / "mlflow")
     server.start()
-    gate = tmp_path / "mlflow-is-down"
-    steps, every = 600, 100
-    job = start_job(
-        tmp_path / "job-outage" / "attempt-1",
-        example_yaml("outage", steps, every, gate=gate, gate_step=200),
-        server.uri,
-        env=OUTAGE_ENV,
-    )
-    try:
-        job.wait_for_output("train_example: waiting at the gate after step 200")
-        server.kill()
-        down_at = time.monotonic()
-        gate.touch()
-        last = job.work_dir / "checkpoints" / f"step-{steps:09d}.pt"
-        wait_until(last.exists, "the training ends while MLflow is down", 120)
-        job.wait_for_output(f"waiting for MLflow at {server.uri}: ")
+    with mlflow_login(server.home):
+        gate = tmp_path / "mlflow-is-down"
+        steps, every = 600, 100
+        job = start_job(
+            tmp_path / "job-outage" / "attempt-1",
+            example_yaml("outage", steps, every, gate=gate, gate_step=200),
+            server.uri,
+            env=OUTAGE_ENV,
+        )
+        try:
+            job.wait_for_output("train_example: waiting at the gate after step 200")
+            server.kill()
+            down_at = time.monotonic()
+            gate.touch()
+            last = job.work_dir / "checkpoints" / f"step-{steps:09d}.pt"
+            wait_until(last.exists, "the training ends while MLflow is down", 120)
+            job.wait_for_output(f"waiting for MLflow at {server.uri}: ")
 
-        def outage_over() -> bool:
-            assert job.alive(), f"the job ended while MLflow was down:\n{job.output()}"
-            return time.monotonic() - down_at >= down_for_s
+            def outage_over() -> bool:
+                assert job.alive(), f"the job ended while MLflow was down:\n{job.output()}"
+                return time.monotonic() - down_at >= down_for_s
 
-        wait_until(outage_over, f"{down_for_s:g} s of outage", down_for_s + 60, every_s=1)
-        server.start()
-        assert job.finish() == 0, job.output()
-        result = job.result()
-        assert result["status"] == "succeeded", job.output()
-        client, run_id = server.client(), result["run_id"]
-        for key in ("loss", "accuracy"):
-            assert logged_steps(client, run_id, key) == list(range(1, steps + 1)), key
-        run = client.get_run(run_id)
-        assert run.info.status == "FINISHED"
-        assert run.data.params["config.max_steps"] == str(steps)
-        assert run.data.params["entrypoint"] == "tests.integration.user_code:train_example"
-        assert run.data.tags["jobworker.outcome"] == "succeeded"
-        assert checkpoint_steps(client, run_id) == list(range(every, steps + 1, every))
-        versions = client.search_model_versions("name = 'outage'")
-        assert [(v.version, v.run_id) for v in versions] == [("1", run_id)]
-        assert result["model_version"] == "1"
-        assert f"MLflow at {server.uri} answers again" in job.output()
-    finally:
-        job.kill()
-        server.kill()
+            wait_until(outage_over, f"{down_for_s:g} s of outage", down_for_s + 60, every_s=1)
+            server.start()
+            assert job.finish() == 0, job.output()
+            result = job.result()
+            assert result["status"] == "succeeded", job.output()
+            client, run_id = server.client(), result["run_id"]
+            for key in ("loss", "accuracy"):
+                assert logged_steps(client, run_id, key) == list(range(1, steps + 1)), key
+            run = client.get_run(run_id)
+            assert run.info.status == "FINISHED"
+            assert run.data.params["config.max_steps"] == str(steps)
+            assert run.data.params["entrypoint"] == "tests.integration.user_code:train_example"
+            assert run.data.tags["jobworker.outcome"] == "succeeded"
+            assert checkpoint_steps(client, run_id) == list(range(every, steps + 1, every))
+            versions = client.search_model_versions("name = 'outage'")
+            assert [(v.version, v.run_id) for v in versions] == [("1", run_id)]
+            assert result["model_version"] == "1"
+            assert f"MLflow at {server.uri} answers again" in job.output()
+        finally:
+            job.kill()
+            server.kill()
