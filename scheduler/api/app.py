@@ -12,6 +12,8 @@ from fastapi import FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+from scheduler.api.auth import Auth, Authenticate, audit_target, document_security
+from scheduler.api.identity_routes import Caller, identity_routes
 from scheduler.api.views import (
     ConfigRejected,
     DeploymentOut,
@@ -22,6 +24,8 @@ from scheduler.api.views import (
     deployment_out,
     job_out,
 )
+from scheduler.auth.identity import Forbidden, Identity, check_predict
+from scheduler.auth.tokens import TokenNotFound
 from scheduler.batch.service import JobService
 from scheduler.core.states import JobState
 from scheduler.realtime.metrics import ServingMetrics
@@ -52,6 +56,7 @@ class Serving:
 
 def create_app(
     service: JobService,
+    auth: Auth,
     mlflow_ui_url: str | None = None,
     cluster_view: Callable[[], dict[str, Any]] | None = None,
     serving: Serving | None = None,
@@ -60,7 +65,8 @@ def create_app(
 ) -> FastAPI:
     """The API over a job service. ``cluster_view`` serves ``GET /cluster``,
     ``queue_view`` ``GET /queue``; ``leading`` says whether this control plane
-    acts on jobs or stands by (``GET /healthz``'s ``role``)."""
+    acts on jobs or stands by (``GET /healthz``'s ``role``). Every route but
+    ``/healthz`` needs a token (``scheduler.api.auth``)."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -80,8 +86,13 @@ def create_app(
         detail = [{"loc": loc, "msg": msg} for loc, msg in exc.errors]
         return JSONResponse(status_code=422, content={"detail": detail})
 
+    @app.exception_handler(Forbidden)
+    async def _forbidden(_request: Request, exc: Forbidden) -> JSONResponse:
+        return JSONResponse(status_code=403, content={"detail": str(exc)})
+
     @app.exception_handler(JobNotFound)
     @app.exception_handler(DeploymentNotFound)
+    @app.exception_handler(TokenNotFound)
     async def _not_found(_request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(status_code=404, content={"detail": str(exc)})
 
@@ -102,10 +113,11 @@ def create_app(
         responses={422: {"model": ConfigRejected}},
         openapi_extra=_CONFIG_BODY,
     )
-    async def submit(request: Request) -> JobOut:
-        """Queue a training config, sent as YAML or JSON."""
+    async def submit(request: Request, who: Caller) -> JobOut:
+        """Queue a training config, sent as YAML or JSON, for the token's team."""
         text = await _body_text(request)
-        job = await asyncio.to_thread(service.submit, text)
+        job = await asyncio.to_thread(service.submit, text, who)
+        audit_target(request, f"job {job.id}")
         return job_out(job, mlflow_ui_url, service.history(job.id))
 
     @app.post(
@@ -131,8 +143,9 @@ def create_app(
         return job_out(service.get(job_id), mlflow_ui_url, service.history(job_id))
 
     @app.post("/jobs/{job_id}/cancel", response_model=JobOut)
-    def cancel(job_id: str) -> JobOut:
-        return job_out(service.cancel(job_id), mlflow_ui_url, service.history(job_id))
+    def cancel(job_id: str, request: Request, who: Caller) -> JobOut:
+        audit_target(request, f"job {job_id}")
+        return job_out(service.cancel(job_id, who), mlflow_ui_url, service.history(job_id))
 
     @app.get("/jobs/{job_id}/logs", response_model=LogsOut)
     def logs(
@@ -157,8 +170,11 @@ def create_app(
             raise HTTPException(status_code=503, detail="no cluster view configured")
         return cluster_view()
 
+    identity_routes(app, auth)
     if serving is not None:
         _serving_routes(app, serving)
+    document_security(app, auth.public_paths)
+    app.add_middleware(Authenticate, auth=auth)
     return app
 
 
@@ -176,9 +192,12 @@ def _serving_routes(app: FastAPI, serving: Serving) -> None:
         responses={200: {"model": DeploymentOut}, 422: {"model": ConfigRejected}},
         openapi_extra=_CONFIG_BODY,
     )
-    async def deploy(request: Request, response: Response) -> DeploymentOut:
-        """Deploy a model (201), or update the deployment of that name (200)."""
-        record, created = await asyncio.to_thread(deployments.deploy, await _body_text(request))
+    async def deploy(request: Request, response: Response, who: Caller) -> DeploymentOut:
+        """Deploy a model (201), or update the deployment of that name (200), for the
+        token's team."""
+        text = await _body_text(request)
+        record, created = await asyncio.to_thread(deployments.deploy, text, who)
+        audit_target(request, f"deployment {record.name}")
         if not created:
             response.status_code = 200
         return out(record.name)
@@ -192,13 +211,16 @@ def _serving_routes(app: FastAPI, serving: Serving) -> None:
         return out(name)
 
     @app.delete("/deployments/{name}", status_code=204)
-    def undeploy(name: str) -> Response:
-        deployments.undeploy(name)
+    def undeploy(name: str, request: Request, who: Caller) -> Response:
+        audit_target(request, f"deployment {name}")
+        deployments.undeploy(name, who)
         return Response(status_code=204)
 
     async def predict(request: Request) -> Response:
         """Predict: ``{"inputs": [[...]]}`` → outputs, model name, version and run id."""
         name = request.path_params["name"]
+        identity: Identity = request.scope["state"]["identity"]  # set by Authenticate
+        check_predict(identity, router.team(name), name)
         shape, dtype = router.schema(name)
         inputs = parse_inputs(await request.body(), shape, dtype)
         body, headers = render(await router.predict(name, inputs))
