@@ -42,6 +42,12 @@ def user_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "JOBWORKER_"))}
 
 
+def admin_headers(home: Path) -> dict[str, str]:
+    """The ``Authorization`` header with the admin token `up` (or ``wiring.build``) wrote
+    under ``home``."""
+    return {"Authorization": f"Bearer {(home / 'admin.token').read_text().strip()}"}
+
+
 SIM_NODE = "jobworker_sim_node_"  # workers.ray_cluster.SIM_NODE_RESOURCE
 
 

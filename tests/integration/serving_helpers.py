@@ -93,7 +93,8 @@ class Traffic:
 
     def _run(self) -> None:
         body = {"inputs": rows(1)}
-        with httpx.Client(base_url=self.api.http.base_url, timeout=30) as http:
+        headers = {"Authorization": self.api.http.headers["Authorization"]}
+        with httpx.Client(base_url=self.api.http.base_url, timeout=30, headers=headers) as http:
             while not self._stop.is_set():
                 r = http.post(f"/v1/models/{self.name}/predict", json=body)
                 self.results.append((r.status_code, r.headers.get("x-model-version"), r.text))

@@ -131,7 +131,7 @@ def test_cli_deploy_predict_undeploy(make_api: Any, tmp_path: Any) -> None:
     config = tmp_path / "cli.yaml"
     config.write_text(deploy_yaml("cli-mlp", "models:/cli-mlp/1", resources="{gpu_memory_gb: 2}"))
     url = str(api.http.base_url)
-    runner = CliRunner()
+    runner = CliRunner(env={"JOBWORKER_TOKEN": api.admin_token})
 
     def used_bytes() -> dict[tuple[str, int], int]:
         nodes = api.http.get("/cluster").json()["nodes"]
