@@ -110,7 +110,10 @@ def check_priority(caller: Identity, team: str, priority: int, caps: PriorityCap
     cap = caps.cap(team)
     if caller.admin or priority <= cap:
         return None
-    return f"team {team!r} may ask for priority {cap} at most; got {priority}"
+    return (
+        f"team {team!r} may ask for a priority of at most {cap} "
+        f"(priority_caps in the queue config); got {priority}"
+    )
 
 
 def check_model_name(caller: Identity, owner_team: str | None, team: str, name: str) -> None:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import re
+import stat
 from collections.abc import Callable
+from pathlib import Path
 
 import sqlalchemy as sa
 from starlette.routing import Route
 
 from scheduler import db
 from scheduler.auth.identity import Role
+from scheduler.auth.tokens import TokenStore
 from tests.security.conftest import SecureApi
 
 
@@ -108,3 +111,26 @@ def test_only_an_admin_manages_tokens(secure_api: SecureApi) -> None:
             assert "only an admin" in answer.json()["detail"]
     bad = secure_api.admin.post("/tokens", json={"team": "a", "role": "owner"})
     assert bad.status_code == 422 and "role" in bad.text
+
+
+def test_the_admin_token_file_is_made_0600_and_kept_while_it_is_valid(
+    store_url: str, tmp_path: Path
+) -> None:
+    tokens = TokenStore(db.connect(store_url))
+    leader, standby = tmp_path / "leader", tmp_path / "standby"
+    for home in (leader, standby):
+        home.mkdir()
+    assert tokens.ensure_admin_file(leader / "admin.token") is True
+    assert stat.S_IMODE((leader / "admin.token").stat().st_mode) == 0o600
+    first = (leader / "admin.token").read_text()
+    assert tokens.ensure_admin_file(leader / "admin.token") is False  # a restart keeps it
+    assert (leader / "admin.token").read_text() == first
+    # A hot standby on the same store, with a home of its own, gets its own admin token.
+    assert tokens.ensure_admin_file(standby / "admin.token") is True
+    identity = tokens.verify((standby / "admin.token").read_text().strip())
+    assert identity is not None and identity.role is Role.ADMIN
+    assert tokens.verify(first.strip()) is not None  # the leader's still works
+    tokens.revoke(tokens.verify(first.strip()).token_id)  # type: ignore[union-attr]
+    assert tokens.ensure_admin_file(leader / "admin.token") is True  # revoked: replaced
+    assert (leader / "admin.token").read_text() != first
+    assert stat.S_IMODE((leader / "admin.token").stat().st_mode) == 0o600
