@@ -93,22 +93,12 @@ class Authenticate:
                 scope.setdefault("state", {})["identity"] = identity
                 await self._app(scope, receive, send)
             return
-        status = 500
         state: dict[str, Any] = scope.setdefault("state", {})
+        recorded = False
 
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            if identity is None:
-                await _unauthorized(send_status, presented is not None)
-            else:
-                state["identity"] = identity
-                await self._app(scope, receive, send_status)
-        finally:
+        async def record(status: int) -> None:
+            nonlocal recorded
+            recorded = True
             event = AuditEvent(
                 at=time.time(),
                 token_id=identity.token_id if identity else None,
@@ -121,6 +111,22 @@ class Authenticate:
                 status=status,
             )
             await asyncio.to_thread(self._auth.audit.record, event)
+
+        async def send_recorded(message: Message) -> None:
+            # Recorded before the answer leaves: whoever sees the answer finds its row.
+            if message["type"] == "http.response.start" and not recorded:
+                await record(message["status"])
+            await send(message)
+
+        try:
+            if identity is None:
+                await _unauthorized(send_recorded, presented is not None)
+            else:
+                state["identity"] = identity
+                await self._app(scope, receive, send_recorded)
+        finally:
+            if not recorded:  # the app raised before answering: the server answers 500
+                await record(500)
 
 
 async def _unauthorized(send: Send, presented: bool) -> None:

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from scheduler.api.auth import Auth, audit_target, caller
 from scheduler.auth.audit import AuditEvent
-from scheduler.auth.identity import Forbidden, Identity, Role, check_admin
+from scheduler.auth.identity import Identity, Role, audit_team, check_admin
 from scheduler.auth.tokens import TokenRecord
 
 _TEAM = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"  # as a training config's team
@@ -99,9 +99,7 @@ def identity_routes(app: FastAPI, auth: Auth) -> None:
     ) -> list[AuditOut]:
         """Mutating requests, newest first: all of them for an admin, the token's own
         team's for anyone else."""
-        if not who.admin:
-            if team not in (None, who.team):
-                raise Forbidden(f"only an admin may read team {team!r}'s audit trail")
-            team = who.team
-        events = auth.audit.find(team=team, token_id=token_id, since=since, limit=limit)
+        events = auth.audit.find(
+            team=audit_team(who, team), token_id=token_id, since=since, limit=limit
+        )
         return [_audit_out(e) for e in events]

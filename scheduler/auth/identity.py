@@ -116,6 +116,16 @@ def check_priority(caller: Identity, team: str, priority: int, caps: PriorityCap
     )
 
 
+def audit_team(caller: Identity, requested: str | None) -> str | None:
+    """Whose audit trail ``caller`` reads: an admin any team's (None: all), anyone else
+    only its own team's."""
+    if caller.admin:
+        return requested
+    if requested not in (None, caller.team):
+        raise Forbidden(f"only an admin may read team {requested!r}'s audit trail")
+    return caller.team
+
+
 def check_model_name(caller: Identity, owner_team: str | None, team: str, name: str) -> None:
     """A model name belongs to the team that first used it; only that team (or an admin)
     may register versions under it, move its aliases or follow it. Unclaimed is free."""
