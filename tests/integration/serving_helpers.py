@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -110,10 +111,12 @@ class Traffic:
         return self.results
 
 
-def open_loop(url: str, rate: float, duration_s: float) -> dict[str, Any]:
-    """Run ``tests/integration/open_loop.py`` in its own process; its JSON summary."""
+def open_loop(url: str, rate: float, duration_s: float, token: str) -> dict[str, Any]:
+    """Run ``tests/integration/open_loop.py`` in its own process, sending ``token``; its
+    JSON summary."""
     proc = subprocess.run(
         [sys.executable, "-m", "tests.integration.open_loop", url, str(rate), str(duration_s)],
+        env={**os.environ, "JOBWORKER_TOKEN": token},
         capture_output=True,
         text=True,
         timeout=duration_s + 120,

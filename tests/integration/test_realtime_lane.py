@@ -193,7 +193,7 @@ def test_overload_sheds_with_429_and_retry_after(make_api: Any) -> None:
     wait_deployment(api, "slow")
     # The replica answers ~4 rows per 20 ms (about 200/s). Offer 600/s.
     url = f"{api.http.base_url}/v1/models/slow/predict"
-    report = open_loop(url, rate=600, duration_s=8)
+    report = open_loop(url, rate=600, duration_s=8, token=api.admin_token)
 
     statuses = report["statuses"]
     assert report["error_count"] == 0, report["errors"]  # no hang, no reset
