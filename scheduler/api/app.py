@@ -12,8 +12,8 @@ from fastapi import FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from scheduler.api.auth import Auth, Authenticate, audit_target, document_security
-from scheduler.api.identity_routes import Caller, identity_routes
+from scheduler.api.auth import Auth, Authenticate, Caller, audit_target, document_security
+from scheduler.api.identity_routes import identity_routes
 from scheduler.api.views import (
     ConfigRejected,
     DeploymentOut,

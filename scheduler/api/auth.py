@@ -19,9 +19,9 @@ import json
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scheduler.auth.audit import AuditEvent, AuditStore
@@ -49,6 +49,9 @@ def caller(request: Request) -> Identity:
     """The verified identity of the request (a FastAPI dependency)."""
     identity: Identity = request.state.identity
     return identity
+
+
+Caller = Annotated[Identity, Depends(caller)]
 
 
 def audit_target(request: Request, target: str) -> None:

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from scheduler.api.auth import Auth, audit_target, caller
+from scheduler.api.auth import Auth, Caller, audit_target
 from scheduler.auth.audit import AuditEvent
-from scheduler.auth.identity import Identity, Role, audit_team, check_admin
+from scheduler.auth.identity import Role, audit_team, check_admin
 from scheduler.auth.tokens import TokenRecord
 
 _TEAM = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"  # as a training config's team
-Caller = Annotated[Identity, Depends(caller)]
 
 
 class TokenIn(BaseModel):
