@@ -2,9 +2,11 @@
 
 A token reads ``jw_<id>_<secret>``: the id finds its row, the secret is checked
 against the row's salted scrypt hash (``hashlib.scrypt``, a per-token salt) in
-constant time. Verified tokens are remembered for ``cache_ttl_s`` (keyed by a
-SHA-256 of the token, so the KDF runs only on a miss); a revocation in this
-process forgets them at once, one in another process (a standby) within the TTL.
+constant time, once per token: a verified token is remembered (keyed by a
+SHA-256 of the token) and trusted for ``cache_ttl_s`` before its row is read
+again to see whether it was revoked. A revocation in this process forgets
+every remembered token at once; one in another process (a standby) is seen
+within the TTL.
 
 Example::
 
@@ -96,7 +98,11 @@ class TokenStore:
         self._cache_ttl_s = cache_ttl_s
         self._clock = clock
         self._monotonic = monotonic
-        self._cache: dict[bytes, tuple[Identity, float]] = {}
+        # A token whose secret matched its row's hash, by a SHA-256 of the token; and
+        # until when it is trusted before its row is read again (to see a revocation).
+        self._verified: dict[bytes, Identity] = {}
+        self._fresh_until: dict[bytes, float] = {}
+        self._gates: dict[bytes, threading.Lock] = {}  # one KDF at a time per token
         self._lock = threading.Lock()
 
     def create(
@@ -144,38 +150,74 @@ class TokenStore:
                 .values(revoked_at=self._clock())
             )
         with self._lock:
-            self._cache.clear()
+            self._verified.clear()
+            self._fresh_until.clear()
         return self.get(token_id)
 
     def cached(self, presented: str) -> Identity | None:
-        """The identity of a token verified less than the TTL ago (cheap: no KDF, no I/O)."""
+        """The identity of a token checked less than the TTL ago (cheap: no KDF, no I/O)."""
         key = hashlib.sha256(presented.encode()).digest()
-        hit = self._cache.get(key)
-        if hit is None or hit[1] < self._monotonic():
+        identity = self._verified.get(key)
+        if identity is None or self._fresh_until.get(key, 0.0) < self._monotonic():
             return None
-        return hit[0]
+        return identity
 
     def verify(self, presented: str) -> Identity | None:
-        """The identity of a valid, unrevoked token, or None."""
-        identity = self.cached(presented)
+        """The identity of a valid, unrevoked token, or None.
+
+        The KDF runs once per token (one at a time for the same token, so a burst of
+        requests as it expires from the cache costs one): later checks only re-read
+        whether its row still stands, every ``cache_ttl_s``.
+        """
+        key = hashlib.sha256(presented.encode()).digest()
+        identity = self._verified.get(key)
         if identity is not None:
-            return identity
+            return self._recheck(key, identity)
         parts = split(presented)
         if parts is None:
             return None
-        token_id, secret = parts
+        with self._lock:
+            gate = self._gates.setdefault(key, threading.Lock())
+        try:
+            with gate:
+                identity = self._verified.get(key)
+                if identity is not None:  # verified meanwhile by the holder of the gate
+                    return self._recheck(key, identity)
+                identity = self._check_secret(*parts)
+                if identity is not None:
+                    with self._lock:
+                        if len(self._verified) > 10_000:  # many distinct tokens: start afresh
+                            self._verified.clear()
+                            self._fresh_until.clear()
+                        self._verified[key] = identity
+                        self._fresh_until[key] = self._monotonic() + self._cache_ttl_s
+                return identity
+        finally:
+            with self._lock:
+                self._gates.pop(key, None)
+
+    def _check_secret(self, token_id: str, secret: str) -> Identity | None:
         with self._engine.connect() as conn:
             row = conn.execute(sa.select(tokens).where(tokens.c.id == token_id)).first()
         if row is None or row.revoked_at is not None or row.kdf != _KDF:
             return None
         if not hmac.compare_digest(_hash(secret, bytes.fromhex(row.salt)).hex(), row.secret_hash):
             return None
-        identity = Identity(token_id=row.id, name=row.name, team=row.team, role=Role(row.role))
-        key = hashlib.sha256(presented.encode()).digest()
+        return Identity(token_id=row.id, name=row.name, team=row.team, role=Role(row.role))
+
+    def _recheck(self, key: bytes, identity: Identity) -> Identity | None:
+        """``identity`` unless its token was revoked (perhaps by another process)."""
+        if self._fresh_until.get(key, 0.0) >= self._monotonic():
+            return identity
+        query = sa.select(tokens.c.revoked_at).where(tokens.c.id == identity.token_id)
+        with self._engine.connect() as conn:
+            row = conn.execute(query).first()
         with self._lock:
-            if len(self._cache) > 10_000:  # many distinct valid tokens: start afresh
-                self._cache.clear()
-            self._cache[key] = (identity, self._monotonic() + self._cache_ttl_s)
+            if row is None or row.revoked_at is not None:
+                self._verified.pop(key, None)
+                self._fresh_until.pop(key, None)
+                return None
+            self._fresh_until[key] = self._monotonic() + self._cache_ttl_s
         return identity
 
     def ensure_admin_file(self, path: Path, team: str = "default") -> bool:

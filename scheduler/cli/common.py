@@ -45,10 +45,10 @@ def connect(api: str, token: str | None, home: Path) -> Client:
     """A client of ``api`` with the token given, else the one ``up`` wrote under ``home``."""
     if token is None:
         try:
-            token = (home / ADMIN_TOKEN_FILE).read_text().strip() or None
+            token = (home / ADMIN_TOKEN_FILE).read_text()
         except OSError:
             token = None
-    return Client(api, token=token)
+    return Client(api, token=token.strip() if token else None)
 
 
 def guard(fn: Callable[[], T]) -> T:

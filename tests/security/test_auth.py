@@ -134,3 +134,22 @@ def test_the_admin_token_file_is_made_0600_and_kept_while_it_is_valid(
     assert tokens.ensure_admin_file(leader / "admin.token") is True  # revoked: replaced
     assert (leader / "admin.token").read_text() != first
     assert stat.S_IMODE((leader / "admin.token").stat().st_mode) == 0o600
+
+
+def test_a_revocation_by_another_control_plane_is_seen_within_the_cache_ttl(
+    tmp_path: Path,
+) -> None:
+    engine = db.connect(db.sqlite_url(tmp_path / "jobs.db"))
+    now = [0.0]
+    here = TokenStore(engine, cache_ttl_s=5.0, monotonic=lambda: now[0])
+    standby = TokenStore(engine)  # another process on the same store
+    record, token = standby.create("a", Role.MEMBER, name="ci")
+    identity = here.verify(token)
+    assert identity is not None and here.cached(token) == identity
+    assert here.verify(f"jw_{record.id}_wrong") is None
+    standby.revoke(record.id)
+    now[0] = 4.9
+    assert here.cached(token) is not None  # trusted for the TTL
+    now[0] = 5.1
+    assert here.cached(token) is None and here.verify(token) is None
+    engine.dispose()
