@@ -136,6 +136,8 @@ class Plane:
         if started.returncode != 0:
             raise SystemExit(f"chaos: up {self.name} failed:\n{started.stdout}{started.stderr}")
         self.pids.add(self.api_pid())
+        token = (self.home / "admin.token").read_text().strip()
+        self.http.headers["Authorization"] = f"Bearer {token}"
 
     def api_pid(self) -> int:
         return int(json.loads((self.home / "api.json").read_text())["pid"])

@@ -71,6 +71,7 @@ from fastapi import FastAPI  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from ray.job_submission import JobStatus, JobSubmissionClient  # noqa: E402
 
+from scheduler.auth.identity import Role  # noqa: E402
 from scheduler.wiring import ControlPlane, Settings, build  # noqa: E402
 
 TRAIN_SCRIPT = REPO_ROOT / "bench" / "dispatch_train.py"
@@ -444,6 +445,12 @@ def bench_cluster(home: Path) -> Iterator[tuple[ControlPlane, ApiServer, JobSubm
         print(f"cleanup: ray head stopped ({len(left)} of its processes left)", flush=True)
 
 
+def admin_headers(plane: ControlPlane) -> dict[str, str]:
+    """A new admin token of the plane's store, as a request header."""
+    _, token = plane.tokens.create("default", Role.ADMIN, name="bench dispatch")
+    return {"Authorization": f"Bearer {token}"}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; prints the table, the breakdown and the RESULT line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -459,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         jw_out, ray_out = home / "jobworker.jsonl", home / "rayjobs.jsonl"
         with (
             bench_cluster(home) as (_plane, server, ray_jobs),
-            httpx.Client(base_url=server.url, timeout=60) as http,
+            httpx.Client(base_url=server.url, timeout=60, headers=admin_headers(_plane)) as http,
         ):
             tracking = MlflowClient(f"sqlite:///{home}/mlflow.db")
             for i in range(args.warmup + args.jobs):

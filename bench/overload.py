@@ -43,7 +43,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench.serving import Load, run_load  # noqa: E402
-from bench.serving_jobworker import register_model, start_jobworker  # noqa: E402
+from bench.serving_jobworker import auth_headers, register_model, start_jobworker  # noqa: E402
 from bench.serving_model import SlowModel, request_body  # noqa: E402
 from bench.serving_procs import ServerProcess, stop  # noqa: E402
 
@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.rounds} rounds"
         )
         for k in range(args.rounds):
-            result = run_load(url, Load("open", rate=rate), body_file, args)
+            headers = auth_headers(workdir)
+            result = run_load(url, Load("open", rate=rate), body_file, args, headers)
             rounds.append(result)
             print(
                 f"round {k + 1}: {dict(result['statuses'])}; admitted {result['rps']:.0f} "

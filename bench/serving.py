@@ -191,9 +191,20 @@ def start_server(
     return start_jobworker(workdir, log_dir, ray_env(args), launched)
 
 
-def verify(server: ServerProcess, url: str, body: bytes) -> None:
+def request_headers(name: str, workdir: Path) -> dict[str, str]:
+    """What server ``name`` needs on each request besides the body: jobworker, a token."""
+    if name != "jobworker":
+        return {}
+    from bench.serving_jobworker import auth_headers
+
+    return auth_headers(workdir)
+
+
+def verify(server: ServerProcess, url: str, body: bytes, headers: dict[str, str]) -> None:
     """The first response must be 200 with one row of ``OUT_FEATURES`` outputs."""
-    resp = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=30)
+    resp = httpx.post(
+        url, content=body, headers={"content-type": "application/json", **headers}, timeout=30
+    )
     try:
         outputs = resp.json()["outputs"]
         ok = resp.status_code == 200 and len(outputs) == 1 and len(outputs[0]) == OUT_FEATURES
@@ -210,7 +221,7 @@ def serving(name: str, workdir: Path, args: argparse.Namespace, body: bytes) -> 
     launched: list[ServerProcess] = []
     try:
         url = start_server(name, workdir, args, launched)
-        verify(launched[-1], url, body)
+        verify(launched[-1], url, body, request_headers(name, workdir))
         print(f"  {name} ready at {url} after {time.monotonic() - t0:.1f}s", flush=True)
         yield url
     finally:
@@ -222,8 +233,14 @@ def serving(name: str, workdir: Path, args: argparse.Namespace, body: bytes) -> 
 
 
 # -- load ----------------------------------------------------------------------------------
-def run_load(url: str, load: Load, body_file: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Run the load generator in its own process; its JSON summary."""
+def run_load(
+    url: str,
+    load: Load,
+    body_file: Path,
+    args: argparse.Namespace,
+    headers: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Run the load generator in its own process (sending ``headers``); its JSON summary."""
     parsed = httpx.URL(url)
     cmd = [
         sys.executable,
@@ -241,6 +258,7 @@ def run_load(url: str, load: Load, body_file: Path, args: argparse.Namespace) ->
         "--warmup",
         str(args.warmup),
         *load.loadgen_args(args.connections),
+        *(f"--header={k}: {v}" for k, v in (headers or {}).items()),
     ]
     timeout_s = args.warmup + args.duration + 60
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
@@ -257,7 +275,8 @@ def bench_server(
     rows = []
     with serving(name, workdir, args, body) as url:
         for load in loads:
-            row = Row(name, load, run_load(url, load, body_file, args))
+            headers = request_headers(name, workdir)
+            row = Row(name, load, run_load(url, load, body_file, args, headers))
             rows.append(row)
             r = row.result
             print(

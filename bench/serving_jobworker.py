@@ -82,13 +82,18 @@ def register_model(
     return f"models:/{name}/1"
 
 
-def _deployment_ready(base: str, timeout_s: float, name: str) -> None:
+def auth_headers(workdir: Path) -> dict[str, str]:
+    """The admin token that `jobworker up` wrote under its home, as a request header."""
+    return {"Authorization": f"Bearer {(workdir / 'jw' / 'admin.token').read_text().strip()}"}
+
+
+def _deployment_ready(base: str, timeout_s: float, name: str, headers: dict[str, str]) -> None:
     """Poll ``GET /deployments/<name>`` until ``"state": "READY"``; on timeout, say why."""
     deadline = time.monotonic() + timeout_s
     last_body, last_error = "(no answer)", ""
     while time.monotonic() < deadline:
         try:
-            resp = httpx.get(f"{base}/deployments/{name}", timeout=5.0)
+            resp = httpx.get(f"{base}/deployments/{name}", headers=headers, timeout=5.0)
             last_body, last_error = f"{resp.status_code} {resp.text}", ""
             if resp.status_code == 200 and resp.json().get("state") == "READY":
                 return
@@ -135,17 +140,18 @@ def start_jobworker(
     launched.append(server)
     base = f"http://127.0.0.1:{port}"
     http_ok(server, f"{base}/healthz", HEALTH_TIMEOUT_S)
+    headers = auth_headers(workdir)
     resp = httpx.post(
         f"{base}/deployments",
         content=deployment_yaml,
-        headers={"content-type": "application/yaml"},
+        headers={"content-type": "application/yaml", **headers},
         timeout=60.0,
     )
     if resp.status_code >= 300:
         raise server.fail(f"POST /deployments answered {resp.status_code}: {resp.text}")
     name = yaml.safe_load(deployment_yaml)["name"]
     try:
-        _deployment_ready(base, READY_TIMEOUT_S, name)
+        _deployment_ready(base, READY_TIMEOUT_S, name, headers)
     except RuntimeError as exc:
         raise server.fail(str(exc)) from exc
     server.remember_descendants()

@@ -69,12 +69,16 @@ class Recorder:
         self.statuses[kind] += 1
 
 
-def encode_request(host: str, port: int, path: str, body: bytes) -> bytes:
-    """The whole POST, encoded once and written as-is for every request."""
+def encode_request(
+    host: str, port: int, path: str, body: bytes, headers: Sequence[str] = ()
+) -> bytes:
+    """The whole POST, encoded once and written as-is for every request; ``headers`` are
+    extra ``Name: value`` lines (an ``Authorization`` bearer token)."""
     head = (
         f"POST {path} HTTP/1.1\r\n"
         f"Host: {host}:{port}\r\n"
-        "Content-Type: application/json\r\n"
+        + "".join(f"{h}\r\n" for h in headers)
+        + "Content-Type: application/json\r\n"
         "Accept: */*\r\n"
         f"Content-Length: {len(body)}\r\n"
         "\r\n"
@@ -300,6 +304,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--path", default="/")
     p.add_argument("--body-file", type=Path, required=True)
+    p.add_argument("--header", action="append", default=[], help="extra 'Name: value' line")
     p.add_argument("--mode", choices=["closed", "open"], default="closed")
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--rate", type=float, default=1000.0)
@@ -323,7 +328,8 @@ def _event_loop_runner() -> Callable[[Coroutine[Any, Any, dict[str, Any]]], dict
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    request = encode_request(args.host, args.port, args.path, args.body_file.read_bytes())
+    body = args.body_file.read_bytes()
+    request = encode_request(args.host, args.port, args.path, body, args.header)
     run = closed_loop if args.mode == "closed" else open_loop
     result = _event_loop_runner()(run(args, request))
     json.dump(result, sys.stdout)

@@ -14,14 +14,17 @@ from mlflow.tracking import MlflowClient
 
 from scheduler import db
 from scheduler.api.app import Serving, create_app
+from scheduler.api.auth import Auth
 from scheduler.api.guards import MIB, BodyLimits, allowed_hosts
 from scheduler.api.views import cluster_table
+from scheduler.auth.audit import AuditStore
+from scheduler.auth.model_names import ModelNames
+from scheduler.auth.tokens import TokenStore
 from scheduler.batch.lease import Lease
 from scheduler.batch.loop import ACTIVE, LoopSettings, Scheduler
-from scheduler.batch.queue_config import load_queue_config
+from scheduler.batch.queue_config import QueueConfig, read_queue_config
 from scheduler.batch.service import JobService
 from scheduler.batch.store import JobStore
-from scheduler.core.model import QueuePolicy
 from scheduler.realtime.controller import DeploymentController, ServeSettings
 from scheduler.realtime.metrics import ServingMetrics
 from scheduler.realtime.router import Router
@@ -57,6 +60,13 @@ class Settings:
     allowed_hosts: tuple[str, ...] = ()
     max_body_bytes: int = 8 * MIB  # any request body; predict bodies may use all of it
     max_config_bytes: int = 1 * MIB  # bodies of every route but predict (configs, tokens)
+    token_cache_ttl_s: float = 5.0  # a verified token is trusted this long without the KDF
+    metrics_public: bool = False  # serve /metrics without a token
+
+    @property
+    def admin_token_file(self) -> Path:
+        """Where ``up`` keeps an admin token for the CLI on this machine (mode 0600)."""
+        return self.home / "admin.token"
 
     @property
     def store_url(self) -> str:
@@ -93,6 +103,7 @@ class ControlPlane:
     executor: RayExecutor
     app: FastAPI
     controller: DeploymentController
+    tokens: TokenStore
 
     def start(self) -> None:
         self.scheduler.start()
@@ -118,6 +129,10 @@ def build(settings: Settings) -> ControlPlane:
     usage_dir.mkdir(exist_ok=True)
     engine = db.connect(settings.store_url)
     store = JobStore(engine)
+    tokens = TokenStore(engine, cache_ttl_s=settings.token_cache_ttl_s)
+    tokens.ensure_admin_file(settings.admin_token_file)
+    model_names = ModelNames(engine)
+    queue = read_queue_config(settings.queue_config) if settings.queue_config else QueueConfig()
     if settings.tracking_uri.startswith("sqlite:"):
         # Create MLflow's tables here, once: job processes starting together would race.
         MlflowClient(settings.tracking_uri).search_experiments(max_results=1)
@@ -131,7 +146,7 @@ def build(settings: Settings) -> ControlPlane:
         interval_s=settings.loop_interval_s,
         python_path=(os.getcwd(),),
         simulated_usage_dir=str(usage_dir),
-        queue=load_queue_config(settings.queue_config) if settings.queue_config else QueuePolicy(),
+        queue=queue.policy(),
     )
     metrics = ServingMetrics()
     router = Router(metrics)
@@ -155,13 +170,24 @@ def build(settings: Settings) -> ControlPlane:
     lease = Lease(engine, Lease.holder_id(), ttl_s=settings.lease_ttl_s)
     scheduler = Scheduler(store, executor, cluster, loop_settings, realtime=controller, lease=lease)
     service = JobService(
-        store, loop_settings.log_dir, wake=scheduler.wake, python_path=loop_settings.python_path
+        store,
+        loop_settings.log_dir,
+        wake=scheduler.wake,
+        model_names=model_names,
+        python_path=loop_settings.python_path,
+        priority_caps=queue.priority_limits(),
     )
     deployments = DeploymentService(
-        deployment_store, resolver, controller.replicas_view, wake=scheduler.wake
+        deployment_store,
+        resolver,
+        controller.replicas_view,
+        wake=scheduler.wake,
+        model_names=model_names,
+        run_team=store.run_team,
     )
     app = create_app(
         service,
+        Auth(tokens, AuditStore(engine), metrics_public=settings.metrics_public),
         mlflow_ui_url=settings.ui_url,
         cluster_view=lambda: cluster_table(cluster.nodes(), store.find(list(ACTIVE))),
         serving=Serving(deployments, router, metrics),
@@ -170,4 +196,6 @@ def build(settings: Settings) -> ControlPlane:
         body_limits=BodyLimits(settings.max_body_bytes, settings.max_config_bytes),
         allowed_hosts=allowed_hosts(settings.api_host, settings.allowed_hosts),
     )
-    return ControlPlane(engine, store, scheduler, service, cluster, executor, app, controller)
+    return ControlPlane(
+        engine, store, scheduler, service, cluster, executor, app, controller, tokens
+    )

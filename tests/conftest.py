@@ -62,6 +62,12 @@ def mlflow_login(home: Path) -> Iterator[None]:
                 os.environ[key] = value
 
 
+def admin_headers(home: Path) -> dict[str, str]:
+    """The ``Authorization`` header with the admin token `up` (or ``wiring.build``) wrote
+    under ``home``."""
+    return {"Authorization": f"Bearer {(home / 'admin.token').read_text().strip()}"}
+
+
 SIM_NODE = "jobworker_sim_node_"  # workers.ray_cluster.SIM_NODE_RESOURCE
 
 

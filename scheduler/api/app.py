@@ -12,8 +12,11 @@ from fastapi import FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
+from scheduler.api.auth import Auth, Authenticate, Caller, audit_target, document_security
 from scheduler.api.guards import BodyLimits, RequestGuard
+from scheduler.api.identity_routes import identity_routes
 from scheduler.api.views import (
+    NOT_FOUND,
     ConfigRejected,
     DeploymentOut,
     JobOut,
@@ -25,6 +28,8 @@ from scheduler.api.views import (
     deployment_out,
     job_out,
 )
+from scheduler.auth.identity import Forbidden, Identity, check_predict
+from scheduler.auth.tokens import TokenNotFound
 from scheduler.batch.service import JobService
 from scheduler.core.states import JobState
 from scheduler.realtime.metrics import ServingMetrics
@@ -49,7 +54,6 @@ _GUARDED: dict[int | str, dict[str, Any]] = {
     413: {"model": Refusal, "description": "Request body over the route's limit"},
     415: {"model": Refusal, "description": "Body neither JSON nor YAML (mutating routes)"},
 }
-_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Refusal}}
 _UNAVAILABLE: dict[int | str, dict[str, Any]] = {503: {"model": Refusal}}
 _MAX_OFFSET = 2**63 - 1  # the largest file offset (off_t)
 
@@ -65,6 +69,7 @@ class Serving:
 
 def create_app(
     service: JobService,
+    auth: Auth,
     mlflow_ui_url: str | None = None,
     cluster_view: Callable[[], dict[str, Any]] | None = None,
     serving: Serving | None = None,
@@ -77,7 +82,8 @@ def create_app(
     ``queue_view`` ``GET /queue``; ``leading`` says whether this control plane
     acts on jobs or stands by (``GET /healthz``'s ``role``). Requests pass
     :class:`~scheduler.api.guards.RequestGuard` first: ``body_limits``, and the
-    ``Host`` names served (``allowed_hosts``; None: any)."""
+    ``Host`` names served (``allowed_hosts``; None: any); then every route but
+    ``/healthz`` needs a token (``scheduler.api.auth``)."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -92,15 +98,19 @@ def create_app(
         lifespan=lifespan,
         responses=_GUARDED,
     )
-    app.add_middleware(RequestGuard, limits=body_limits, allowed_hosts=allowed_hosts)
 
     @app.exception_handler(ConfigError)
     async def _config_error(_request: Request, exc: ConfigError) -> JSONResponse:
         detail = [{"loc": loc, "msg": msg} for loc, msg in exc.errors]
         return JSONResponse(status_code=422, content={"detail": detail})
 
+    @app.exception_handler(Forbidden)
+    async def _forbidden(_request: Request, exc: Forbidden) -> JSONResponse:
+        return JSONResponse(status_code=403, content={"detail": str(exc)})
+
     @app.exception_handler(JobNotFound)
     @app.exception_handler(DeploymentNotFound)
+    @app.exception_handler(TokenNotFound)
     async def _not_found(_request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(status_code=404, content={"detail": str(exc)})
 
@@ -121,10 +131,11 @@ def create_app(
         responses={422: {"model": ConfigRejected}},
         openapi_extra=_CONFIG_BODY,
     )
-    async def submit(request: Request) -> JobOut:
-        """Queue a training config, sent as YAML or JSON."""
+    async def submit(request: Request, who: Caller) -> JobOut:
+        """Queue a training config, sent as YAML or JSON, for the token's team."""
         text = await _body_text(request)
-        job = await asyncio.to_thread(service.submit, text)
+        job = await asyncio.to_thread(service.submit, text, who)
+        audit_target(request, f"job {job.id}")
         return job_out(job, mlflow_ui_url, service.history(job.id))
 
     @app.post(
@@ -145,18 +156,19 @@ def create_app(
     ) -> list[JobOut]:
         return [job_out(j, mlflow_ui_url) for j in service.list(state, limit)]
 
-    @app.get("/jobs/{job_id}", response_model=JobOut, responses=_NOT_FOUND)
+    @app.get("/jobs/{job_id}", response_model=JobOut, responses=NOT_FOUND)
     def get_job(job_id: str) -> JobOut:
         return job_out(service.get(job_id), mlflow_ui_url, service.history(job_id))
 
-    @app.post("/jobs/{job_id}/cancel", response_model=JobOut, responses=_NOT_FOUND)
-    def cancel(job_id: str) -> JobOut:
-        return job_out(service.cancel(job_id), mlflow_ui_url, service.history(job_id))
+    @app.post("/jobs/{job_id}/cancel", response_model=JobOut, responses=NOT_FOUND)
+    def cancel(job_id: str, request: Request, who: Caller) -> JobOut:
+        audit_target(request, f"job {job_id}")
+        return job_out(service.cancel(job_id, who), mlflow_ui_url, service.history(job_id))
 
     @app.get(
         "/jobs/{job_id}/logs",
         response_model=LogsOut,
-        responses={**_NOT_FOUND, 200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+        responses={**NOT_FOUND, 200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
     )
     def logs(
         job_id: str, offset: int = Query(default=0, ge=0, le=_MAX_OFFSET), follow: bool = False
@@ -180,8 +192,14 @@ def create_app(
             raise HTTPException(status_code=503, detail="no cluster view configured")
         return cluster_view()
 
+    identity_routes(app, auth)
     if serving is not None:
         _serving_routes(app, serving)
+    document_security(app, auth.public_paths)
+    app.add_middleware(Authenticate, auth=auth)
+    # Added last, so outermost: a request for a Host not served, or with too big a
+    # body, is refused before its token is looked at.
+    app.add_middleware(RequestGuard, limits=body_limits, allowed_hosts=allowed_hosts)
     return app
 
 
@@ -199,9 +217,12 @@ def _serving_routes(app: FastAPI, serving: Serving) -> None:
         responses={200: {"model": DeploymentOut}, 422: {"model": ConfigRejected}},
         openapi_extra=_CONFIG_BODY,
     )
-    async def deploy(request: Request, response: Response) -> DeploymentOut:
-        """Deploy a model (201), or update the deployment of that name (200)."""
-        record, created = await asyncio.to_thread(deployments.deploy, await _body_text(request))
+    async def deploy(request: Request, response: Response, who: Caller) -> DeploymentOut:
+        """Deploy a model (201), or update the deployment of that name (200), for the
+        token's team."""
+        text = await _body_text(request)
+        record, created = await asyncio.to_thread(deployments.deploy, text, who)
+        audit_target(request, f"deployment {record.name}")
         if not created:
             response.status_code = 200
         return out(record.name)
@@ -210,18 +231,21 @@ def _serving_routes(app: FastAPI, serving: Serving) -> None:
     def list_deployments() -> list[DeploymentOut]:
         return [deployment_out(r, deployments.replicas(r.name)) for r in deployments.all()]
 
-    @app.get("/deployments/{name}", response_model=DeploymentOut, responses=_NOT_FOUND)
+    @app.get("/deployments/{name}", response_model=DeploymentOut, responses=NOT_FOUND)
     def get_deployment(name: str) -> DeploymentOut:
         return out(name)
 
-    @app.delete("/deployments/{name}", status_code=204, responses=_NOT_FOUND)
-    def undeploy(name: str) -> Response:
-        deployments.undeploy(name)
+    @app.delete("/deployments/{name}", status_code=204, responses=NOT_FOUND)
+    def undeploy(name: str, request: Request, who: Caller) -> Response:
+        audit_target(request, f"deployment {name}")
+        deployments.undeploy(name, who)
         return Response(status_code=204)
 
     async def predict(request: Request) -> Response:
         """Predict: ``{"inputs": [[...]]}`` → outputs, model name, version and run id."""
         name = request.path_params["name"]
+        identity: Identity = request.scope["state"]["identity"]  # set by Authenticate
+        check_predict(identity, router.team(name), name)
         shape, dtype = router.schema(name)
         inputs = parse_inputs(await request.body(), shape, dtype)
         body, headers = render(await router.predict(name, inputs))
@@ -236,7 +260,7 @@ def _serving_routes(app: FastAPI, serving: Serving) -> None:
         "/v1/models/{name}/predict",
         response_model=PredictionOut,
         responses={
-            **_NOT_FOUND,
+            **NOT_FOUND,
             413: {"model": Refusal, "description": "Body or row count over the limit"},
             422: {"model": Refusal},
             429: {"model": Refusal},

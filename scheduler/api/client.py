@@ -2,7 +2,7 @@
 
 Example::
 
-    client = Client("http://127.0.0.1:8000")
+    client = Client("http://127.0.0.1:8000", token=os.environ["JOBWORKER_TOKEN"])
     job = client.submit(Path("configs/train/mlp_synthetic.yaml").read_text())
     print(client.get(job["id"])["state"])
 """
@@ -41,9 +41,17 @@ class ApiUnreachable(JobworkerError):
 
 
 class Client:
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout_s: float = 30.0) -> None:
+    """The API's calls as methods; ``token`` (``jw_…``) is sent as a bearer token."""
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        timeout_s: float = 30.0,
+        token: str | None = None,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s, headers=headers)
 
     def _call(self, method: str, path: str, **kw: Any) -> Any:
         try:
@@ -130,6 +138,27 @@ class Client:
 
     def undeploy(self, name: str) -> None:
         self._call("DELETE", f"/deployments/{name}")
+
+    # -- identity -----------------------------------------------------------------------
+    def create_token(self, team: str, role: str, name: str | None = None) -> dict[str, Any]:
+        """A new token (admin); its ``token`` is shown this once."""
+        body = {"team": team, "role": role} | ({"name": name} if name else {})
+        result: dict[str, Any] = self._call("POST", "/tokens", json=body)
+        return result
+
+    def tokens(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", "/tokens")
+        return result
+
+    def revoke_token(self, token_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("DELETE", f"/tokens/{token_id}")
+        return result
+
+    def audit(self, **filters: Any) -> list[dict[str, Any]]:
+        """Audit events, newest first; filters: ``team``, ``token_id``, ``since``, ``limit``."""
+        params = {k: v for k, v in filters.items() if v is not None}
+        result: list[dict[str, Any]] = self._call("GET", "/audit", params=params)
+        return result
 
     def predict(self, name: str, inputs: Any) -> dict[str, Any]:
         """``{"outputs", "model", "version", "run_id"}``; a 429 or 503 raises :class:`ApiError`."""

@@ -62,6 +62,9 @@ class Refusal(BaseModel):
     detail: str
 
 
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Refusal}}  # routes naming one thing
+
+
 class ValidationOk(BaseModel):
     valid: bool
     name: str

@@ -3,6 +3,7 @@
 Example::
 
     policy = load_queue_config(Path("configs/queue/teams.yaml"))
+    caps = read_queue_config(Path("configs/queue/teams.yaml")).priority_limits()
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from scheduler.auth.identity import PriorityCaps
 from scheduler.core.model import QueuePolicy
 from workers.interface.errors import ConfigError
 from workers.interface.spec import parse_text, validation_errors
@@ -29,6 +31,12 @@ class QueueConfig(BaseModel):
     weights: dict[str, float] = Field(default_factory=dict)  # fair-share weight per team
     aging_s_per_priority: float | None = Field(default=3600.0, gt=0)
     min_run_s: float = Field(default=300.0, ge=0)
+    # The highest job priority a team's members may ask for (admins are exempt).
+    priority_caps: dict[str, int] = Field(default_factory=dict)
+    default_priority_cap: int = Field(default=50, ge=-100, le=100)
+
+    def priority_limits(self) -> PriorityCaps:
+        return PriorityCaps(default=self.default_priority_cap, teams=dict(self.priority_caps))
 
     def policy(self) -> QueuePolicy:
         return QueuePolicy(
@@ -44,13 +52,19 @@ class QueueConfig(BaseModel):
 
 def load_queue_config(path: Path) -> QueuePolicy:
     """The policy a queue config file describes; :class:`ConfigError` naming each bad field."""
+    return read_queue_config(path).policy()
+
+
+def read_queue_config(path: Path) -> QueueConfig:
+    """The queue config file, checked; :class:`ConfigError` naming each bad field."""
     try:
         data = parse_text(path.read_text())
     except OSError as exc:
         raise ConfigError([("", f"cannot read {path}: {exc.strerror}")]) from exc
     try:
         config = QueueConfig.model_validate(data or {})
-        return config.policy()
+        config.policy()
+        return config
     except ValidationError as exc:
         raise ConfigError(validation_errors(exc)) from exc
     except ValueError as exc:  # QueuePolicy's own checks (weights > 0, quotas >= 0)

@@ -9,8 +9,21 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import sqlalchemy as sa
+
+from scheduler.auth.identity import (
+    Identity,
+    PriorityCaps,
+    acting_team,
+    check_can_mutate,
+    check_model_name,
+    check_owner,
+    check_priority,
+)
+from scheduler.auth.model_names import ModelNames
 from scheduler.batch.store import JobEvent, JobRecord, JobStore
 from scheduler.core.states import JobState
+from workers.interface.errors import ConfigError
 from workers.interface.spec import TrainingSpec, load_spec
 
 
@@ -19,8 +32,8 @@ class JobService:
 
     Example::
 
-        service = JobService(store, log_dir=Path(".jobworker/logs"), wake=scheduler.wake)
-        job = service.submit(Path("configs/train/mlp_synthetic.yaml").read_text())
+        service = JobService(store, Path(".jobworker/logs"), scheduler.wake, ModelNames(engine))
+        job = service.submit(Path("configs/train/mlp_synthetic.yaml").read_text(), caller)
     """
 
     def __init__(
@@ -28,20 +41,41 @@ class JobService:
         store: JobStore,
         log_dir: Path,
         wake: Callable[[], None],
+        model_names: ModelNames,
         python_path: Sequence[str] = (),
+        priority_caps: PriorityCaps = PriorityCaps(),
     ) -> None:
         self._store = store
+        self._model_names = model_names
+        self._priority_caps = priority_caps
         self._log_dir = log_dir
         self._wake = wake
         self._python_path = python_path  # where a job's entrypoint is looked for
 
-    def submit(self, text: str) -> JobRecord:
-        """Validate a YAML/JSON config and queue it; raises ``ConfigError`` storing nothing.
+    def submit(self, text: str, caller: Identity) -> JobRecord:
+        """Validate a YAML/JSON config and queue it for ``caller``'s team; raises
+        ``ConfigError`` or ``Forbidden`` storing nothing.
 
-        An ``entrypoint`` must be found on the jobs' Python path; its module is
-        read, never run, here.
+        The job's team is the token's (an admin may name any); its priority must be
+        within the team's cap; its ``register_as`` name is claimed for the team, or
+        refused when another team owns it. An ``entrypoint`` must be found on the
+        jobs' Python path; its module is read, never run, here.
         """
-        job = self._store.create(self.validate(text), text)
+        spec = self.validate(text)
+        check_can_mutate(caller, "submit jobs")
+        team = acting_team(caller, spec.team if "team" in spec.model_fields_set else None)
+        problem = check_priority(caller, team, spec.priority, self._priority_caps)
+        if problem is not None:
+            raise ConfigError([("priority", problem)])
+        spec = spec.model_copy(update={"team": team})
+        name = spec.register_as
+
+        def claim(conn: sa.Connection) -> None:
+            if name is not None:
+                check_model_name(caller, self._model_names.owner(name, conn), team, name)
+                self._model_names.claim(name, team, conn)
+
+        job = self._store.create(spec, text, in_tx=claim)
         self._wake()
         return job
 
@@ -58,9 +92,11 @@ class JobService:
     def list(self, states: list[JobState] | None = None, limit: int = 1000) -> list[JobRecord]:
         return self._store.find(states, limit)
 
-    def cancel(self, job_id: str) -> JobRecord:
-        """Ask for a job to be cancelled; a finished job is returned unchanged."""
+    def cancel(self, job_id: str, caller: Identity) -> JobRecord:
+        """Ask for a job to be cancelled; a finished job is returned unchanged. Only its
+        team's members (or an admin) may."""
         job = self._store.get(job_id)
+        check_owner(caller, job.team, f"job {job_id}", "cancel")
         if not job.terminal and not job.cancel_requested:
             self._store.update(job_id, cancel_requested=True)
             self._wake()

@@ -181,11 +181,19 @@ class JobStore:
         with self.engine.begin() as conn:
             yield conn
 
-    def create(self, spec: TrainingSpec, source_text: str) -> JobRecord:
-        """Store a new PENDING job and its first history entry, atomically."""
+    def create(
+        self,
+        spec: TrainingSpec,
+        source_text: str,
+        in_tx: Callable[[sa.Connection], None] | None = None,
+    ) -> JobRecord:
+        """Store a new PENDING job and its first history entry, atomically; ``in_tx`` runs
+        first in the same transaction (a model-name claim), and what it raises stores nothing."""
         now = self.clock()
         job_id = f"j-{time.strftime('%Y%m%d', time.gmtime(now))}-{secrets.token_hex(4)}"
         with self._tx() as conn:
+            if in_tx is not None:
+                in_tx(conn)
             conn.execute(
                 jobs.insert().values(
                     id=job_id,
@@ -209,6 +217,12 @@ class JobStore:
                 )
             )
         return self.get(job_id)
+
+    def run_team(self, run_id: str) -> str | None:
+        """The team of the job whose MLflow run this is, or None when no job made it."""
+        with self.engine.connect() as conn:
+            query = sa.select(jobs.c.team).where(jobs.c.run_id == run_id).limit(1)
+            return conn.execute(query).scalar_one_or_none()
 
     def get(self, job_id: str) -> JobRecord:
         with self.engine.connect() as conn:

@@ -10,7 +10,7 @@ from typing import Annotated, TypeVar
 import typer
 from rich.console import Console
 
-from scheduler.api.client import ApiError, ApiUnreachable
+from scheduler.api.client import ApiError, ApiUnreachable, Client
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -18,6 +18,16 @@ T = TypeVar("T")
 
 ApiOpt = Annotated[str, typer.Option("--api", envvar="JOBWORKER_API", help="API address.")]
 HomeOpt = Annotated[Path, typer.Option("--home", envvar="JOBWORKER_HOME", help="State directory.")]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        envvar="JOBWORKER_TOKEN",
+        help="API token (jw_…); default: the admin token `up` wrote under --home.",
+        show_default=False,
+    ),
+]
+ADMIN_TOKEN_FILE = "admin.token"  # under the home; scheduler.wiring.Settings.admin_token_file
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 STATE_STYLE = {
     "SUCCEEDED": "green",
@@ -29,6 +39,16 @@ STATE_STYLE = {
     "DEPLOYING": "cyan",
     "PENDING": "magenta",
 }
+
+
+def connect(api: str, token: str | None, home: Path) -> Client:
+    """A client of ``api`` with the token given, else the one ``up`` wrote under ``home``."""
+    if token is None:
+        try:
+            token = (home / ADMIN_TOKEN_FILE).read_text()
+        except OSError:
+            token = None
+    return Client(api, token=token.strip() if token else None)
 
 
 def guard(fn: Callable[[], T]) -> T:
@@ -45,6 +65,11 @@ def guard(fn: Callable[[], T]) -> T:
                 err.print(f"  [bold]{loc or '(config)'}[/]: {msg}")
         else:
             err.print(f"[red]error ({exc.status}):[/] {exc}")
+        if exc.status == 401:
+            err.print(
+                "  give a token with --token or JOBWORKER_TOKEN "
+                f"(`up` writes an admin one to <home>/{ADMIN_TOKEN_FILE})"
+            )
         raise typer.Exit(2) from exc
 
 

@@ -13,7 +13,19 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from scheduler.api.client import Client
-from scheduler.cli.common import TERMINAL, ApiOpt, err, guard, out, read_text, state_text, when
+from scheduler.cli.common import (
+    TERMINAL,
+    ApiOpt,
+    HomeOpt,
+    TokenOpt,
+    connect,
+    err,
+    guard,
+    out,
+    read_text,
+    state_text,
+    when,
+)
 from workers.interface.errors import ConfigError
 from workers.interface.spec import load_spec
 from workers.interface.telemetry import GIB
@@ -35,9 +47,11 @@ def submit(
     file: Path,
     wait: Annotated[bool, typer.Option(help="Show progress until the job ends.")] = False,
     api: ApiOpt = "http://127.0.0.1:8000",
+    token: TokenOpt = None,
+    home: HomeOpt = Path(".jobworker"),
 ) -> None:
     """Submit a training config (YAML or JSON)."""
-    client = Client(api)
+    client = connect(api, token, home)
     job = guard(lambda: client.submit(read_text(file)))
     out.print(f"submitted [bold]{job['id']}[/] ({job['name']})")
     if wait:
@@ -95,9 +109,11 @@ def status(
     job_id: Annotated[str | None, typer.Argument()] = None,
     state: Annotated[list[str] | None, typer.Option(help="Only jobs in these states.")] = None,
     api: ApiOpt = "http://127.0.0.1:8000",
+    token: TokenOpt = None,
+    home: HomeOpt = Path(".jobworker"),
 ) -> None:
     """One job with its history, or a table of jobs."""
-    client = Client(api)
+    client = connect(api, token, home)
     if job_id:
         job = guard(lambda: client.get(job_id))
         _print_job(job)
@@ -131,9 +147,11 @@ def logs(
         bool, typer.Option("--follow", "-f", help="Stream until the job ends.")
     ] = False,
     api: ApiOpt = "http://127.0.0.1:8000",
+    token: TokenOpt = None,
+    home: HomeOpt = Path(".jobworker"),
 ) -> None:
     """Print a job's output."""
-    client = Client(api)
+    client = connect(api, token, home)
     if follow:
         guard(lambda: _stream(client, job_id))
         return
@@ -147,9 +165,14 @@ def _stream(client: Client, job_id: str) -> None:
         sys.stdout.flush()
 
 
-def cancel(job_id: str, api: ApiOpt = "http://127.0.0.1:8000") -> None:
+def cancel(
+    job_id: str,
+    api: ApiOpt = "http://127.0.0.1:8000",
+    token: TokenOpt = None,
+    home: HomeOpt = Path(".jobworker"),
+) -> None:
     """Cancel a pending or running job."""
-    client = Client(api)
+    client = connect(api, token, home)
     job = guard(lambda: client.cancel(job_id))
     if job["state"] in TERMINAL:
         out.print(f"{job_id} already finished: {state_text(job['state'])}")
@@ -157,9 +180,13 @@ def cancel(job_id: str, api: ApiOpt = "http://127.0.0.1:8000") -> None:
         out.print(f"cancelling {job_id} (was {state_text(job['state'])})")
 
 
-def queue(api: ApiOpt = "http://127.0.0.1:8000") -> None:
+def queue(
+    api: ApiOpt = "http://127.0.0.1:8000",
+    token: TokenOpt = None,
+    home: HomeOpt = Path(".jobworker"),
+) -> None:
     """Pending jobs in the order the scheduler will consider them, and why each waits."""
-    entries = guard(Client(api).queue)
+    entries = guard(connect(api, token, home).queue)
     table = Table("#", "job", "name", "team", "priority", "submitted", "waiting because")
     for e in entries:
         table.add_row(
@@ -174,9 +201,13 @@ def queue(api: ApiOpt = "http://127.0.0.1:8000") -> None:
     out.print(table if entries else "no pending jobs")
 
 
-def cluster(api: ApiOpt = "http://127.0.0.1:8000") -> None:
+def cluster(
+    api: ApiOpt = "http://127.0.0.1:8000",
+    token: TokenOpt = None,
+    home: HomeOpt = Path(".jobworker"),
+) -> None:
     """Nodes and GPUs: type, memory, utilization, and the jobs on each."""
-    client = Client(api)
+    client = connect(api, token, home)
     view = guard(client.cluster)
     table = Table("node", "GPU", "type", "used GiB", "free GiB", "util %", "jobs")
     for node in view["nodes"]:

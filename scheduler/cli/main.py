@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from scheduler.cli import jobs, servers, serving, simulate
+from scheduler.cli import identity, jobs, servers, serving, simulate
 
 app = typer.Typer(
     help="jobworker: a GPU-aware scheduler for ML training and inference.",
@@ -32,5 +32,7 @@ for command in (
     serving.undeploy,
     serving.predict,
     simulate.simulate,
+    identity.audit,
 ):
     app.command()(command)
+app.add_typer(identity.token_app, name="token")

@@ -20,7 +20,7 @@ import typer
 from scheduler.api.client import ApiUnreachable, Client
 from scheduler.api.guards import MIB
 from scheduler.cli import daemons, serving
-from scheduler.cli.common import ApiOpt, HomeOpt, err, guard, out, read_text
+from scheduler.cli.common import ApiOpt, HomeOpt, TokenOpt, connect, err, guard, out, read_text
 from scheduler.cli.jobs import wait_for_job
 from workers.interface.errors import ServiceError
 
@@ -61,13 +61,18 @@ def up(
         int,
         typer.Option(envvar="JOBWORKER_MAX_CONFIG_BYTES", help="Body limit of non-predict routes."),
     ] = MIB,
+    metrics_public: Annotated[
+        bool,
+        typer.Option(envvar="JOBWORKER_METRICS_PUBLIC", help="Serve /metrics without a token."),
+    ] = False,
     detach: Annotated[bool, typer.Option(help="Run in the background; see `down`.")] = False,
 ) -> None:
     """Start the API, with a local Ray and an MLflow server unless addresses are given.
 
     Ray and the MLflow server run as daemons that outlive this process: a
     restarted `up` re-uses them, and the jobs on Ray keep running meanwhile.
-    `jobworker down` stops everything.
+    `jobworker down` stops everything. The first `up` on a home writes an admin
+    token to <home>/admin.token (mode 0600), which the CLI on this machine uses.
     """
     home.mkdir(parents=True, exist_ok=True)
     try:
@@ -106,6 +111,7 @@ def up(
         allowed_hosts=tuple(h for h in allowed_hosts.split(",") if h.strip()),
         max_body_bytes=max_body_bytes,
         max_config_bytes=max_config_bytes,
+        metrics_public=metrics_public,
     )
     daemons.this_process(home, host, port)
     try:
@@ -130,6 +136,7 @@ def _serve(settings: Any, host: str, port: int) -> None:
     plane = build(settings)
     plane.start()
     out.print(f"jobworker API on http://{host}:{port}  (MLflow UI: {settings.ui_url})")
+    out.print(f"admin token in {settings.admin_token_file} (the CLI here uses it)")
     try:
         uvicorn.run(plane.app, host=host, port=port, log_level="warning", access_log=False)
     finally:
@@ -200,6 +207,7 @@ def demo(
     home: HomeOpt = Path(".jobworker"),
     api: ApiOpt = "http://127.0.0.1:8000",
     mlflow_port: Annotated[int, typer.Option(envvar="JOBWORKER_MLFLOW_PORT")] = 5000,
+    token: TokenOpt = None,
 ) -> None:
     """Start everything in the background, train the example, serve it, print where to look."""
     client = Client(api)
@@ -217,6 +225,7 @@ def demo(
         )
         if started.returncode != 0:
             raise typer.Exit(started.returncode) from None
+    client = connect(api, token, home)  # `up` has written its admin token by now
     job = guard(lambda: client.submit(read_text(config)))
     out.print(f"submitted [bold]{job['id']}[/] from {config}")
     final = wait_for_job(client, job["id"])

@@ -12,7 +12,18 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from scheduler.api.client import Client
-from scheduler.cli.common import ApiOpt, err, guard, out, read_text, state_text, when
+from scheduler.cli.common import (
+    ApiOpt,
+    HomeOpt,
+    TokenOpt,
+    connect,
+    err,
+    guard,
+    out,
+    read_text,
+    state_text,
+    when,
+)
 
 
 def deploy(
@@ -20,9 +31,11 @@ def deploy(
     wait: Annotated[bool, typer.Option(help="Show progress until it serves or fails.")] = True,
     timeout_s: Annotated[float, typer.Option("--timeout", help="Seconds to wait.")] = 300,
     api: ApiOpt = "http://127.0.0.1:8000",
+    token: TokenOpt = None,
+    home: HomeOpt = Path(".jobworker"),
 ) -> None:
     """Deploy a model (configs/serve/*.yaml), or update the deployment of that name."""
-    client = Client(api)
+    client = connect(api, token, home)
     dep = guard(lambda: client.deploy(read_text(file)))
     out.print(f"deploying [bold]{dep['name']}[/] ({dep['model']}) from {file}")
     if wait:
@@ -56,9 +69,11 @@ def wait_ready(client: Client, name: str, timeout_s: float) -> dict[str, Any]:
 def deployments(
     name: Annotated[str | None, typer.Argument(help="Show one deployment in detail.")] = None,
     api: ApiOpt = "http://127.0.0.1:8000",
+    token: TokenOpt = None,
+    home: HomeOpt = Path(".jobworker"),
 ) -> None:
     """List deployments, or show one with its replicas."""
-    client = Client(api)
+    client = connect(api, token, home)
     if name:
         _print_deployment(guard(lambda: client.deployment(name)))
         return
@@ -99,9 +114,14 @@ def _print_deployment(dep: dict[str, Any]) -> None:
     out.print(table)
 
 
-def undeploy(name: str, api: ApiOpt = "http://127.0.0.1:8000") -> None:
+def undeploy(
+    name: str,
+    api: ApiOpt = "http://127.0.0.1:8000",
+    token: TokenOpt = None,
+    home: HomeOpt = Path(".jobworker"),
+) -> None:
     """Stop serving a deployment and free its replicas."""
-    guard(lambda: Client(api).undeploy(name))
+    guard(lambda: connect(api, token, home).undeploy(name))
     out.print(f"undeployed [bold]{name}[/]")
 
 
@@ -113,6 +133,8 @@ def predict(
     ] = None,
     data: Annotated[str | None, typer.Option(help="The rows as JSON text instead.")] = None,
     api: ApiOpt = "http://127.0.0.1:8000",
+    token: TokenOpt = None,
+    home: HomeOpt = Path(".jobworker"),
 ) -> None:
     """Send rows to a deployed model and print its outputs."""
     if (input_file is None) == (data is None):
@@ -125,6 +147,6 @@ def predict(
         err.print(f"[red]error:[/] {input_file or '--data'} is not JSON: {exc}")
         raise typer.Exit(2) from exc
     inputs = payload["inputs"] if isinstance(payload, dict) and "inputs" in payload else payload
-    result = guard(lambda: Client(api).predict(name, inputs))
+    result = guard(lambda: connect(api, token, home).predict(name, inputs))
     out.print_json(data=result["outputs"])
     out.print(f"model {result['model']} version {result['version']} (run {result['run_id']})")

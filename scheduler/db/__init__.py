@@ -108,6 +108,45 @@ leases = sa.Table(
 )
 
 
+tokens = sa.Table(
+    "tokens",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("name", sa.String(100), nullable=False),
+    sa.Column("team", sa.String(100), nullable=False),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("kdf", sa.String(64), nullable=False),  # how secret_hash was derived
+    sa.Column("salt", sa.String(64), nullable=False),
+    sa.Column("secret_hash", sa.String(128), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("created_by", sa.String(32), nullable=True),  # the token that made it
+    sa.Column("revoked_at", sa.Float, nullable=True),
+)
+
+audit_events = sa.Table(
+    "audit_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.Float, nullable=False, index=True),
+    sa.Column("token_id", sa.String(32), nullable=True),  # None: no valid token
+    sa.Column("token_name", sa.String(100), nullable=True),
+    sa.Column("team", sa.String(100), nullable=True),
+    sa.Column("role", sa.String(16), nullable=True),
+    sa.Column("method", sa.String(8), nullable=False),
+    sa.Column("path", Text, nullable=False),
+    sa.Column("target", Text, nullable=True),
+    sa.Column("status", sa.Integer, nullable=False),
+)
+
+model_names = sa.Table(
+    "model_names",
+    metadata,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("team", sa.String(100), nullable=False),
+    sa.Column("claimed_at", sa.Float, nullable=False),
+)
+
+
 def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path}"
 

@@ -197,6 +197,7 @@ class DeploymentController:
                 max_wait_ms=spec.batching.max_wait_ms,
                 slo_p99_ms=spec.slo.p99_ms,
                 max_queue=spec.max_queue,
+                team=spec.team,
             )
         )
         return dep

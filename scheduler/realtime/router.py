@@ -59,6 +59,7 @@ class RouteConfig:
     max_wait_ms: float
     slo_p99_ms: float
     max_queue: int
+    team: str | None = None  # whose deployment: predict needs a token of it
     request_timeout_s: float = 30.0
     # A replica that leaves one batch unanswered this long is taken as hung: its
     # connection is closed, and its requests retried on another replica once.
@@ -197,6 +198,13 @@ class Router:
         route = self._routes.get(name)
         rep = route.replicas.get(replica_id) if route else None
         return rep is None
+
+    def team(self, name: str) -> str | None:
+        """The team that owns the deployment; :class:`DeploymentNotFound` if none is routed."""
+        route = self._routes.get(name)
+        if route is None:
+            raise DeploymentNotFound(f"no deployment named {name!r}")
+        return route.config.team
 
     def schema(self, name: str) -> tuple[tuple[int, ...] | None, str | None]:
         """The input shape and dtype that the deployment's replicas declare."""

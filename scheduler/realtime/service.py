@@ -9,9 +9,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from scheduler.realtime.spec import load_deployment
+from scheduler.auth.identity import (
+    Forbidden,
+    Identity,
+    acting_team,
+    check_admin,
+    check_can_mutate,
+    check_model_name,
+    check_owner,
+)
+from scheduler.auth.model_names import ModelNames
+from scheduler.realtime.spec import DeploymentSpec, load_deployment
 from scheduler.realtime.store import DeploymentRecord, DeploymentStore
-from workers.interface.errors import ConfigError, ModelUnavailable
+from workers.interface.errors import ConfigError, DeploymentNotFound, ModelUnavailable
 from workers.interface.replicas import ResolvedModel
 
 
@@ -20,8 +30,10 @@ class DeploymentService:
 
     Example::
 
-        service = DeploymentService(store, resolver, controller.replicas_view, scheduler.wake)
-        record, created = service.deploy(Path("configs/serve/mlp_synthetic.yaml").read_text())
+        service = DeploymentService(
+            store, resolver, controller.replicas_view, scheduler.wake, names, job_store.run_team
+        )
+        record, created = service.deploy(Path("configs/serve/x.yaml").read_text(), caller)
     """
 
     def __init__(
@@ -30,23 +42,44 @@ class DeploymentService:
         resolver: Callable[[str], ResolvedModel],
         replicas_view: Callable[[str], list[dict[str, Any]]],
         wake: Callable[[], None],
+        model_names: ModelNames,
+        run_team: Callable[[str], str | None],
     ) -> None:
         self._store = store
+        self._model_names = model_names
+        self._run_team = run_team  # the team of the job that made an MLflow run
         self._resolver = resolver
         self._replicas_view = replicas_view
         self._wake = wake
 
-    def deploy(self, text: str) -> tuple[DeploymentRecord, bool]:
+    def deploy(self, text: str, caller: Identity) -> tuple[DeploymentRecord, bool]:
         """Validate a config, check that its model exists, store it; ``(record, created)``.
 
-        A model that MLflow cannot resolve is refused as a config error on
-        ``model``; nothing is stored.
+        The deployment runs for the token's team (an admin may name any); an existing
+        deployment of that name must be the caller's team's; the model must be the
+        team's (see :meth:`_check_model`). A model that MLflow cannot resolve is
+        refused as a config error on ``model``; nothing is stored.
         """
         spec = load_deployment(text)
+        check_can_mutate(caller, "deploy models")
+        if spec.allow_pickled_model:  # unpickling runs whatever the model's writer chose
+            check_admin(caller, "set allow_pickled_model (loading a pickle runs its code)")
+        team = acting_team(caller, spec.team)
+        try:
+            current = self._store.get(spec.name)
+        except DeploymentNotFound:
+            pass
+        else:
+            check_owner(caller, current.spec.team, f"deployment {spec.name!r}", "update")
+        spec = spec.model_copy(update={"team": team})
+        self._check_model(caller, spec)
         try:
             self._resolver(spec.model)
         except ModelUnavailable as exc:
             raise ConfigError([("model", str(exc))]) from exc
+        model_name = spec.model_ref().name
+        if model_name is not None:
+            self._model_names.claim(model_name, team)
         record, created = self._store.put(spec, text)
         self._wake()
         return record, created
@@ -60,7 +93,25 @@ class DeploymentService:
     def replicas(self, name: str) -> list[dict[str, Any]]:
         return self._replicas_view(name)
 
-    def undeploy(self, name: str) -> None:
-        """Forget the deployment; its replicas stop on the next pass."""
+    def _check_model(self, caller: Identity, spec: DeploymentSpec) -> None:
+        """A deployment follows only its team's models: a registered name it owns (an
+        unclaimed one is claimed for it once it resolves), or a run one of its jobs made.
+        An admin may deploy any model for any team: that is how a model is shared."""
+        ref = spec.model_ref()
+        team = spec.team or caller.team
+        if ref.name is not None:
+            check_model_name(caller, self._model_names.owner(ref.name), team, ref.name)
+        elif ref.run_id is not None and not caller.admin:
+            owner = self._run_team(ref.run_id)
+            if owner != team:
+                raise Forbidden(
+                    f"model: run {ref.run_id} was not made by a job of team {team!r}"
+                    + (f" (its job is team {owner!r})" if owner else "")
+                )
+
+    def undeploy(self, name: str, caller: Identity) -> None:
+        """Forget the deployment; its replicas stop on the next pass. Only its team's
+        members (or an admin) may."""
+        check_owner(caller, self._store.get(name).spec.team, f"deployment {name!r}", "undeploy")
         self._store.delete(name)
         self._wake()

@@ -14,7 +14,7 @@ import httpx
 import ray
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, wait_until
+from tests.conftest import REPO, admin_headers, wait_until
 from tests.integration.conftest import entrypoint_yaml, free_port
 
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
@@ -79,6 +79,7 @@ def test_sigkill_mid_run_then_restart_leaves_every_job_terminal_once(
     second: subprocess.Popen[bytes] | None = None
     try:
         _wait_up(http, first)
+        http.headers.update(admin_headers(home))
         steps = 50
         ids = []
         for i in range(3):  # two GPUs: two run, one waits in the queue
@@ -158,6 +159,7 @@ def test_a_standby_takes_over_when_the_leader_dies_and_every_job_ends_once(
         for home, port, http in zip(homes, ports, https, strict=True):
             procs.append(_up(home, port, address, shared))
             _wait_up(http, procs[-1])
+            http.headers.update(admin_headers(home))  # each home gets its own admin token
 
         def roles() -> list[str]:
             return sorted(http.get("/healthz").json()["role"] for http in https)

@@ -21,7 +21,7 @@ import psutil
 from mlflow.tracking import MlflowClient
 
 from scheduler.cli import daemons
-from tests.conftest import REPO, mlflow_login, user_env, wait_until
+from tests.conftest import REPO, admin_headers, mlflow_login, user_env, wait_until
 from tests.integration.conftest import entrypoint_yaml, free_port
 
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
@@ -67,6 +67,7 @@ def test_sigkill_of_embedded_up_loses_nothing_and_down_leaves_nothing(tmp_path: 
     http = httpx.Client(base_url=api, timeout=30)
     started = jobworker("up", "--detach", *flags)
     assert started.returncode == 0, started.stdout + started.stderr
+    http.headers.update(admin_headers(home))
     pids: set[int] = set()
     try:
         first = recorded(home, "api")

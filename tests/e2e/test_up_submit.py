@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -10,18 +11,22 @@ import httpx
 from mlflow.tracking import MlflowClient
 
 from scheduler.cli import daemons
-from tests.conftest import REPO, mlflow_login, user_env, wait_until
+from tests.conftest import REPO, admin_headers, mlflow_login, user_env, wait_until
 from tests.integration.conftest import free_port
 
 
-def jobworker(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
+def jobworker(
+    *args: str, timeout_s: float = 300, home: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the CLI as a user would; ``home`` as ``JOBWORKER_HOME`` (where it finds the token)."""
+    found = {"JOBWORKER_HOME": str(home)} if home else {}
     return subprocess.run(
         [sys.executable, "-m", "scheduler.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout_s,
         cwd=REPO,
-        env={**user_env(), "COLUMNS": "200"},
+        env={**user_env(), "COLUMNS": "200", **found},
     )
 
 
@@ -45,17 +50,27 @@ def test_up_submit_wait_status_logs_down(tmp_path: Path) -> None:
             lambda: httpx.get(f"{api}/healthz").json() == {"status": "ok", "role": "leader"},
             "the control plane to lead",
         )
-        submitted = jobworker("submit", "configs/train/mlp_synthetic.yaml", "--wait", "--api", api)
+        # The first `up` wrote an admin token that only its user can read; the API
+        # refuses anyone without a token, and the CLI finds it under the home.
+        token_file = home / "admin.token"
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        assert httpx.get(f"{api}/jobs").status_code == 401
+        refused = jobworker("status", "--api", api, home=tmp_path / "elsewhere")
+        assert refused.returncode == 2 and "401" in refused.stderr, refused.stderr
+        assert "--token or JOBWORKER_TOKEN" in refused.stderr
+        submitted = jobworker(
+            "submit", "configs/train/mlp_synthetic.yaml", "--wait", "--api", api, home=home
+        )
         assert submitted.returncode == 0, submitted.stdout + submitted.stderr
         assert "SUCCEEDED" in submitted.stdout
         assert f"http://127.0.0.1:{mlflow_port}/#/experiments/" in submitted.stdout
-        job = httpx.get(f"{api}/jobs").json()[0]
+        job = httpx.get(f"{api}/jobs", headers=admin_headers(home)).json()[0]
 
-        status = jobworker("status", job["id"], "--api", api)
+        status = jobworker("status", job["id"], "--api", api, "--token", token_file.read_text())
         assert status.returncode == 0
         assert "PENDING" in status.stdout and "SUCCEEDED" in status.stdout
 
-        logs = jobworker("logs", job["id"], "-f", "--api", api)
+        logs = jobworker("logs", job["id"], "-f", "--api", api, home=home)
         assert f"jobworker: job {job['id']}" in logs.stdout
 
         client = MlflowClient(f"http://127.0.0.1:{mlflow_port}")
@@ -81,13 +96,15 @@ def test_up_submit_wait_status_logs_down(tmp_path: Path) -> None:
         log = (home / "jobworker.log").read_text()  # up's own output names the file only
         assert f"MLflow UI login: user admin, password in {home.resolve()}" in log
         assert password not in log
-        predicted = jobworker("predict", "mlp-synthetic", "--data", str([[0.5] * 64]), "--api", api)
+        predicted = jobworker(
+            "predict", "mlp-synthetic", "--data", str([[0.5] * 64]), "--api", api, home=home
+        )
         assert predicted.returncode == 0, predicted.stderr
         assert "model mlp-synthetic version 2" in predicted.stdout
-        listed = jobworker("deployments", "--api", api)
+        listed = jobworker("deployments", "--api", api, home=home)
         assert "mlp-synthetic" in listed.stdout and "READY" in listed.stdout
 
-        missing = jobworker("status", "j-nope", "--api", api)
+        missing = jobworker("status", "j-nope", "--api", api, home=home)
         assert missing.returncode == 2
         assert "no job 'j-nope'" in missing.stderr
     finally:

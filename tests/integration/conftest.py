@@ -16,6 +16,7 @@ import pytest
 import uvicorn
 from mlflow.tracking import MlflowClient
 
+from scheduler.auth.identity import Role
 from scheduler.batch.store import JobRecord
 from scheduler.core.states import JobState
 from scheduler.wiring import ControlPlane, Settings, build
@@ -58,15 +59,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def bearer(token: str) -> dict[str, str]:
+    """The ``Authorization`` header that carries ``token``."""
+    return {"Authorization": f"Bearer {token}"}
+
+
 @dataclass
 class Api:
-    """A control plane served over real HTTP on loopback."""
+    """A control plane served over real HTTP on loopback; ``http`` carries the admin
+    token that the control plane wrote to ``admin_token``'s file under ``home``."""
 
     plane: ControlPlane
     http: httpx.Client
     home: Path
     tracking_uri: str
     namespace: str
+    admin_token: str
+
+    def client_as(self, team: str, role: Role = Role.MEMBER) -> httpx.Client:
+        """An HTTP client with a new token of ``team`` and ``role``."""
+        _, token = self.plane.tokens.create(team, role, name=f"test {role} of {team}")
+        return httpx.Client(base_url=self.http.base_url, timeout=30, headers=bearer(token))
 
     def wait_for(self, job_id: str, states: set[JobState], timeout_s: float = 120.0) -> JobRecord:
         """The job once it is in one of ``states``."""
@@ -127,7 +140,9 @@ def make_api(ray_session: None, tmp_path: Path) -> Iterator[Callable[..., Api]]:
         plane.start()
         server, thread, url = serve(plane)
         started.append((plane, server, thread))
-        return Api(plane, httpx.Client(base_url=url, timeout=30), home, tracking_uri, namespace)
+        token = settings.admin_token_file.read_text().strip()
+        http = httpx.Client(base_url=url, timeout=30, headers=bearer(token))
+        return Api(plane, http, home, tracking_uri, namespace, token)
 
     yield make
     for plane, server, thread in started:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -33,11 +34,12 @@ async def _exchange(
     return status, headers
 
 
-async def main(url: str, rate: float, duration_s: float) -> dict[str, object]:
+async def main(url: str, rate: float, duration_s: float, token: str) -> dict[str, object]:
     parts = urlsplit(url)
     body = json.dumps({"inputs": [[0.5] * 64]}).encode()
     request = (
         f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+        f"Authorization: Bearer {token}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode() + body
     idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
@@ -86,4 +88,5 @@ async def main(url: str, rate: float, duration_s: float) -> dict[str, object]:
 
 if __name__ == "__main__":
     url, rate, duration = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
-    print(json.dumps(asyncio.run(main(url, rate, duration))))
+    token = os.environ["JOBWORKER_TOKEN"]  # not in argv, where `ps` would show it
+    print(json.dumps(asyncio.run(main(url, rate, duration, token))))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -93,7 +94,8 @@ class Traffic:
 
     def _run(self) -> None:
         body = {"inputs": rows(1)}
-        with httpx.Client(base_url=self.api.http.base_url, timeout=30) as http:
+        headers = {"Authorization": self.api.http.headers["Authorization"]}
+        with httpx.Client(base_url=self.api.http.base_url, timeout=30, headers=headers) as http:
             while not self._stop.is_set():
                 r = http.post(f"/v1/models/{self.name}/predict", json=body)
                 self.results.append((r.status_code, r.headers.get("x-model-version"), r.text))
@@ -109,10 +111,12 @@ class Traffic:
         return self.results
 
 
-def open_loop(url: str, rate: float, duration_s: float) -> dict[str, Any]:
-    """Run ``tests/integration/open_loop.py`` in its own process; its JSON summary."""
+def open_loop(url: str, rate: float, duration_s: float, token: str) -> dict[str, Any]:
+    """Run ``tests/integration/open_loop.py`` in its own process, sending ``token``; its
+    JSON summary."""
     proc = subprocess.run(
         [sys.executable, "-m", "tests.integration.open_loop", url, str(rate), str(duration_s)],
+        env={**os.environ, "JOBWORKER_TOKEN": token},
         capture_output=True,
         text=True,
         timeout=duration_s + 120,

@@ -151,7 +151,9 @@ def test_queue_shows_the_order_and_reasons_and_jobs_start_in_it(make_api: Any) -
     queue = wait_until(ordered, f"the queue shows {high} then {low}, with reasons", 30)
     assert [e["position"] for e in queue] == [1, 2]
     assert all("GiB" in " ".join(e["reasons"]) or "GPU" in " ".join(e["reasons"]) for e in queue)
-    shown = CliRunner().invoke(cli, ["queue", "--api", str(api.http.base_url)])
+    shown = CliRunner().invoke(
+        cli, ["queue", "--api", str(api.http.base_url), "--home", str(api.home)]
+    )
     assert shown.exit_code == 0 and shown.output.index("urgent") < shown.output.index("later")
 
     api.http.post(f"/jobs/{blockers[0]}/cancel")  # one GPU frees: the higher priority goes

@@ -138,7 +138,7 @@ def test_cli_deploy_predict_undeploy(make_api: Any, tmp_path: Any) -> None:
     config = tmp_path / "cli.yaml"
     config.write_text(deploy_yaml("cli-mlp", "models:/cli-mlp/1", resources="{gpu_memory_gb: 2}"))
     url = str(api.http.base_url)
-    runner = CliRunner()
+    runner = CliRunner(env={"JOBWORKER_TOKEN": api.admin_token})
 
     def used_bytes() -> dict[tuple[str, int], int]:
         nodes = api.http.get("/cluster").json()["nodes"]
@@ -201,7 +201,7 @@ def test_overload_sheds_with_429_and_retry_after(make_api: Any) -> None:
     wait_deployment(api, "slow")
     # The replica answers ~4 rows per 20 ms (about 200/s). Offer 600/s.
     url = f"{api.http.base_url}/v1/models/slow/predict"
-    report = open_loop(url, rate=600, duration_s=8)
+    report = open_loop(url, rate=600, duration_s=8, token=api.admin_token)
 
     statuses = report["statuses"]
     assert report["error_count"] == 0, report["errors"]  # no hang, no reset
