@@ -118,7 +118,7 @@ class ControlPlane:
 def build(settings: Settings) -> ControlPlane:
     """Connect to Ray and build the control plane (the loop is not started yet)."""
     home = settings.home.resolve()
-    home.mkdir(parents=True, exist_ok=True)
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)  # its user's: tokens, logins, dbs
     connect(settings.ray_address, settings.namespace)
     sim = (
         load_cluster_config(settings.cluster_config)

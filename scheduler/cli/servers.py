@@ -74,7 +74,7 @@ def up(
     `jobworker down` stops everything. The first `up` on a home writes an admin
     token to <home>/admin.token (mode 0600), which the CLI on this machine uses.
     """
-    home.mkdir(parents=True, exist_ok=True)
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)  # its user's: tokens, logins, dbs
     try:
         if detach:
             _detach(home, host, port)

@@ -54,6 +54,7 @@ def test_up_submit_wait_status_logs_down(tmp_path: Path) -> None:
         # refuses anyone without a token, and the CLI finds it under the home.
         token_file = home / "admin.token"
         assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        assert stat.S_IMODE(home.stat().st_mode) == 0o700  # its databases too
         assert httpx.get(f"{api}/jobs").status_code == 401
         refused = jobworker("status", "--api", api, home=tmp_path / "elsewhere")
         assert refused.returncode == 2 and "401" in refused.stderr, refused.stderr
