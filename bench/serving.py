@@ -3,9 +3,9 @@
 Run from anywhere::
 
     .venv/bin/python bench/serving.py [--servers fastapi,rayserve,rayserve-batch,
-        rayserve-direct,jobworker] [--duration 5] [--warmup 1] [--concurrency 1,8,32]
-        [--rate 1000] [--connections 64] [--batch-wait-ms 0] [--ray-worker-niceness 0]
-        [--keep]
+        rayserve-direct,jobworker,jobworker-noauth] [--duration 5] [--warmup 1]
+        [--concurrency 1,8,32] [--rate 1000] [--connections 64] [--batch-wait-ms 0]
+        [--ray-worker-niceness 0] [--keep]
 
 The same model, an MLP 64→256→256→10 in float32 on CPU with one torch thread per server
 process (``bench/serving_model.py``, fixed seed), behind ``POST`` JSON
@@ -19,7 +19,10 @@ process (``bench/serving_model.py``, fixed seed), behind ``POST`` JSON
   (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``, which turns on direct ingress), ``@serve.batch``
   on, requests sent straight to the replica's own HTTP port (``bench/serving_rayserve.py``).
 - ``jobworker``: ``jobworker up`` with ``models:/bench-mlp/1`` logged to a fresh MLflow
-  store and deployed with batching 32 / 0 ms (``bench/serving_jobworker.py``).
+  store and deployed with batching 32 / 0 ms (``bench/serving_jobworker.py``); requests
+  carry the admin token, checked on every request.
+- ``jobworker-noauth``: the same, with the token check replaced by a fixed admin identity
+  (``bench/serving_noauth.py``), to measure what checking the token costs.
 
 Servers run one at a time (the machine has two cores), each started fresh, checked (the
 first response must hold one row of 10 outputs, or the bench fails), loaded, and torn
@@ -40,10 +43,13 @@ It prints a table (req/s, p50/p95/p99 ms, non-200 count per server and load), th
 and last::
 
     RESULT serving c32_vs_best_rayserve_x=… c1_p50_vs_fastapi_x=… c32_rps=… c1_p50_ms=…
+        auth_c1_p50_x=… auth_c32_rps_x=…
 
 ``c32_vs_best_rayserve_x`` is jobworker's req/s at concurrency 32 over that of the Ray
 Serve variant with the most req/s there; ``c1_p50_vs_fastapi_x`` is jobworker's p50 at
-concurrency 1 over FastAPI's; ``c32_rps`` and ``c1_p50_ms`` are jobworker's. A field whose
+concurrency 1 over FastAPI's; ``c32_rps`` and ``c1_p50_ms`` are jobworker's;
+``auth_c1_p50_x`` and ``auth_c32_rps_x`` are jobworker's c1 p50 and c32 req/s over
+``jobworker-noauth``'s (the token check's cost: above 1 and below 1 respectively). A field whose
 server was not run (or failed) prints ``nan``. Exit status 1 if any server failed.
 """
 
@@ -81,7 +87,14 @@ from bench.serving_procs import (  # noqa: E402
 )
 
 BENCH_DIR = REPO_ROOT / "bench"
-SERVERS = ("fastapi", "rayserve", "rayserve-batch", "rayserve-direct", "jobworker")
+SERVERS = (
+    "fastapi",
+    "rayserve",
+    "rayserve-batch",
+    "rayserve-direct",
+    "jobworker",
+    "jobworker-noauth",
+)
 RAY_VARIANTS = {"rayserve": "proxy", "rayserve-batch": "batch", "rayserve-direct": "direct"}
 START_TIMEOUT_S = 180.0
 SETTLE_S = 2.0  # between servers: let the last one's exit finish before the next starts
@@ -187,17 +200,22 @@ def start_server(
         return start_rayserve(name, log_dir, args, launched)
     from bench.serving_jobworker import register_model, start_jobworker
 
-    print(f"  registered {register_model(workdir)} in {workdir / 'mlflow.db'}", flush=True)
-    return start_jobworker(workdir, log_dir, ray_env(args), launched)
+    home = workdir / name  # each jobworker its own MLflow store and home
+    print(f"  registered {register_model(home)} in {home / 'mlflow.db'}", flush=True)
+    program = (
+        [sys.executable, str(BENCH_DIR / "serving_noauth.py")] if name.endswith("noauth") else None
+    )
+    return start_jobworker(home, log_dir, ray_env(args), launched, program=program)
 
 
 def request_headers(name: str, workdir: Path) -> dict[str, str]:
-    """What server ``name`` needs on each request besides the body: jobworker, a token."""
+    """What server ``name`` needs on each request besides the body: jobworker, a token
+    (``jobworker-noauth`` checks none, so none is sent)."""
     if name != "jobworker":
         return {}
     from bench.serving_jobworker import auth_headers
 
-    return auth_headers(workdir)
+    return auth_headers(workdir / name)
 
 
 def verify(server: ServerProcess, url: str, body: bytes, headers: dict[str, str]) -> None:
@@ -335,6 +353,9 @@ def result_line(rows: Sequence[Row]) -> str:
     )
     c32_x = _field(jw32, "rps") / _field(best, "rps")
     c1_x = _field(jw1, "p50_ms") / _field(fa1, "p50_ms")
+    open32, open1 = _find(rows, "jobworker-noauth", 32), _find(rows, "jobworker-noauth", 1)
+    auth_c1_x = _field(jw1, "p50_ms") / _field(open1, "p50_ms")
+    auth_c32_x = _field(jw32, "rps") / _field(open32, "rps")
     print(
         f"\nbest Ray Serve at c32: {best_name} ({_field(best, 'rps'):.0f} req/s, "
         f"p99 {_field(best, 'p99_ms'):.3f} ms); jobworker c32: {_field(jw32, 'rps'):.0f} req/s, "
@@ -346,7 +367,8 @@ def result_line(rows: Sequence[Row]) -> str:
     )
     return (
         f"RESULT serving c32_vs_best_rayserve_x={c32_x:.2f} c1_p50_vs_fastapi_x={c1_x:.2f} "
-        f"c32_rps={_field(jw32, 'rps'):.0f} c1_p50_ms={_field(jw1, 'p50_ms'):.3f}"
+        f"c32_rps={_field(jw32, 'rps'):.0f} c1_p50_ms={_field(jw1, 'p50_ms'):.3f} "
+        f"auth_c1_p50_x={auth_c1_x:.3f} auth_c32_rps_x={auth_c32_x:.3f}"
     )
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +111,10 @@ def start_jobworker(
     env: Mapping[str, str],
     launched: list[ServerProcess],
     deployment_yaml: str = DEPLOYMENT_YAML,
+    program: Sequence[str] | None = None,
 ) -> str:
     """``jobworker up`` serving ``deployment_yaml`` (default: ``models:/bench-mlp/1``); its
-    predict URL.
+    predict URL. ``program`` replaces the ``jobworker`` command (``bench/serving_noauth.py``).
 
     ``env`` is the server's environment (without ``RAY_ADDRESS``: it must start its own
     local Ray). The server process is appended to ``launched`` as soon as it starts, so the caller
@@ -123,7 +124,7 @@ def start_jobworker(
     uri = tracking_uri(workdir)
     env = {**env, "MLFLOW_TRACKING_URI": uri}
     cmd = [
-        str(Path(sys.executable).with_name("jobworker")),
+        *(program or [str(Path(sys.executable).with_name("jobworker"))]),
         "up",
         "--home",
         str(workdir / "jw"),
