@@ -7,11 +7,13 @@ and a real control plane over HTTP where a deployment is involved.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import pytest
 import torch
@@ -31,6 +33,22 @@ from tests.security.models import (
 from workers.interface.errors import CheckpointRefused, ModelUnavailable
 from workers.mlflow_context import CHECKPOINT_DIR, MlflowJobContext, MlflowWaiter
 from workers.mlflow_models import load
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uris_restored() -> Iterator[None]:
+    """``load`` sets MLflow's process-wide tracking and registry URIs (and their variables):
+    right in a replica's own process, but here they would outlive the test and send what
+    later tests register to this module's MLflow."""
+    tracking = mlflow.get_tracking_uri() if mlflow.tracking.is_tracking_uri_set() else None
+    registry_variable = os.environ.get("MLFLOW_REGISTRY_URI")
+    yield
+    mlflow.set_registry_uri(None)  # type: ignore[arg-type]
+    if registry_variable is None:  # MLflow sets the variable and never unsets it
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)
+    else:
+        os.environ["MLFLOW_REGISTRY_URI"] = registry_variable
+    mlflow.set_tracking_uri(tracking)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")

@@ -171,7 +171,7 @@ def test_render_of_a_read_only_int_output() -> None:
 def test_render_writes_non_finite_outputs_as_null() -> None:
     """A bare NaN is not JSON: a non-finite output is null, and the body parses strictly."""
     outputs = np.array([[np.nan, 1.5], [np.inf, -np.inf]], dtype=np.float32)
-    endpoint = ReplicaEndpoint("r1", "h", 1, "mlp", "1", None, None, None)
+    endpoint = ReplicaEndpoint("r1", "h", 1, "mlp", "1", None, None, None, b"s" * 32)
     payload, _ = render(Prediction(outputs, endpoint))
 
     def not_json(constant: str) -> None:
