@@ -10,9 +10,9 @@ to the ready replica with the fewest outstanding rows, as one call.
 Admission: a request is refused with 429 when the queue holds ``max_queue``
 requests or when the expected latency — queued batches spread over the ready
 replicas times the recent batch service time — exceeds 80% of ``slo.p99_ms``.
-A request of more than ``max_batch_size`` times ``ROWS_PER_BATCH_LIMIT`` rows is
-refused with 413, once and whatever the load: no later try could succeed, and
-a 429 would have a client retry it forever.
+A request of more than ``max_batch_size`` times ``MAX_ROWS_FACTOR`` rows (what a
+replica's channel takes in one frame) is refused with 413, once and whatever the
+load: no later try could succeed, and a 429 would have a client retry it forever.
 
 The controller (another thread) calls :meth:`Router.configure`,
 :meth:`Router.set_replicas`, :meth:`Router.remove`, :meth:`Router.load` and
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from scheduler.realtime.metrics import ServingMetrics
-from workers.interface.channel import ChannelClient
+from workers.interface.channel import MAX_ROWS_FACTOR, ChannelClient
 from workers.interface.errors import DeploymentNotFound, PredictError, ReplicaGone
 
 log = logging.getLogger(__name__)
@@ -44,10 +44,6 @@ _EWMA = 0.2  # weight of the newest batch in the service-time estimate
 # leaves room for the spread of batch times around it.
 _ADMIT_SHARE_OF_SLO = 0.8
 _LATENCY_WINDOW_S = 10.0
-# One request may hold this many batches' worth of rows: a few, so that a client need not
-# split at exactly max_batch_size, and few, so that one request cannot hold a replica
-# (it is sent whole, as one batch) for much longer than a batch takes.
-ROWS_PER_BATCH_LIMIT = 4
 
 
 @dataclass(frozen=True)
@@ -67,8 +63,9 @@ class RouteConfig:
 
     @property
     def max_request_rows(self) -> int:
-        """The most rows one predict request may hold (413 beyond)."""
-        return self.max_batch_size * ROWS_PER_BATCH_LIMIT
+        """The most rows one predict request may hold (413 beyond): what a replica's
+        channel takes in one frame, so the API never lets through what a replica drops."""
+        return self.max_batch_size * MAX_ROWS_FACTOR
 
 
 @dataclass(frozen=True)
@@ -298,7 +295,7 @@ class Router:
                 413,
                 f"inputs: {len(inputs)} rows; deployment {name!r} takes at most "
                 f"{cfg.max_request_rows} per request (max_batch_size {cfg.max_batch_size} "
-                f"times {ROWS_PER_BATCH_LIMIT}): split the request",
+                f"times {MAX_ROWS_FACTOR}): split the request",
             )
         expected_s = self._admit(route, len(inputs))
         started = self._clock()

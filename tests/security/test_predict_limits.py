@@ -8,7 +8,6 @@ import json
 
 import torch
 
-from scheduler.realtime.router import ROWS_PER_BATCH_LIMIT
 from tests.integration.conftest import Api
 from tests.integration.serving_helpers import (
     DIM,
@@ -18,6 +17,7 @@ from tests.integration.serving_helpers import (
     rows,
     wait_deployment,
 )
+from workers.interface.channel import MAX_ROWS_FACTOR
 
 MAX_BATCH = 2
 
@@ -32,7 +32,7 @@ def test_predict_refuses_oversize_and_non_finite_inputs_and_writes_json(api: Api
     wait_deployment(api, "sum")
     url = "/v1/models/sum/predict"
 
-    limit = MAX_BATCH * ROWS_PER_BATCH_LIMIT
+    limit = MAX_BATCH * MAX_ROWS_FACTOR
     assert api.http.post(url, json={"inputs": rows(limit)}).status_code == 200
     for _ in range(2):  # the same answer at every try: nothing to wait for
         too_many = api.http.post(url, json={"inputs": rows(limit + 1)})

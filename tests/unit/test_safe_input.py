@@ -10,8 +10,9 @@ import pytest
 
 from scheduler.api.guards import MIB, BodyLimits, _host_name, allowed_hosts
 from scheduler.realtime.metrics import ServingMetrics
-from scheduler.realtime.router import ROWS_PER_BATCH_LIMIT, RouteConfig, Router
+from scheduler.realtime.router import RouteConfig, Router
 from scheduler.realtime.spec import load_deployment
+from workers.interface.channel import MAX_ROWS_FACTOR
 from workers.interface.errors import ConfigError, PredictError
 from workers.interface.spec import load_spec, parse_text
 from workers.sim_backend import ClusterConfigError, parse_cluster_config
@@ -167,7 +168,7 @@ def test_too_many_rows_are_refused_once_whatever_the_load() -> None:
             await router.predict("m", np.zeros((rows, 2), np.float32))
         return info.value
 
-    too_many = asyncio.run(ask(8 * ROWS_PER_BATCH_LIMIT + 1))
+    too_many = asyncio.run(ask(8 * MAX_ROWS_FACTOR + 1))
     assert (too_many.status, too_many.retry_after_s) == (413, None)
-    assert f"at most {8 * ROWS_PER_BATCH_LIMIT} per request" in str(too_many)
-    assert asyncio.run(ask(8 * ROWS_PER_BATCH_LIMIT)).status == 503  # admitted, no replica
+    assert f"at most {8 * MAX_ROWS_FACTOR} per request" in str(too_many)
+    assert asyncio.run(ask(8 * MAX_ROWS_FACTOR)).status == 503  # admitted, no replica
