@@ -68,6 +68,7 @@ reservation's GPUs and giving each preemption's GPUs to the job it was for.
 from __future__ import annotations
 
 import bisect
+import heapq
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -136,14 +137,25 @@ class Capacity:
         self.usage: dict[str, int] = {}
         self.version = 0  # bumped on every change, for the caller's "no fit" memo
         self.largest = max(self.cap.values(), default=0)
+        self._by_free: dict[int, set[str]] | None = None  # nodes per free count, from fit()
         for h in running:
             self.add(h)
+
+    def _set_free(self, n: str, free: int) -> None:
+        by_free = self._by_free
+        if by_free is not None:
+            names = by_free[self.free[n]]
+            names.discard(n)
+            if not names:
+                del by_free[self.free[n]]
+            by_free.setdefault(free, set()).add(n)
+        self.free[n] = free
 
     def add(self, h: Held) -> None:
         """Count ``h``'s GPUs as held (on nodes this model knows; the team's total always)."""
         for n in h.node_ids:
             if n in self.free:
-                self.free[n] -= h.gpus
+                self._set_free(n, self.free[n] - h.gpus)
                 self.on_node[n].append(h)
         self.usage[h.team] = self.usage.get(h.team, 0) + h.total_gpus
         self.version += 1
@@ -152,7 +164,7 @@ class Capacity:
         """Give ``h``'s GPUs back (a preemption)."""
         for n in h.node_ids:
             if n in self.free:
-                self.free[n] += h.gpus
+                self._set_free(n, self.free[n] + h.gpus)
                 self.on_node[n].remove(h)
         self.usage[h.team] -= h.total_gpus
         self.version += 1
@@ -165,11 +177,27 @@ class Capacity:
 
         ``limit`` caps what may be used on some nodes (a reservation's spare GPUs).
         """
+        # Placement sees only the usable GPUs: best fit among those.
         fitting: list[tuple[int, str]] = []
-        for n, free in self.free.items():
-            usable = free if limit is None or n not in limit else min(free, limit[n])
-            if usable >= gpus:  # placement sees only the usable GPUs: best fit among those
-                fitting.append((usable - gpus, n))
+        limit = limit or {}
+        for n, most in limit.items():
+            free = self.free.get(n)
+            if free is not None and min(free, most) >= gpus:
+                fitting.append((min(free, most) - gpus, n))
+        by_free = self._by_free
+        if by_free is None:
+            by_free = self._by_free = {}
+            for n, free in self.free.items():
+                by_free.setdefault(free, set()).add(n)
+        found = 0  # the other nodes, fullest first, until there are enough
+        for free in sorted(by_free):
+            if free < gpus:
+                continue
+            names = [n for n in by_free[free] if n not in limit]
+            fitting.extend((free - gpus, n) for n in (sorted(names) if nodes > 1 else names))
+            found += len(names)
+            if found >= nodes:
+                break
         if len(fitting) < nodes:
             return ()
         if nodes == 1:
@@ -346,6 +374,9 @@ class Walk:
         self.hold: Hold | None = None
         self.victim_rank = self._victim_rank()
         self._no_fit: dict[tuple[int, int, bool], int] = {}  # shape -> version it failed at
+        # shape -> (version, the highest rank that found no victims then); without quotas
+        # a job of that shape and no higher rank finds none either (fewer are eligible)
+        self._no_victims: dict[tuple[int, int, bool], tuple[int, int]] = {}
         self._texts: dict[tuple[int, int, int], str] = {}
         self._full_at = (-1, False)  # (capacity version, no GPU free then)
 
@@ -468,9 +499,17 @@ class Walk:
                 return True
             return h.rank < rank and (not quotas or h.team == team or borrowing)
 
+        key = (job.gpus, job.nodes, reserved is None)  # behind the head: its nodes are off
+        failed = self._no_victims.get(key)
+        if not quotas and failed is not None and failed[0] == cap.version and rank <= failed[1]:
+            return False
         off = frozenset(reserved or ())
         found = cap.victims_for(job.gpus, job.nodes, eligible, lambda n: n not in off)
         if found is None:
+            if not quotas:
+                if failed is not None and failed[0] == cap.version:
+                    rank = max(rank, failed[1])
+                self._no_victims[key] = (cap.version, rank)
             return False
         nodes, victims = found
         for h in victims:
@@ -583,15 +622,17 @@ def _order(
         teams = levels[rank]
         for ks in teams.values():
             ks.sort(reverse=True)  # pop() gives the next by rule 4
-        while teams:
-            _, team = min(
-                (_team_key(t, ks[-1], pending, share, policy), t) for t, ks in teams.items()
-            )
-            job = pending[teams[team].pop()[4]]
+        # Only the team that goes next changes its key: a heap of the teams' keys.
+        heap = [(_team_key(t, ks[-1], pending, share, policy), t) for t, ks in teams.items()]
+        heapq.heapify(heap)
+        while heap:
+            _, team = heapq.heappop(heap)
+            ks = teams[team]
+            job = pending[ks.pop()[4]]
             out.append((job, rank))
             share[team] = share.get(team, 0) + job.total_gpus
-            if not teams[team]:
-                del teams[team]
+            if ks:
+                heapq.heappush(heap, (_team_key(team, ks[-1], pending, share, policy), team))
     return out
 
 
