@@ -17,6 +17,16 @@ What the queue policy itself knows about run times is what the caller put in
 ``QueuedJob.est_duration_s`` and ``RunningJob.est_end``, as in the live loop; a
 job the forecast starts carries ``est_end = start + est_duration_s``.
 
+Resolution: the ends and ticks that fall within ``step_fraction`` of the lead
+time (how far past ``now`` they are) after the first of them are one step,
+taken as one instant halfway between the first and the last of them: one plan
+per step, not per event, so the cost grows with the log of the span simulated
+more than with the number of jobs. With the default 5 %, a start predicted in
+ten minutes is within about 15 s of the exact replay's, one in ten hours
+within about 15 min; ``step_fraction=0`` replays every event exactly. The
+plan at ``now`` is always exact: the jobs it orders are those forecast to
+start at ``now``.
+
 Not modelled: GPU memory, CPUs and host memory (a job fits where it has enough
 GPUs), arrivals after ``now``, and a job's own failures. The simulation stops
 once no job is pending (the ends already predicted then cannot change: only a
@@ -52,6 +62,9 @@ UNKNOWN_S = 3600.0
 
 HORIZON_S = 7 * 24 * 3600.0
 """Default length of the simulated future: a week."""
+
+STEP_FRACTION = 0.05
+"""Default resolution of the simulated future, as a fraction of the lead time (module docstring)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,24 +162,27 @@ class _Forward:
         self.running[r.job_id] = job
         self._push(end_at, r.job_id, job.gen)
 
-    def run(self, now: float, until: float) -> None:
+    def run(self, now: float, until: float, step_fraction: float) -> None:
         if self.pending:
             self._schedule(now)
         events = self.events
         while self.pending and events and events[0][0] <= until:
-            at = events[0][0]
-            changed = False
-            while events and events[0][0] == at:
-                _, _, job_id, gen = heapq.heappop(events)
-                if not job_id:
-                    changed = changed or gen == self.tick_gen  # only the latest plan's tick
-                    continue
-                job = self.jobs[job_id]
-                if job.gen == gen and job_id in self.running:
+            # One step: the events up to step_fraction of the lead time after the first,
+            # taken at once halfway between the first and the last that count.
+            step_end = min(until, events[0][0] + step_fraction * (events[0][0] - now))
+            first = last = -INF
+            while events and events[0][0] <= step_end:
+                at, _, job_id, gen = heapq.heappop(events)
+                if job_id:
+                    job = self.jobs[job_id]
+                    if job.gen != gen or job_id not in self.running:
+                        continue  # the end of a run that was preempted
                     self._stop(job)
-                    changed = True
-            if changed and self.pending:
-                self._schedule(at)
+                elif gen != self.tick_gen:
+                    continue  # only the latest plan's tick counts
+                first, last = (at if first == -INF else first), at
+            if last > -INF and self.pending:
+                self._schedule((first + last) / 2)
 
     def _stop(self, job: _Job) -> RunningJob:
         r = job.running
@@ -271,6 +287,7 @@ def forecast(
     horizon_s: float = HORIZON_S,
     restart_s: float = RESTART_S,
     checkpoint_every_s: float = CHECKPOINT_EVERY_S,
+    step_fraction: float = STEP_FRACTION,
 ) -> dict[str, Forecast]:
     """Every pending and running job's predicted start and end (module docstring).
 
@@ -278,10 +295,11 @@ def forecast(
     its whole next run); a job missing from it runs ``unknown_s`` in the
     simulation and gets ``end_at=None``. ``restart_s`` and
     ``checkpoint_every_s``: the cost of a preemption, as in
-    :class:`scheduler.sim.simulator.SimConfig`.
+    :class:`scheduler.sim.simulator.SimConfig`. ``step_fraction``: the
+    resolution, a fraction of the lead time (0: exact).
     """
-    if math.isnan(now) or not horizon_s >= 0 or not unknown_s >= 0:
-        raise ValueError("now must be a number; horizon_s and unknown_s not negative")
+    if math.isnan(now) or not min(horizon_s, unknown_s, step_fraction) >= 0:
+        raise ValueError("now must be a number; horizon_s, unknown_s, step_fraction not negative")
     ids = [r.job_id for r in running] + [q.job_id for q in pending]
     if len(set(ids)) != len(ids):
         raise ValueError("a job id appears twice among the pending and running jobs")
@@ -290,7 +308,7 @@ def forecast(
         fwd.add_running(r, max(0.0, remaining_s.get(r.job_id, unknown_s)), now)
     for q in pending:
         fwd.add_pending(q, max(0.0, remaining_s.get(q.job_id, unknown_s)))
-    fwd.run(now, now + horizon_s)
+    fwd.run(now, now + horizon_s, step_fraction)
     out: dict[str, Forecast] = {}
     for job_id, job in fwd.jobs.items():
         end_at = job.end_at if job_id not in fwd.pending else INF

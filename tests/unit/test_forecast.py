@@ -119,6 +119,19 @@ def test_las_preemption_moves_a_running_jobs_end_later() -> None:
     assert out["old"] == Forecast(NOW - 100.0, NOW + 200.0 + 30.0 + (600.0 - 60.0))
 
 
+def test_ends_close_together_far_ahead_are_one_step_taken_halfway() -> None:
+    running = [r("r1", "n1", 8), r("r2", "n2", 8)]
+    pending = [q("a", 8, at=1.0), q("b", 8, at=2.0)]
+    remaining = {"r1": 1000.0, "r2": 1040.0, "a": 500.0, "b": 500.0}
+    nodes = {"n1": 8, "n2": 8}
+    exact = forecast(pending, running, nodes, FIFO, NOW, remaining, step_fraction=0.0)
+    assert (exact["a"].start_at, exact["b"].start_at) == (NOW + 1000.0, NOW + 1040.0)
+    # 5 % of the 1000 s lead: the end at +1040 falls in the same step as the one at +1000.
+    coarse = forecast(pending, running, nodes, FIFO, NOW, remaining, step_fraction=0.05)
+    assert (coarse["a"].start_at, coarse["b"].start_at) == (NOW + 1020.0, NOW + 1020.0)
+    assert (coarse["r1"].end_at, coarse["r2"].end_at) == (NOW + 1000.0, NOW + 1040.0)
+
+
 def test_duplicate_ids_are_refused() -> None:
     with pytest.raises(ValueError, match="twice"):
         forecast([q("a")], [r("a", "n1")], {"n1": 8}, FIFO, NOW, {})
