@@ -138,6 +138,7 @@ class Capacity:
         self.version = 0  # bumped on every change, for the caller's "no fit" memo
         self.largest = max(self.cap.values(), default=0)
         self._by_free: dict[int, set[str]] | None = None  # nodes per free count, from fit()
+        self._by_rank: dict[str, list[Held]] = {}  # per node, as victims_for() takes them
         for h in running:
             self.add(h)
 
@@ -157,6 +158,7 @@ class Capacity:
             if n in self.free:
                 self._set_free(n, self.free[n] - h.gpus)
                 self.on_node[n].append(h)
+                self._by_rank.pop(n, None)
         self.usage[h.team] = self.usage.get(h.team, 0) + h.total_gpus
         self.version += 1
 
@@ -166,6 +168,7 @@ class Capacity:
             if n in self.free:
                 self._set_free(n, self.free[n] + h.gpus)
                 self.on_node[n].remove(h)
+                self._by_rank.pop(n, None)
         self.usage[h.team] -= h.total_gpus
         self.version += 1
 
@@ -210,6 +213,7 @@ class Capacity:
         nodes: int,
         eligible: Callable[[Held, Mapping[str, int]], bool],
         allowed: Callable[[str], bool],
+        rank_below: float = INF,
     ) -> tuple[tuple[str, ...], list[Held]] | None:
         """Nodes and the running jobs to preempt there so that ``gpus`` fit on ``nodes`` nodes.
 
@@ -219,30 +223,35 @@ class Capacity:
         started (the least work at stake); nodes are chosen by the fewest GPUs
         preempted (a gang's node is costly to get back), then by the highest
         rank they must preempt, then the latest starts. None when no set of
-        eligible victims on allowed nodes makes room.
+        eligible victims on allowed nodes makes room. ``rank_below``: no job of
+        that rank or higher is eligible (a shortcut; ``eligible`` still decides).
         """
         options: list[tuple[tuple[int, int, float, str], str, list[Held]]] = []
         for n, free in self.free.items():
             if self.cap[n] < gpus or not allowed(n):
                 continue
             taken: list[Held] = []
+            taken_gpus, worst, recent = 0, -(2**62), 0.0  # recent larger: less work at stake
             if free < gpus:
                 removed: dict[str, int] = {}  # GPUs taken from each team so far
-                candidates = sorted(
-                    self.on_node[n], key=lambda h: (h.rank, -h.started_at, h.job_id)
-                )
+                candidates = self._by_rank.get(n)
+                if candidates is None:
+                    candidates = self._by_rank[n] = sorted(
+                        self.on_node[n], key=lambda h: (h.rank, -h.started_at, h.job_id)
+                    )
                 for h in candidates:
-                    if free >= gpus:
+                    if free >= gpus or h.rank >= rank_below:
                         break
                     if eligible(h, removed):
                         taken.append(h)
                         free += h.gpus
                         removed[h.team] = removed.get(h.team, 0) + h.total_gpus
+                        taken_gpus += h.gpus
+                        worst = max(worst, h.rank)
+                        recent += h.started_at * h.gpus
                 if free < gpus:
                     continue
-            worst = max((h.rank for h in taken), default=-(2**62))
-            recent = sum(h.started_at * h.gpus for h in taken)  # larger: less work at stake
-            options.append(((sum(h.gpus for h in taken), worst, -recent, n), n, taken))
+            options.append(((taken_gpus, worst, -recent, n), n, taken))
         if len(options) < nodes:
             return None
         options.sort(key=lambda o: o[0])
@@ -494,6 +503,8 @@ class Walk:
         def eligible(h: Held, removed: Mapping[str, int]) -> bool:
             if not h.victim:
                 return False
+            if not quotas:
+                return h.rank < rank
             borrowing = cap.usage.get(h.team, 0) - removed.get(h.team, 0) > quotas.get(h.team, 0)
             if within and h.team != team and borrowing:
                 return True
@@ -504,7 +515,8 @@ class Walk:
         if not quotas and failed is not None and failed[0] == cap.version and rank <= failed[1]:
             return False
         off = frozenset(reserved or ())
-        found = cap.victims_for(job.gpus, job.nodes, eligible, lambda n: n not in off)
+        below = INF if quotas else rank  # without quotas only lower ranks are eligible
+        found = cap.victims_for(job.gpus, job.nodes, eligible, lambda n: n not in off, below)
         if found is None:
             if not quotas:
                 if failed is not None and failed[0] == cap.version:
