@@ -1,17 +1,24 @@
-"""Time the forecast of a large live queue: the work the live loop adds per pass.
+"""Time the forecast of a large live queue (``scheduler.sim.forecast``).
 
 Run from the repository root::
 
-    .venv/bin/python bench/forecast.py [--pending N] [--running M] [--nodes K] [--repeat R]
+    .venv/bin/python bench/forecast.py [--pending N] [--running M] [--nodes K]
+                                       [--repeat R] [--exact]
 
-A seeded synthetic cluster: ``--nodes`` nodes x 8 GPUs, ``--running`` jobs of
-1-8 GPUs holding most of them, ``--pending`` jobs of 1-16 GPUs (16: a gang on
-2 nodes) submitted over the last day, with predicted run times from minutes
-to a day (a tenth of them unknown), in two teams at two priorities. Each
-queue policy below forecasts that queue ``--repeat`` times; the figure is the
-fastest wall time (ms). Prints one line per policy and, last, ``RESULT
-forecast pending=… nodes=… ms=…`` with the slowest policy's figure (target:
-well under 1,000 ms on this machine). No assertions: this only reports.
+A seeded synthetic cluster: ``--nodes`` nodes x 8 GPUs (128), ``--running``
+jobs of 1-4 GPUs (500) holding most of them, ``--pending`` jobs of 1-16 GPUs
+(1,000; 16 is a gang on 2 nodes) submitted over the last day, with predicted
+run times from minutes to a day (a tenth of them unknown), in two teams at
+two priorities. For each queue policy (the live loop's ``las`` default and
+its ``fifo`` alternative, the simulator's ``sjf`` and ``ours``) the queue is
+first settled by one pass of that policy at ``now`` (its preemptions
+requeued, its starts running), as the live loop hands it over; then it is
+forecast ``--repeat`` times, and the figure is the fastest (wall ms, and CPU
+ms, which a busy machine inflates less). ``--exact`` also replays every event
+(``step_fraction=0``) and prints the median difference of the predicted
+starts, relative to their lead time. Last line: ``RESULT forecast pending=…
+nodes=… ms=…`` with the slowest policy's wall figure, then each policy's.
+No assertions: this only reports.
 """
 
 from __future__ import annotations
