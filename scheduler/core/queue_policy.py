@@ -127,6 +127,10 @@ class Hold:
     spare: dict[str, int]
 
 
+_Option = tuple[tuple[int, int, float, str], str, list[Held]]
+"""A node's way to make room: (sort key, node, victims); see :meth:`Capacity.victims_for`."""
+
+
 class Capacity:
     """Free GPUs per node, the jobs holding the rest, and GPUs per team."""
 
@@ -139,6 +143,8 @@ class Capacity:
         self.largest = max(self.cap.values(), default=0)
         self._by_free: dict[int, set[str]] | None = None  # nodes per free count, from fit()
         self._by_rank: dict[str, list[Held]] = {}  # per node, as victims_for() takes them
+        # per node, victims_for()'s answers by (GPUs, rank below) while the node is unchanged
+        self._options: dict[str, dict[tuple[int, float], _Option | None]] = {}
         for h in running:
             self.add(h)
 
@@ -159,6 +165,7 @@ class Capacity:
                 self._set_free(n, self.free[n] - h.gpus)
                 self.on_node[n].append(h)
                 self._by_rank.pop(n, None)
+                self._options.pop(n, None)
         self.usage[h.team] = self.usage.get(h.team, 0) + h.total_gpus
         self.version += 1
 
@@ -169,6 +176,7 @@ class Capacity:
                 self._set_free(n, self.free[n] + h.gpus)
                 self.on_node[n].remove(h)
                 self._by_rank.pop(n, None)
+                self._options.pop(n, None)
         self.usage[h.team] -= h.total_gpus
         self.version += 1
 
@@ -207,55 +215,76 @@ class Capacity:
             return (min(fitting)[1],)
         return tuple(sorted(n for _, n in sorted(fitting)[:nodes]))
 
+    def _option(
+        self,
+        n: str,
+        gpus: int,
+        eligible: Callable[[Held, Mapping[str, int]], bool] | None,
+        rank_below: float,
+    ) -> _Option | None:
+        """What making room for ``gpus`` on node ``n`` takes (see :meth:`victims_for`)."""
+        free = self.free[n]
+        taken: list[Held] = []
+        taken_gpus, worst, recent = 0, -(2**62), 0.0  # recent larger: less work at stake
+        if free < gpus:
+            removed: dict[str, int] = {}  # GPUs taken from each team so far
+            candidates = self._by_rank.get(n)
+            if candidates is None:
+                candidates = self._by_rank[n] = sorted(
+                    self.on_node[n], key=lambda h: (h.rank, -h.started_at, h.job_id)
+                )
+            for h in candidates:
+                if free >= gpus or h.rank >= rank_below:
+                    break
+                if h.victim if eligible is None else eligible(h, removed):
+                    taken.append(h)
+                    free += h.gpus
+                    removed[h.team] = removed.get(h.team, 0) + h.total_gpus
+                    taken_gpus += h.gpus
+                    worst = max(worst, h.rank)
+                    recent += h.started_at * h.gpus
+            if free < gpus:
+                return None
+        return ((taken_gpus, worst, -recent, n), n, taken)
+
     def victims_for(
         self,
         gpus: int,
         nodes: int,
-        eligible: Callable[[Held, Mapping[str, int]], bool],
+        eligible: Callable[[Held, Mapping[str, int]], bool] | None,
         allowed: Callable[[str], bool],
         rank_below: float = INF,
     ) -> tuple[tuple[str, ...], list[Held]] | None:
         """Nodes and the running jobs to preempt there so that ``gpus`` fit on ``nodes`` nodes.
 
         ``eligible(job, removed)`` says whether a job may be a victim, given the
-        GPUs already taken from each team on that node.
+        GPUs already taken from each team on that node; no job of rank
+        ``rank_below`` or higher is. ``eligible=None``: every job that may be a
+        victim (``Held.victim``) below ``rank_below`` is; each node's answer is
+        then kept until the node changes.
         Per node, victims are taken lowest rank first, then the most recently
         started (the least work at stake); nodes are chosen by the fewest GPUs
         preempted (a gang's node is costly to get back), then by the highest
         rank they must preempt, then the latest starts. None when no set of
-        eligible victims on allowed nodes makes room. ``rank_below``: no job of
-        that rank or higher is eligible (a shortcut; ``eligible`` still decides).
+        eligible victims on allowed nodes makes room.
         """
-        options: list[tuple[tuple[int, int, float, str], str, list[Held]]] = []
-        for n, free in self.free.items():
+        options: list[_Option] = []
+        for n in self.free:
             if self.cap[n] < gpus or not allowed(n):
                 continue
-            taken: list[Held] = []
-            taken_gpus, worst, recent = 0, -(2**62), 0.0  # recent larger: less work at stake
-            if free < gpus:
-                removed: dict[str, int] = {}  # GPUs taken from each team so far
-                candidates = self._by_rank.get(n)
-                if candidates is None:
-                    candidates = self._by_rank[n] = sorted(
-                        self.on_node[n], key=lambda h: (h.rank, -h.started_at, h.job_id)
-                    )
-                for h in candidates:
-                    if free >= gpus or h.rank >= rank_below:
-                        break
-                    if eligible(h, removed):
-                        taken.append(h)
-                        free += h.gpus
-                        removed[h.team] = removed.get(h.team, 0) + h.total_gpus
-                        taken_gpus += h.gpus
-                        worst = max(worst, h.rank)
-                        recent += h.started_at * h.gpus
-                if free < gpus:
-                    continue
-            options.append(((taken_gpus, worst, -recent, n), n, taken))
+            if eligible is None:
+                kept, key = self._options.setdefault(n, {}), (gpus, rank_below)
+                if key in kept:
+                    option = kept[key]
+                else:
+                    option = kept[key] = self._option(n, gpus, None, rank_below)
+            else:
+                option = self._option(n, gpus, eligible, rank_below)
+            if option is not None:
+                options.append(option)
         if len(options) < nodes:
             return None
-        options.sort(key=lambda o: o[0])
-        chosen = options[:nodes]
+        chosen = heapq.nsmallest(nodes, options, key=lambda o: o[0])
         victims: dict[str, Held] = {}
         for _, _, taken in chosen:
             for h in taken:
@@ -503,8 +532,6 @@ class Walk:
         def eligible(h: Held, removed: Mapping[str, int]) -> bool:
             if not h.victim:
                 return False
-            if not quotas:
-                return h.rank < rank
             borrowing = cap.usage.get(h.team, 0) - removed.get(h.team, 0) > quotas.get(h.team, 0)
             if within and h.team != team and borrowing:
                 return True
@@ -515,8 +542,10 @@ class Walk:
         if not quotas and failed is not None and failed[0] == cap.version and rank <= failed[1]:
             return False
         off = frozenset(reserved or ())
-        below = INF if quotas else rank  # without quotas only lower ranks are eligible
-        found = cap.victims_for(job.gpus, job.nodes, eligible, lambda n: n not in off, below)
+        # Without quotas: the jobs that may be victims below its rank, and no others.
+        below = INF if quotas else rank
+        check = eligible if quotas else None
+        found = cap.victims_for(job.gpus, job.nodes, check, lambda n: n not in off, below)
         if found is None:
             if not quotas:
                 if failed is not None and failed[0] == cap.version:
