@@ -133,9 +133,8 @@ class _Forward:
         self.jobs: dict[str, _Job] = {}
         self.pending: dict[str, _Job] = {}
         self.running: dict[str, _Job] = {}
-        self.events: list[
-            tuple[float, int, str, int]
-        ] = []  # (at, seq, job id or "" for a tick, gen)
+        # (at, sequence number, the job id of an end or "" for a tick, generation)
+        self.events: list[tuple[float, int, str, int]] = []
         self.seq = 0
         self.tick_gen = 0
 
