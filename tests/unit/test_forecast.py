@@ -78,6 +78,17 @@ def test_backfill_starts_a_short_job_early_without_delaying_the_head() -> None:
     assert blind["small"].start_at == NOW + 600.0
 
 
+def test_a_long_backfill_job_keeps_off_the_heads_reserved_gpus() -> None:
+    # The head will take all of n1 at +100; "long" (no estimate: it may outlast that)
+    # starts now, but on n2, though n1's 2 free GPUs fit it as tightly.
+    running = [r("r", "n1", 6, est_end=NOW + 100.0)]
+    pending = [q("head", 8, at=1.0, est_duration_s=500.0), q("long", 2, at=2.0)]
+    remaining = {"r": 100.0, "head": 500.0, "long": 1000.0}
+    out = forecast(pending, running, {"n1": 8, "n2": 2}, FIFO, NOW, remaining)
+    assert out["long"] == Forecast(NOW, NOW + 1000.0)
+    assert out["head"] == Forecast(NOW + 100.0, NOW + 600.0)
+
+
 def test_a_job_without_a_prediction_runs_unknown_s_and_has_no_end() -> None:
     running = [r("r", "n1", 8)]
     pending = [q("a", 8, at=1.0), q("b", 8, at=2.0)]
