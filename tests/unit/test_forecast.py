@@ -143,6 +143,20 @@ def test_ends_close_together_far_ahead_are_one_step_taken_halfway() -> None:
     assert (coarse["r1"].end_at, coarse["r2"].end_at) == (NOW + 1000.0, NOW + 1040.0)
 
 
+def test_a_preemption_waits_for_the_victims_protection_to_run_out() -> None:
+    las = QueuePolicy(
+        mode="las", aging_s_per_priority=None, las_thresholds_gpu_s=(3600.0,), min_run_s=300.0
+    )
+    # "old" started 100 s ago: protected until +200, when the plan's tick lets "new" preempt it.
+    running = [r("old", "n1", 8, at=NOW - 100.0, attained_gpu_s=8 * 3600.0)]
+    remaining = {"old": 5000.0, "new": 200.0}
+    out = forecast([q("new", 8, at=NOW - 1.0)], running, {"n1": 8}, las, NOW, remaining,
+                   restart_s=30.0, checkpoint_every_s=60.0)  # fmt: skip
+    assert out["new"] == Forecast(NOW + 200.0, NOW + 400.0)
+    # Its 300 s of this run were checkpointed: 4800 s left of the 5000, after a restart.
+    assert out["old"] == Forecast(NOW - 100.0, NOW + 400.0 + 30.0 + 4800.0)
+
+
 def test_duplicate_ids_are_refused() -> None:
     with pytest.raises(ValueError, match="twice"):
         forecast([q("a")], [r("a", "n1")], {"n1": 8}, FIFO, NOW, {})
