@@ -25,8 +25,8 @@ from workers.interface.telemetry import GpuUuid, NodeReading
 RANK_STEP = 64
 """Rank units per priority level; LAS queues are single units below one level."""
 
-Mode = Literal["fifo", "sjf", "las"]
-MODES: tuple[Mode, ...] = ("fifo", "sjf", "las")
+Mode = Literal["fifo", "sjf", "las", "srpt"]
+MODES: tuple[Mode, ...] = ("fifo", "sjf", "las", "srpt")
 
 
 def type_alternatives(gpu_type: str | None) -> tuple[str, ...]:

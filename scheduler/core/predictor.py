@@ -58,7 +58,10 @@ class Run:
 class Prediction:
     """A predicted run time (median, with quartiles ``low_s``..``high_s``) and peak memory.
 
-    ``basis`` is the family key the samples came from; ``samples`` how many.
+    ``basis`` is the family key the samples came from; ``samples`` how many;
+    ``durations_s`` their run times, ascending (empty when built by hand),
+    frozen with the prediction so that :meth:`remaining_s` later conditions
+    on the history known when it was made.
 
     >>> Prediction(600.0, 500.0, 900.0, None, "team:t", 4).spread_s
     200.0
@@ -70,11 +73,26 @@ class Prediction:
     peak_gpu_memory_gb: float | None
     basis: str
     samples: int
+    durations_s: tuple[float, ...] = ()
 
     @property
     def spread_s(self) -> float:
         """Half the interquartile range: the ``±`` a user is shown."""
         return (self.high_s - self.low_s) / 2
+
+    def remaining_s(self, elapsed_s: float) -> float:
+        """Run time left after ``elapsed_s``, from this prediction's samples
+        (see :func:`remaining_s`); without samples, ``duration_s`` less the elapsed time,
+        or as long again once past it.
+
+        >>> p = predict(History([Run(("k",), d, d) for d in (60.0, 100.0, 200.0)]), ("k",))
+        >>> p.remaining_s(0.0), p.remaining_s(80.0), p.remaining_s(300.0)
+        (100.0, 70.0, 300.0)
+        """
+        longer = [d for d in self.durations_s or (self.duration_s,) if d > elapsed_s]
+        if not longer:
+            return max(elapsed_s, 1.0)
+        return _quantile(longer, 0.5) - elapsed_s
 
 
 class History:
@@ -133,6 +151,7 @@ def predict(history: History, keys: Sequence[str], *, min_samples: int = 3) -> P
         peak_gpu_memory_gb=max(peaks) if peaks else None,
         basis=basis,
         samples=len(runs),
+        durations_s=tuple(durations),
     )
 
 
@@ -146,10 +165,5 @@ def remaining_s(
     >>> remaining_s(h, ("k",), 0.0), remaining_s(h, ("k",), 90.0)
     (60.0, 90.0)
     """
-    _, runs = _basis(history, keys, min_samples)
-    if not runs:
-        return None
-    longer = sorted(r.duration_s for r in runs if r.duration_s > elapsed_s)
-    if not longer:
-        return max(elapsed_s, 1.0)
-    return _quantile(longer, 0.5) - elapsed_s
+    prediction = predict(history, keys, min_samples=min_samples)
+    return None if prediction is None else prediction.remaining_s(elapsed_s)

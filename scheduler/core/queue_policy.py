@@ -13,7 +13,13 @@ The rules, by precedence:
    low priority still runs. In ``las`` mode a job's rank also falls one step
    per service queue it has reached: its attained service (GPUs x seconds run,
    as Tiresias' 2D-LAS) against ``las_thresholds_gpu_s``; a priority class
-   outweighs every queue.
+   outweighs every queue. In ``srpt`` mode the same thresholds bucket the
+   *remaining* service instead: the estimated remaining run time times the
+   job's GPUs (a pending job's ``est_duration_s``, a running job's
+   ``est_end - now``; unknown: the last queue), so the jobs closest to their
+   end rank highest and a waiting job preempts one at least a bucket further
+   from its end (a true remaining time: the SRPT oracle; a predicted one:
+   the ``predictive`` policy). A running job's rank only rises as it runs.
 2. **Quotas.** ``quotas[team]`` GPUs are the team's own. A job that keeps its
    team within quota goes before jobs of its rank that would borrow; a
    borrowing job starts only on idle GPUs (other teams' unused quota is lent),
@@ -24,7 +30,7 @@ The rules, by precedence:
    and those of its jobs already ordered.
 4. **Within a team:** ``fifo`` by submit time; ``sjf`` by estimated remaining
    run time (``est_duration_s``; unknown last), then submit time; ``las``
-   within a queue the same way (by submit time when, as usual, no job has an
+   and ``srpt`` within a queue the same way (by submit time when, as usual, no job has an
    estimate).
 5. **Backfill (EASY).** The first job that can start neither now nor by
    preemption is the head. It gets a reservation: the earliest time, from the
@@ -267,6 +273,17 @@ def las_queue(attained_gpu_s: float, thresholds: Sequence[float]) -> int:
     return bisect.bisect_right(thresholds, attained_gpu_s)
 
 
+def srpt_queue(remaining_s: float | None, gpus: int, thresholds: Sequence[float]) -> int:
+    """The ``srpt`` queue index (0 = highest) for a job's remaining GPU-seconds (None: unknown).
+
+    >>> srpt_queue(100.0, 4, (3600.0,)), srpt_queue(1000.0, 4, (3600.0,)), srpt_queue(None, 1, ())
+    (0, 1, 0)
+    """
+    if remaining_s is None:
+        return len(thresholds)
+    return bisect.bisect_right(thresholds, remaining_s * max(1, gpus))
+
+
 def held_of(r: RunningJob, policy: QueuePolicy, now: float) -> Held:
     """A running job in the count model, ranked as rule 1 says (running jobs do not age)."""
     run_s = max(0.0, now - r.started_at)
@@ -274,6 +291,9 @@ def held_of(r: RunningJob, policy: QueuePolicy, now: float) -> Held:
     if policy.mode == "las":
         attained = r.attained_gpu_s + run_s * r.gpus * len(r.node_ids)
         queue = las_queue(attained, policy.las_thresholds_gpu_s)
+    elif policy.mode == "srpt":
+        left_s = INF if r.est_end is None else max(0.0, r.est_end - now)
+        queue = srpt_queue(left_s, r.gpus * len(r.node_ids), policy.las_thresholds_gpu_s)
     return Held(
         r.job_id,
         r.team,
@@ -556,15 +576,19 @@ def _order(
     pending: Sequence[QueuedJob], policy: QueuePolicy, now: float, usage: Mapping[str, int]
 ) -> list[tuple[QueuedJob, int]]:
     """Pending jobs by rules 1-4, each with its rank."""
-    aging, las = policy.aging_s_per_priority, policy.mode == "las"
-    thresholds, by_est = policy.las_thresholds_gpu_s, policy.mode != "fifo"
+    aging, mode = policy.aging_s_per_priority, policy.mode
+    thresholds, by_est = policy.las_thresholds_gpu_s, mode != "fifo"
     keyed: list[tuple[int, float, float, str, int]] = []  # sorts as rules 1 and 4 say
     for i, job in enumerate(pending):
         level = job.priority
         if aging is not None:
             since = job.submitted_at if job.queued_at is None else job.queued_at
             level += max(0, int((now - since) // aging))
-        rank = level * RANK_STEP - (las_queue(job.attained_gpu_s, thresholds) if las else 0)
+        rank = level * RANK_STEP
+        if mode == "las":
+            rank -= las_queue(job.attained_gpu_s, thresholds)
+        elif mode == "srpt":
+            rank -= srpt_queue(job.est_duration_s, job.total_gpus, thresholds)
         if by_est:
             est = INF if job.est_duration_s is None else job.est_duration_s
             keyed.append((-rank, est, job.submitted_at, job.job_id, i))

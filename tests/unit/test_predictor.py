@@ -66,3 +66,14 @@ def test_a_negative_or_nan_duration_is_refused() -> None:
         History([Run(("k",), float("nan"), 0.0)])
     with pytest.raises(ValueError, match="recent"):
         History(recent=0)
+
+
+def test_a_prediction_keeps_the_sample_it_was_made_from() -> None:
+    h = History([Run(("k",), d, d) for d in (60.0, 100.0, 200.0)])
+    p = predict(h, ("k",))
+    assert p is not None
+    for _ in range(5):  # runs that finish later do not change it
+        h.add(Run(("k",), 10_000.0, 20_000.0))
+    assert p.remaining_s(80.0) == pytest.approx(70.0)  # median of (100, 200) less 80
+    assert remaining_s(h, ("k",), 80.0) == pytest.approx(9920.0)  # what is known now
+    assert p.remaining_s(500.0) == pytest.approx(500.0)  # outlived them all: as long again

@@ -170,6 +170,40 @@ def test_attained_service_counts_gpus_times_seconds() -> None:
     assert p.preempt == ("wide",)
 
 
+SRPT = QueuePolicy(
+    mode="srpt", las_thresholds_gpu_s=(1000.0, 4000.0), aging_s_per_priority=None, min_run_s=0.0
+)
+
+
+def test_srpt_preempts_the_job_furthest_from_its_end_for_a_shorter_one() -> None:
+    # Remaining GPU-s at t=100: "near" 1 x 400 (queue 0), "far" 1 x 4,900 (queue 2).
+    running = [r("near", "n1", 1, est_end=500.0), r("far", "n2", 1, est_end=5000.0)]
+    p = plan(
+        [q("new", 1, at=100.0, est_duration_s=800.0)], running, {"n1": 1, "n2": 1}, SRPT, 100.0
+    )
+    assert p.preempt == ("far",) and p.order == ("new",)
+    # A job in the same bucket as the running one (both queue 2) does not preempt it.
+    same = plan([q("new", 1, at=100.0, est_duration_s=4500.0)], running[1:], {"n2": 1}, SRPT, 100.0)
+    assert same.preempt == ()
+
+
+def test_srpt_counts_remaining_gpu_seconds_and_ranks_unknown_last() -> None:
+    # 4 GPUs x 300 s = 1,200 GPU-s (queue 1) outranks 1 GPU x 4,000 s (queue 2).
+    pending = [
+        q("long", 1, at=0.0, est_duration_s=4000.0),
+        q("wide", 4, at=1.0, est_duration_s=300.0),
+    ]
+    pending.append(q("unknown", 1, at=2.0))
+    p = plan(pending, [], {"n1": 4}, SRPT, 10.0)
+    assert p.order == ("wide",) and list(p.reasons) == ["long", "unknown"]
+    # A running job without an estimate is in the last queue: any estimated job outranks it.
+    running = [r("blind", "n1", 1)]
+    assert plan([q("new", 1, est_duration_s=9e9)], running, {"n1": 1}, SRPT, 10.0).preempt == ()
+    assert plan([q("new", 1, est_duration_s=3000.0)], running, {"n1": 1}, SRPT, 10.0).preempt == (
+        "blind",
+    )
+
+
 def test_a_job_is_protected_for_min_run_s_after_it_starts() -> None:
     policy = QueuePolicy(
         mode="las", las_thresholds_gpu_s=(10.0,), aging_s_per_priority=None, min_run_s=600.0
