@@ -17,7 +17,7 @@ None of them reads a job's run time before it ends except where ``oracle``
 is set (``fifo-backfill``, ``sjf``).
 
 >>> sorted(POLICIES)
-['fifo', 'fifo-backfill', 'ours', 'sjf']
+['fifo', 'fifo-backfill', 'ours', 'predictive', 'sjf', 'srpt']
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Literal
 
 from scheduler.core.model import QueuePolicy
 
-Estimates = Literal["none", "oracle"]
+Estimates = Literal["none", "oracle", "predicted"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +35,9 @@ class SimPolicy:
     """A named queue policy plus where its run-time estimates come from.
 
     ``oracle``: the simulator tells it each job's true remaining run time
-    (restart included); ``none``: no estimates at all.
+    (restart included); ``predicted``: the remaining run time predicted by
+    :mod:`scheduler.core.predictor` from the runs of the job's family that
+    finished before the job was submitted; ``none``: no estimates at all.
 
     >>> POLICIES["sjf"].estimates
     'oracle'
@@ -53,6 +55,9 @@ OURS_THRESHOLDS_GPU_S = tuple(HOUR_S * 3.0**k for k in range(-1, 8))
 Chosen on ``6c71a0``'s first 2,000 jobs among ratios 2-8 and ranges; on
 other windows of the trace it stays within a few percent of the best of them.
 """
+
+SRPT_THRESHOLDS_GPU_S = tuple(60.0 * 2.0**k for k in range(24))
+"""``srpt``'s and ``predictive``'s buckets of remaining GPU-seconds: 1 GPU-minute, doubling."""
 
 POLICIES: dict[str, SimPolicy] = {
     "fifo": SimPolicy(
@@ -81,6 +86,30 @@ POLICIES: dict[str, SimPolicy] = {
             min_run_s=600.0,
         ),
         estimates="none",
+    ),
+    "srpt": SimPolicy(
+        "srpt",
+        QueuePolicy(
+            mode="srpt",
+            backfill=True,
+            preemption=True,
+            aging_s_per_priority=None,
+            las_thresholds_gpu_s=SRPT_THRESHOLDS_GPU_S,
+            min_run_s=600.0,
+        ),
+        estimates="oracle",
+    ),
+    "predictive": SimPolicy(
+        "predictive",
+        QueuePolicy(
+            mode="srpt",
+            backfill=True,
+            preemption=True,
+            aging_s_per_priority=None,
+            las_thresholds_gpu_s=SRPT_THRESHOLDS_GPU_S,
+            min_run_s=600.0,
+        ),
+        estimates="predicted",
     ),
 }
 """The policies ``jobworker simulate --policy`` accepts."""

@@ -29,6 +29,7 @@ lost work, no restarts).
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import time
@@ -44,6 +45,7 @@ from scheduler.core.model import (
     QueuedJob,
     RunningJob,
 )
+from scheduler.core.predictor import History, Prediction, Run, predict
 from scheduler.core.queue_policy import place_plan, plan
 from scheduler.sim.policies import POLICIES, SimPolicy
 from scheduler.sim.traces import TraceJob
@@ -54,6 +56,7 @@ GPU_MEMORY_BYTES = 80 * GIB
 CPUS_PER_GPU = 8.0
 HOST_MEMORY_PER_GPU_BYTES = 64 * GIB
 TEAM = "trace"  # the trace has no teams: one team, no quotas
+HISTORY_RECENT = 20  # finished runs kept per family key for predictions
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +85,7 @@ class JobResult:
     duration_s: float
     queued_s: float
     preemptions: int
+    predicted_duration_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +180,7 @@ class _Job:
         "holdings",
         "nodes",
         "per_node",
+        "prediction",
         "preemptions",
         "progress_s",
         "queued",
@@ -210,10 +215,35 @@ class _Job:
         self.holdings: tuple[Holding, ...] = ()
         self.queued: QueuedJob | None = None
         self.running: RunningJob | None = None
+        self.prediction: Prediction | None = None  # made at submission, then frozen
 
     def remaining_s(self, restart_s: float) -> float:
         """Run time left from the last checkpoint, restart included after a preemption."""
         return (self.trace.duration_s - self.progress_s) + (restart_s if self.preemptions else 0.0)
+
+    def predicted_remaining_s(self, restart_s: float, ran_s: float = 0.0) -> float | None:
+        """Run time left by the prediction made at submission, ``ran_s`` into the current run.
+
+        It conditions on the time the job has held GPUs in all its runs (its
+        attained service, as LAS counts it, lost work included), not on its
+        checkpointed work: a job preempted again and again before a checkpoint
+        would otherwise look as fresh as a new one each time, and two such jobs
+        could preempt each other forever. The restart still to pay is added.
+        """
+        if self.prediction is None:
+            return None
+        restart = restart_s if self.preemptions else 0.0
+        held_s = self.attained_gpu_s / (self.per_node * self.nodes) + ran_s
+        return max(0.0, restart - ran_s) + self.prediction.remaining_s(held_s)
+
+
+def family(trace: TraceJob) -> tuple[str, ...]:
+    """A trace job's family keys, most specific first: what the Philly trace tells.
+
+    >>> family(TraceJob("j", 0.0, 60.0, 4, 0, "6c71a0"))
+    ('vc:6c71a0/gpus:4', 'vc:6c71a0', 'cluster')
+    """
+    return (f"vc:{trace.cluster}/gpus:{trace.gpus}", f"vc:{trace.cluster}", "cluster")
 
 
 _ARRIVE, _END, _TICK = 0, 1, 2
@@ -236,6 +266,7 @@ class _Replay:
         self.plan_calls = 0
         self.held_gpu_s = 0.0
         self.lost_gpu_s = 0.0
+        self.history = History(recent=HISTORY_RECENT)
         for j in jobs:
             self._push(j.trace.submit_s, _ARRIVE, j.trace.job_id, 0)
 
@@ -251,7 +282,9 @@ class _Replay:
             while events and events[0][0] == now:
                 _, _, kind, job_id, gen = heapq.heappop(events)
                 if kind == _ARRIVE:
-                    self._enqueue(self.by_id[job_id], now)
+                    arrival = self.by_id[job_id]
+                    arrival.prediction = predict(self.history, family(arrival.trace))
+                    self._enqueue(arrival, now)
                     changed = True
                 elif kind == _END:
                     job = self.running.get(job_id)
@@ -283,10 +316,21 @@ class _Replay:
         """The remaining run time the policy may know (see ``SimPolicy.estimates``)."""
         if self.policy.estimates == "oracle":
             return job.remaining_s(self.config.restart_s)
+        if self.policy.estimates == "predicted":
+            return job.predicted_remaining_s(self.config.restart_s)
         return None
+
+    def _refresh_predicted_ends(self, now: float) -> None:
+        """Re-estimate running jobs' ends from the work they have done by ``now``."""
+        for job in self.running.values():
+            left = job.predicted_remaining_s(self.config.restart_s, now - job.started_at)
+            if job.running is not None and left is not None:
+                job.running = dataclasses.replace(job.running, est_end=now + left)
 
     def _schedule(self, now: float) -> None:
         self.plan_calls += 1
+        if self.policy.estimates == "predicted":
+            self._refresh_predicted_ends(now)
         qp = plan(
             [j.queued for j in self.pending.values() if j.queued is not None],
             [j.running for j in self.running.values() if j.running is not None],
@@ -352,6 +396,7 @@ class _Replay:
         self._stop(job, now)
         job.progress_s = job.trace.duration_s
         job.end_s = now
+        self.history.add(Run(family(job.trace), job.trace.duration_s, now))
 
     def _preempt(self, job: _Job, now: float) -> None:
         ran_s = self._stop(job, now)
@@ -417,6 +462,7 @@ def _result(
             j.trace.duration_s,
             j.queued_s,
             j.preemptions,
+            None if j.prediction is None else j.prediction.duration_s,
         )
         for j in done
     )
