@@ -47,6 +47,7 @@ from scheduler.core.model import (
 )
 from scheduler.core.predictor import History, Prediction, Run, predict
 from scheduler.core.queue_policy import place_plan, plan
+from scheduler.sim.forecast import forecast
 from scheduler.sim.policies import POLICIES, SimPolicy
 from scheduler.sim.preemption_cost import CHECKPOINT_EVERY_S, RESTART_S, saved_progress_s
 from scheduler.sim.traces import TraceJob
@@ -87,6 +88,7 @@ class JobResult:
     queued_s: float
     preemptions: int
     predicted_duration_s: float | None = None
+    predicted_start_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +183,7 @@ class _Job:
         "holdings",
         "nodes",
         "per_node",
+        "predicted_start_s",
         "prediction",
         "preemptions",
         "progress_s",
@@ -217,6 +220,7 @@ class _Job:
         self.queued: QueuedJob | None = None
         self.running: RunningJob | None = None
         self.prediction: Prediction | None = None  # made at submission, then frozen
+        self.predicted_start_s: float | None = None  # forecast at submission, when sampled
 
     def remaining_s(self, restart_s: float) -> float:
         """Run time left from the last checkpoint, restart included after a preemption."""
@@ -253,8 +257,12 @@ _ARRIVE, _END, _TICK = 0, 1, 2
 class _Replay:
     """The event loop of one replay: the jobs' states, the event heap, the running totals."""
 
-    def __init__(self, jobs: list[_Job], policy: SimPolicy, config: SimConfig) -> None:
+    def __init__(
+        self, jobs: list[_Job], policy: SimPolicy, config: SimConfig, forecast_every: int = 0
+    ) -> None:
         self.policy, self.config = policy, config
+        self.forecast_every = forecast_every
+        self.arrivals = 0
         self.nodes = make_nodes(config)
         self.node_gpus: dict[str, int] = {str(n.node_id): len(n.gpus) for n in self.nodes}
         self.placement = PlacementPolicy(strategy="pack")
@@ -280,12 +288,16 @@ class _Replay:
         while events:
             now = events[0][0]
             changed = False
+            sampled: list[_Job] = []
             while events and events[0][0] == now:
                 _, _, kind, job_id, gen = heapq.heappop(events)
                 if kind == _ARRIVE:
                     arrival = self.by_id[job_id]
                     arrival.prediction = predict(self.history, family(arrival.trace))
                     self._enqueue(arrival, now)
+                    self.arrivals += 1
+                    if self.forecast_every and self.arrivals % self.forecast_every == 0:
+                        sampled.append(arrival)
                     changed = True
                 elif kind == _END:
                     job = self.running.get(job_id)
@@ -294,6 +306,8 @@ class _Replay:
                         changed = True
                 elif gen == self.tick_gen:  # only the latest plan's tick counts
                     changed = True
+            if sampled:
+                self._forecast_starts(sampled, now)
             if changed and self.pending:
                 self._schedule(now)
 
@@ -320,6 +334,34 @@ class _Replay:
         if self.policy.estimates == "predicted":
             return job.predicted_remaining_s(self.config.restart_s)
         return None
+
+    def _forecast_starts(self, jobs: list[_Job], now: float) -> None:
+        """Record each job's start as :func:`scheduler.sim.forecast.forecast` predicts it now.
+
+        The forecast knows what the policy knows: the pending jobs' estimates
+        and the running jobs' estimated ends (none, for a policy without estimates).
+        """
+        if self.policy.estimates == "predicted":
+            self._refresh_predicted_ends(now)
+        pending = [j.queued for j in self.pending.values() if j.queued is not None]
+        running = [j.running for j in self.running.values() if j.running is not None]
+        left: dict[str, float] = {
+            q.job_id: q.est_duration_s for q in pending if q.est_duration_s is not None
+        }
+        left.update((r.job_id, max(0.0, r.est_end - now)) for r in running if r.est_end is not None)
+        config = self.config
+        predicted = forecast(
+            pending,
+            running,
+            self.node_gpus,
+            self.policy.queue,
+            now,
+            left,
+            restart_s=config.restart_s,
+            checkpoint_every_s=config.checkpoint_every_s,
+        )
+        for job in jobs:
+            job.predicted_start_s = predicted[job.trace.job_id].start_at
 
     def _refresh_predicted_ends(self, now: float) -> None:
         """Re-estimate running jobs' ends from the work they have done by ``now``."""
@@ -416,6 +458,7 @@ def simulate(
     policy: str | SimPolicy,
     config: SimConfig | None = None,
     timer: Callable[[], float] = time.perf_counter,
+    forecast_every: int = 0,
 ) -> SimResult:
     """Replay ``trace`` under ``policy`` (a SimPolicy or a name of ``sim.policies.POLICIES``).
 
@@ -424,6 +467,10 @@ def simulate(
     counted in ``skipped``;
     so are jobs still pending when nothing is left to happen (``unfinished``).
     ``replay_s`` is the wall time of the replay, by ``timer``.
+    ``forecast_every``: at the submission of every such job (the k-th, 2k-th,
+    ... arrival; 0: none), forecast the queue forward and record its predicted
+    start (``JobResult.predicted_start_s``); each forecast replays the queue,
+    hence the sampling.
     """
     config = config or SimConfig()
     if isinstance(policy, str):
@@ -441,7 +488,7 @@ def simulate(
             skipped += 1
             continue
         jobs.append(_Job(t, per_node, nodes))
-    replay = _Replay(jobs, policy, config)
+    replay = _Replay(jobs, policy, config, forecast_every)
     replay.run()
     replay_s = timer() - began
     return _result(policy.name, jobs, replay, config, replay_s, skipped)
@@ -462,6 +509,7 @@ def _result(
             j.queued_s,
             j.preemptions,
             None if j.prediction is None else j.prediction.duration_s,
+            j.predicted_start_s,
         )
         for j in done
     )
