@@ -258,10 +258,16 @@ class _Replay:
     """The event loop of one replay: the jobs' states, the event heap, the running totals."""
 
     def __init__(
-        self, jobs: list[_Job], policy: SimPolicy, config: SimConfig, forecast_every: int = 0
+        self,
+        jobs: list[_Job],
+        policy: SimPolicy,
+        config: SimConfig,
+        forecast_every: int = 0,
+        timer: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.policy, self.config = policy, config
-        self.forecast_every = forecast_every
+        self.forecast_every, self.timer = forecast_every, timer
+        self.forecast_s = 0.0
         self.arrivals = 0
         self.nodes = make_nodes(config)
         self.node_gpus: dict[str, int] = {str(n.node_id): len(n.gpus) for n in self.nodes}
@@ -341,6 +347,7 @@ class _Replay:
         The forecast knows what the policy knows: the pending jobs' estimates
         and the running jobs' estimated ends (none, for a policy without estimates).
         """
+        began = self.timer()
         if self.policy.estimates == "predicted":
             self._refresh_predicted_ends(now)
         pending = [j.queued for j in self.pending.values() if j.queued is not None]
@@ -362,6 +369,7 @@ class _Replay:
         )
         for job in jobs:
             job.predicted_start_s = predicted[job.trace.job_id].start_at
+        self.forecast_s += self.timer() - began
 
     def _refresh_predicted_ends(self, now: float) -> None:
         """Re-estimate running jobs' ends from the work they have done by ``now``."""
@@ -466,7 +474,8 @@ def simulate(
     more memory than a GPU has) are left out and
     counted in ``skipped``;
     so are jobs still pending when nothing is left to happen (``unfinished``).
-    ``replay_s`` is the wall time of the replay, by ``timer``.
+    ``replay_s`` is the wall time of the replay, by ``timer``, less the time
+    spent forecasting.
     ``forecast_every``: at the submission of every such job (the k-th, 2k-th,
     ... arrival; 0: none), forecast the queue forward and record its predicted
     start (``JobResult.predicted_start_s``); each forecast replays the queue,
@@ -488,9 +497,9 @@ def simulate(
             skipped += 1
             continue
         jobs.append(_Job(t, per_node, nodes))
-    replay = _Replay(jobs, policy, config, forecast_every)
+    replay = _Replay(jobs, policy, config, forecast_every, timer)
     replay.run()
-    replay_s = timer() - began
+    replay_s = timer() - began - replay.forecast_s
     return _result(policy.name, jobs, replay, config, replay_s, skipped)
 
 
