@@ -13,8 +13,23 @@
   attained. No aging: every trace job has the same priority, and a job that
   waits keeps its queue while the jobs that run sink below it.
 
+* ``srpt``: the preemptive oracle, shortest remaining time first: the queue
+  policy's ``srpt`` mode on each job's true remaining run time (restart
+  included) times its GPUs, in buckets that double from one GPU-minute
+  (:data:`SRPT_THRESHOLDS_GPU_S`); a job preempts one at least a bucket
+  further from its end once that one has run 10 minutes, paying the same
+  checkpoint loss and restart as ``ours``. The bar a predictor is held to.
+* ``predictive``: the same ranks on *predicted* remaining run times
+  (Lucid/QSSF-style): at submission :func:`scheduler.core.predictor.predict`
+  answers from the runs of the job's family (same VC and GPU count, then same
+  VC, then the cluster) that finished before it, and that frozen sample,
+  conditioned on the time the job has held GPUs so far, gives its remaining
+  time at every pass; no prediction yet: ranked last. Its constants (the
+  buckets, 20 recent runs per family, 10 minutes' protection) were chosen
+  on ``6c71a0``'s first 2,000 jobs.
+
 None of them reads a job's run time before it ends except where ``oracle``
-is set (``fifo-backfill``, ``sjf``).
+is set (``fifo-backfill``, ``sjf``, ``srpt``).
 
 >>> sorted(POLICIES)
 ['fifo', 'fifo-backfill', 'ours', 'predictive', 'sjf', 'srpt']
