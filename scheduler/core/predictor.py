@@ -43,15 +43,21 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+ERROR_FLOOR_S = 60.0
+"""The smallest denominator of a prediction's relative error: a 10 s job predicted at 20 s
+is not 100 % off for a scheduler."""
+
 
 @dataclass(frozen=True, slots=True)
 class Run:
-    """One finished run: its family's keys, how long it ran, when it ended, its peak memory."""
+    """One finished run: its family's keys, how long it ran, when it ended, its peak memory,
+    and the run time predicted for it when it was submitted (``predicted_s``), if any."""
 
     keys: tuple[str, ...]
     duration_s: float
     finished_at: float
     peak_gpu_memory_gb: float | None = None
+    predicted_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +67,10 @@ class Prediction:
     ``basis`` is the family key the samples came from; ``samples`` how many;
     ``durations_s`` their run times, ascending (empty when built by hand),
     frozen with the prediction so that :meth:`remaining_s` later conditions
-    on the history known when it was made.
+    on the history known when it was made. ``error``: how far off the
+    predictions made for that key's recent runs were, the median of
+    ``|predicted - actual| / max(actual, ERROR_FLOOR_S)`` (None: fewer than
+    ``min_samples`` of them were predicted): how much to trust this one.
 
     >>> Prediction(600.0, 500.0, 900.0, None, "team:t", 4).spread_s
     200.0
@@ -74,6 +83,7 @@ class Prediction:
     basis: str
     samples: int
     durations_s: tuple[float, ...] = ()
+    error: float | None = None
 
     @property
     def spread_s(self) -> float:
@@ -137,6 +147,23 @@ def _basis(history: History, keys: Sequence[str], min_samples: int) -> tuple[str
     return "", ()
 
 
+def past_error(runs: Iterable[Run], *, min_samples: int = 3) -> float | None:
+    """Median relative error of the predictions made for ``runs`` (None: fewer than
+    ``min_samples`` were predicted); the denominator is floored at :data:`ERROR_FLOOR_S`.
+
+    >>> past_error([Run(("k",), 100.0, 1.0, predicted_s=p) for p in (90.0, 150.0, None, 100.0)])
+    0.1
+    """
+    errors = sorted(
+        abs(r.predicted_s - r.duration_s) / max(r.duration_s, ERROR_FLOOR_S)
+        for r in runs
+        if r.predicted_s is not None
+    )
+    if not errors or len(errors) < min_samples:
+        return None
+    return _quantile(errors, 0.5)
+
+
 def predict(history: History, keys: Sequence[str], *, min_samples: int = 3) -> Prediction | None:
     """The family's prediction from its most specific key with enough runs, or None."""
     basis, runs = _basis(history, keys, min_samples)
@@ -152,6 +179,7 @@ def predict(history: History, keys: Sequence[str], *, min_samples: int = 3) -> P
         basis=basis,
         samples=len(runs),
         durations_s=tuple(durations),
+        error=past_error(runs, min_samples=min_samples),
     )
 
 

@@ -114,6 +114,8 @@ def test_duplicate_pending_ids_and_bad_settings_are_refused() -> None:
         QueuePolicy(mode="lifo")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="ascend"):
         QueuePolicy(las_thresholds_gpu_s=(10.0, 5.0))
+    with pytest.raises(ValueError, match="max_est_error"):
+        QueuePolicy(max_est_error=-0.1)
 
 
 # --------------------------------------------------------------------------- aging
@@ -523,3 +525,45 @@ def test_backfill_never_delays_the_heads_reserved_start(
         return  # it starts now: not delayed
     assert second.reservation is not None and second.reservation.job_id == head
     assert second.reservation.start_at <= first.reservation.start_at
+
+
+PREDICTIVE = QueuePolicy(
+    mode="predictive",
+    las_thresholds_gpu_s=(1000.0, 4000.0),
+    aging_s_per_priority=None,
+    min_run_s=0.0,
+    max_est_error=0.5,
+)
+
+
+def test_predictive_ranks_a_trusted_job_by_its_estimate() -> None:
+    # "far" has run 100 GPU-s (LAS: queue 0) but has 4,900 GPU-s left (srpt: queue 2).
+    new = q("new", 1, at=100.0, est_duration_s=800.0, est_error=0.1)
+    far = r("far", "n1", 1, est_end=5000.0, est_error=0.1)
+    assert plan([new], [far], {"n1": 1}, PREDICTIVE, 100.0).preempt == ("far",)
+    # Untrusted (its family's estimates were off, or never checked): ranked as LAS.
+    for error in (0.9, None):
+        blind = r("far", "n1", 1, est_end=5000.0, est_error=error)
+        assert plan([new], [blind], {"n1": 1}, PREDICTIVE, 100.0).preempt == ()
+
+
+def test_predictive_ranks_an_untrusted_job_by_attained_service() -> None:
+    pending = [
+        q("trusted-long", 1, at=0.0, est_duration_s=3000.0, est_error=0.2),  # queue 1
+        q("untrusted-late", 1, at=2.0, est_duration_s=9e9, est_error=0.9),  # LAS: queue 0
+        q("untrusted-early", 1, at=1.0, est_duration_s=9e9, est_error=0.9),
+        q("trusted-short", 1, at=3.0, est_duration_s=100.0, est_error=0.2),  # queue 0
+    ]
+    p = plan(pending, [], {"n1": 4}, PREDICTIVE, 10.0)
+    # Queue 0 by estimate, untrusted estimates counting as none (submit time), then queue 1.
+    assert p.order == ("trusted-short", "untrusted-early", "untrusted-late", "trusted-long")
+    served = q("untrusted-served", 1, at=0.0, est_error=0.9, attained_gpu_s=5000.0)  # queue 2
+    assert plan([served, *pending[:1]], [], {"n1": 1}, PREDICTIVE, 10.0).order == ("trusted-long",)
+
+
+def test_predictive_names_the_demotion_of_an_untrusted_running_job() -> None:
+    running = [r("old", "n1", 1, at=0.0, est_end=9e9, est_error=0.9)]
+    pending = [q("new", 1, at=900.0, est_duration_s=60.0, est_error=0.1)]
+    before = plan(pending, running, {"n1": 1}, PREDICTIVE, now=960.0)
+    assert before.preempt == () and before.next_change_at == pytest.approx(1000.0)
+    assert plan(pending, running, {"n1": 1}, PREDICTIVE, now=1000.0).preempt == ("old",)
