@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import math
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from scheduler.core.model import (
 from scheduler.core.predictor import History, Prediction, Run, predict
 from scheduler.core.queue_policy import place_plan, plan
 from scheduler.sim.forecast import forecast
+from scheduler.sim.noisy_predictions import noisy, sigma_for_median_ape
 from scheduler.sim.policies import POLICIES, SimPolicy
 from scheduler.sim.preemption_cost import CHECKPOINT_EVERY_S, RESTART_S, saved_progress_s
 from scheduler.sim.traces import TraceJob
@@ -264,9 +266,13 @@ class _Replay:
         config: SimConfig,
         forecast_every: int = 0,
         timer: Callable[[], float] = time.perf_counter,
+        prediction_noise: float = 0.0,
+        seed: int = 0,
     ) -> None:
         self.policy, self.config = policy, config
         self.forecast_every, self.timer = forecast_every, timer
+        self.noise_sigma = sigma_for_median_ape(prediction_noise) if prediction_noise else 0.0
+        self.rng = random.Random(seed)
         self.forecast_s = 0.0
         self.arrivals = 0
         self.nodes = make_nodes(config)
@@ -299,7 +305,7 @@ class _Replay:
                 _, _, kind, job_id, gen = heapq.heappop(events)
                 if kind == _ARRIVE:
                     arrival = self.by_id[job_id]
-                    arrival.prediction = predict(self.history, family(arrival.trace))
+                    arrival.prediction = self._predict(arrival)
                     self._enqueue(arrival, now)
                     self.arrivals += 1
                     if self.forecast_every and self.arrivals % self.forecast_every == 0:
@@ -329,9 +335,23 @@ class _Replay:
             nodes=job.nodes,
             attained_gpu_s=job.attained_gpu_s,
             est_duration_s=est,
+            est_error=self._est_error(job),
             queued_at=now,
         )
         self.pending[job.trace.job_id] = job
+
+    def _predict(self, job: _Job) -> Prediction | None:
+        """The prediction at submission: from the family's history, or synthetic (noise)."""
+        prediction = predict(self.history, family(job.trace))
+        if not self.noise_sigma:
+            return prediction
+        return noisy(prediction, job.trace.duration_s, self.noise_sigma, self.rng)
+
+    def _est_error(self, job: _Job) -> float | None:
+        """How far off the family's past predictions were, for a policy on predictions."""
+        if self.policy.estimates != "predicted" or job.prediction is None:
+            return None
+        return job.prediction.error
 
     def _estimate(self, job: _Job) -> float | None:
         """The remaining run time the policy may know (see ``SimPolicy.estimates``)."""
@@ -429,6 +449,7 @@ class _Replay:
             now,
             attained_gpu_s=job.attained_gpu_s,
             est_end=None if est is None else now + est,
+            est_error=self._est_error(job),
         )
         self.running[d.job_id] = job
         self._push(now + remaining, _END, d.job_id, job.run_gen)
@@ -447,7 +468,8 @@ class _Replay:
         self._stop(job, now)
         job.progress_s = job.trace.duration_s
         job.end_s = now
-        self.history.add(Run(family(job.trace), job.trace.duration_s, now))
+        predicted_s = None if job.prediction is None else job.prediction.duration_s
+        self.history.add(Run(family(job.trace), job.trace.duration_s, now, predicted_s=predicted_s))
 
     def _preempt(self, job: _Job, now: float) -> None:
         ran_s = self._stop(job, now)
@@ -467,6 +489,8 @@ def simulate(
     config: SimConfig | None = None,
     timer: Callable[[], float] = time.perf_counter,
     forecast_every: int = 0,
+    prediction_noise: float = 0.0,
+    seed: int = 0,
 ) -> SimResult:
     """Replay ``trace`` under ``policy`` (a SimPolicy or a name of ``sim.policies.POLICIES``).
 
@@ -497,7 +521,7 @@ def simulate(
             skipped += 1
             continue
         jobs.append(_Job(t, per_node, nodes))
-    replay = _Replay(jobs, policy, config, forecast_every, timer)
+    replay = _Replay(jobs, policy, config, forecast_every, timer, prediction_noise, seed)
     replay.run()
     replay_s = timer() - began - replay.forecast_s
     return _result(policy.name, jobs, replay, config, replay_s, skipped)

@@ -229,14 +229,18 @@ def vc_job(job_id: str, submit_s: float, duration_s: float, vc: str) -> TraceJob
     return TraceJob(job_id, submit_s, duration_s, 1, 8 * GIB, vc)
 
 
-def test_predictive_uses_only_runs_that_finished_before_submission() -> None:
+# srpt's ranks on the predictions (every one trusted, as ``predictive`` would once earned).
+SRPT_ON_PREDICTIONS = SimPolicy("srpt-on-predictions", POLICIES["srpt"].queue, "predicted")
+
+
+def test_predictions_use_only_runs_that_finished_before_submission() -> None:
     trace = [
         vc_job("a0", 0.0, 100.0, "A"),  # the only run of family A, ends at t=100
         vc_job("blocker", 1.0, 1000.0, "Z"),  # holds the GPU from t=100
         vc_job("x", 50.0, 30.0, "A"),  # submitted before a0 ended: no prediction
         vc_job("y", 200.0, 30.0, "A"),  # submitted after: predicted 100 s
     ]
-    jobs = by_id(simulate(trace, "predictive", SimConfig(gpus=1, gpus_per_node=1)))
+    jobs = by_id(simulate(trace, SRPT_ON_PREDICTIONS, SimConfig(gpus=1, gpus_per_node=1)))
     assert jobs["x"].predicted_duration_s is None
     assert jobs["y"].predicted_duration_s == pytest.approx(100.0)
     # y (estimated) preempts the blocker (unknown: ranked last) when its protection ends and
@@ -244,6 +248,39 @@ def test_predictive_uses_only_runs_that_finished_before_submission() -> None:
     # waited, x would have gone first (same estimate, earlier submit).
     assert jobs["y"].first_start_s == pytest.approx(700.0)
     assert jobs["x"].first_start_s > jobs["y"].first_start_s
+
+
+def test_predictive_trusts_a_family_once_its_past_predictions_were_right() -> None:
+    # Family B always runs 5,000 s, one job at a time: b1-b3 are predicted exactly, so b4's
+    # family has a past error of 0 and b4 is ranked by its 5,000 s (ours' third queue).
+    trace = [vc_job(f"b{i}", 6000.0 * i, 5000.0, "B") for i in range(5)]
+    trace.append(vc_job("z0", 5050.0, 100.0, "Z"))  # not predicted (too little history)
+    # Predicted from z0, but nobody knows how good Z's predictions are: ranked by LAS, queue 0.
+    trace.append(vc_job("z", 24_100.0, 100.0, "Z"))
+    config = SimConfig(gpus=1, gpus_per_node=1)
+    predictive = by_id(simulate(trace, "predictive", config))
+    # z preempts b4 as soon as b4's protection (10 min) ends.
+    assert predictive["z"].first_start_s == pytest.approx(24_600.0)
+    # LAS waits until b4 has attained 1/3 GPU-hour; so does predictive while B is untrusted
+    # (b1, the first predicted run, found its family with no past error yet).
+    assert by_id(simulate(trace, "ours", config))["z"].first_start_s == pytest.approx(25_200.0)
+    early = [vc_job("b0", 0.0, 5000.0, "B"), vc_job("b1", 6000.0, 5000.0, "B")]
+    early.append(vc_job("z", 6100.0, 100.0, "Z"))
+    assert by_id(simulate(early, "predictive", config))["z"].first_start_s == pytest.approx(7200.0)
+
+
+def test_prediction_noise_replaces_predictions_by_the_truth_times_a_seeded_error() -> None:
+    rng = random.Random(1)
+    trace = [job(f"j{i}", 100.0 * i, rng.choice((100.0, 1000.0, 5000.0))) for i in range(300)]
+    config = SimConfig(gpus=64)
+    noisy = simulate(trace, "predictive", config, prediction_noise=0.3, seed=7)
+    mape = duration_mape(noisy.jobs)
+    assert mape is not None and abs(mape - 0.3) < 0.06
+    assert all(j.predicted_duration_s is not None for j in noisy.jobs)  # even with no history
+    again = simulate(trace, "predictive", config, prediction_noise=0.3, seed=7)
+    assert [j.predicted_duration_s for j in again.jobs] == [
+        j.predicted_duration_s for j in noisy.jobs
+    ]
 
 
 def test_forecast_starts_at_submission_and_their_error() -> None:
