@@ -62,7 +62,7 @@ def simulate(
     gpus: Annotated[int, typer.Option("--gpus", help="GPUs in the simulated cluster.")] = 48,
     gpus_per_node: Annotated[int, typer.Option("--gpus-per-node", help="GPUs per node.")] = 8,
     policy: Annotated[
-        str, typer.Option("--policy", help="fifo, fifo-backfill, sjf or ours.")
+        str, typer.Option("--policy", help="fifo, fifo-backfill, sjf, srpt, ours or predictive.")
     ] = "ours",
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the figures as one JSON object.")

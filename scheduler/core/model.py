@@ -25,8 +25,8 @@ from workers.interface.telemetry import GpuUuid, NodeReading
 RANK_STEP = 64
 """Rank units per priority level; LAS queues are single units below one level."""
 
-Mode = Literal["fifo", "sjf", "las"]
-MODES: tuple[Mode, ...] = ("fifo", "sjf", "las")
+Mode = Literal["fifo", "sjf", "las", "srpt", "predictive"]
+MODES: tuple[Mode, ...] = ("fifo", "sjf", "las", "srpt", "predictive")
 
 
 def type_alternatives(gpu_type: str | None) -> tuple[str, ...]:
@@ -164,7 +164,10 @@ class QueuedJob:
 
     ``attained_gpu_s`` is the service it already had (runs before a
     preemption); ``est_duration_s`` its estimated *remaining* run time, if
-    the caller has one; ``queued_at`` when it last entered the queue (aging
+    the caller has one, and ``est_error`` how far off such estimates were for
+    its family (:attr:`scheduler.core.predictor.Prediction.error`; None:
+    unknown), which the ``predictive`` mode compares with the policy's
+    ``max_est_error``; ``queued_at`` when it last entered the queue (aging
     counts from there; default ``submitted_at``).
 
     >>> QueuedJob("train-7", "vision", 0, gpus=4, submitted_at=100.0).total_gpus
@@ -180,6 +183,7 @@ class QueuedJob:
     attained_gpu_s: float = 0.0
     est_duration_s: float | None = None
     queued_at: float | None = None
+    est_error: float | None = None
 
     @property
     def total_gpus(self) -> int:
@@ -192,7 +196,8 @@ class RunningJob:
     """A job holding GPUs: ``gpus`` on each node of ``node_ids``, since ``started_at``.
 
     ``attained_gpu_s`` is its service *before* ``started_at`` (the policy adds
-    the current run); ``est_end`` its estimated end, if known. Pass a job that
+    the current run); ``est_end`` its estimated end, if known, and
+    ``est_error`` as :class:`QueuedJob`'s. Pass a job that
     is being stopped with ``preemptible=False``: it still holds its GPUs.
 
     >>> RunningJob("train-3", "nlp", 0, gpus=8, node_ids=("n1",), started_at=0.0).est_end is None
@@ -208,6 +213,7 @@ class RunningJob:
     attained_gpu_s: float = 0.0
     est_end: float | None = None
     preemptible: bool = True
+    est_error: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +232,7 @@ class QueuePolicy:
     aging_s_per_priority: float | None = 3600.0
     las_thresholds_gpu_s: tuple[float, ...] = (3600.0, 36000.0)
     min_run_s: float = 300.0
+    max_est_error: float = 0.5
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -239,6 +246,8 @@ class QueuePolicy:
             raise ValueError("team weights must be positive")
         if any(q < 0 for q in self.quotas.values()):
             raise ValueError("team quotas must not be negative")
+        if not self.max_est_error >= 0:
+            raise ValueError("max_est_error must be a non-negative number")
 
 
 @dataclass(frozen=True, slots=True)

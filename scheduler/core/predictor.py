@@ -43,22 +43,34 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+ERROR_FLOOR_S = 60.0
+"""The smallest denominator of a prediction's relative error: a 10 s job predicted at 20 s
+is not 100 % off for a scheduler."""
+
 
 @dataclass(frozen=True, slots=True)
 class Run:
-    """One finished run: its family's keys, how long it ran, when it ended, its peak memory."""
+    """One finished run: its family's keys, how long it ran, when it ended, its peak memory,
+    and the run time predicted for it when it was submitted (``predicted_s``), if any."""
 
     keys: tuple[str, ...]
     duration_s: float
     finished_at: float
     peak_gpu_memory_gb: float | None = None
+    predicted_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Prediction:
     """A predicted run time (median, with quartiles ``low_s``..``high_s``) and peak memory.
 
-    ``basis`` is the family key the samples came from; ``samples`` how many.
+    ``basis`` is the family key the samples came from; ``samples`` how many;
+    ``durations_s`` their run times, ascending (empty when built by hand),
+    frozen with the prediction so that :meth:`remaining_s` later conditions
+    on the history known when it was made. ``error``: how far off the
+    predictions made for that key's recent runs were, the median of
+    ``|predicted - actual| / max(actual, ERROR_FLOOR_S)`` (None: fewer than
+    ``min_samples`` of them were predicted): how much to trust this one.
 
     >>> Prediction(600.0, 500.0, 900.0, None, "team:t", 4).spread_s
     200.0
@@ -70,11 +82,27 @@ class Prediction:
     peak_gpu_memory_gb: float | None
     basis: str
     samples: int
+    durations_s: tuple[float, ...] = ()
+    error: float | None = None
 
     @property
     def spread_s(self) -> float:
         """Half the interquartile range: the ``±`` a user is shown."""
         return (self.high_s - self.low_s) / 2
+
+    def remaining_s(self, elapsed_s: float) -> float:
+        """Run time left after ``elapsed_s``, from this prediction's samples
+        (see :func:`remaining_s`); without samples, ``duration_s`` less the elapsed time,
+        or as long again once past it.
+
+        >>> p = predict(History([Run(("k",), d, d) for d in (60.0, 100.0, 200.0)]), ("k",))
+        >>> p.remaining_s(0.0), p.remaining_s(80.0), p.remaining_s(300.0)
+        (100.0, 70.0, 300.0)
+        """
+        longer = [d for d in self.durations_s or (self.duration_s,) if d > elapsed_s]
+        if not longer:
+            return max(elapsed_s, 1.0)
+        return _quantile(longer, 0.5) - elapsed_s
 
 
 class History:
@@ -119,6 +147,23 @@ def _basis(history: History, keys: Sequence[str], min_samples: int) -> tuple[str
     return "", ()
 
 
+def past_error(runs: Iterable[Run], *, min_samples: int = 3) -> float | None:
+    """Median relative error of the predictions made for ``runs`` (None: fewer than
+    ``min_samples`` were predicted); the denominator is floored at :data:`ERROR_FLOOR_S`.
+
+    >>> past_error([Run(("k",), 100.0, 1.0, predicted_s=p) for p in (90.0, 150.0, None, 100.0)])
+    0.1
+    """
+    errors = sorted(
+        abs(r.predicted_s - r.duration_s) / max(r.duration_s, ERROR_FLOOR_S)
+        for r in runs
+        if r.predicted_s is not None
+    )
+    if not errors or len(errors) < min_samples:
+        return None
+    return _quantile(errors, 0.5)
+
+
 def predict(history: History, keys: Sequence[str], *, min_samples: int = 3) -> Prediction | None:
     """The family's prediction from its most specific key with enough runs, or None."""
     basis, runs = _basis(history, keys, min_samples)
@@ -133,6 +178,8 @@ def predict(history: History, keys: Sequence[str], *, min_samples: int = 3) -> P
         peak_gpu_memory_gb=max(peaks) if peaks else None,
         basis=basis,
         samples=len(runs),
+        durations_s=tuple(durations),
+        error=past_error(runs, min_samples=min_samples),
     )
 
 
@@ -146,10 +193,5 @@ def remaining_s(
     >>> remaining_s(h, ("k",), 0.0), remaining_s(h, ("k",), 90.0)
     (60.0, 90.0)
     """
-    _, runs = _basis(history, keys, min_samples)
-    if not runs:
-        return None
-    longer = sorted(r.duration_s for r in runs if r.duration_s > elapsed_s)
-    if not longer:
-        return max(elapsed_s, 1.0)
-    return _quantile(longer, 0.5) - elapsed_s
+    prediction = predict(history, keys, min_samples=min_samples)
+    return None if prediction is None else prediction.remaining_s(elapsed_s)

@@ -13,7 +13,18 @@ The rules, by precedence:
    low priority still runs. In ``las`` mode a job's rank also falls one step
    per service queue it has reached: its attained service (GPUs x seconds run,
    as Tiresias' 2D-LAS) against ``las_thresholds_gpu_s``; a priority class
-   outweighs every queue.
+   outweighs every queue. In ``srpt`` mode the same thresholds bucket the
+   *remaining* service instead: the estimated remaining run time times the
+   job's GPUs (a pending job's ``est_duration_s``, a running job's
+   ``est_end - now``; unknown: the last queue), so the jobs closest to their
+   end rank highest and a waiting job preempts one at least a bucket further
+   from its end (a true remaining time: the SRPT oracle; a predicted one:
+   the simulator's ``srpt``). A running job's rank only rises as it runs.
+   ``predictive`` mode mixes the two per job: a job whose estimate is
+   *trusted* (``est_error``, how far off its family's past estimates were,
+   at most ``max_est_error``) is ranked as in ``srpt``, any other as in
+   ``las``, both against the same thresholds, so that it is ``las`` until
+   estimates earn trust and ``srpt`` once all do.
 2. **Quotas.** ``quotas[team]`` GPUs are the team's own. A job that keeps its
    team within quota goes before jobs of its rank that would borrow; a
    borrowing job starts only on idle GPUs (other teams' unused quota is lent),
@@ -23,9 +34,10 @@ The rules, by precedence:
    unit of ``weights[team]`` (default 1) goes next, counting the GPUs it holds
    and those of its jobs already ordered.
 4. **Within a team:** ``fifo`` by submit time; ``sjf`` by estimated remaining
-   run time (``est_duration_s``; unknown last), then submit time; ``las``
-   within a queue the same way (by submit time when, as usual, no job has an
-   estimate).
+   run time (``est_duration_s``; unknown last), then submit time; ``las``,
+   ``srpt`` and ``predictive`` within a queue the same way (by submit time
+   when, as usual, no job has an estimate; in ``predictive`` mode an
+   untrusted estimate counts as none).
 5. **Backfill (EASY).** The first job that can start neither now nor by
    preemption is the head. It gets a reservation: the earliest time, from the
    running jobs' estimated ends, when enough nodes have enough free GPUs
@@ -333,13 +345,60 @@ def las_queue(attained_gpu_s: float, thresholds: Sequence[float]) -> int:
     return bisect.bisect_right(thresholds, attained_gpu_s)
 
 
+def srpt_queue(remaining_s: float | None, gpus: int, thresholds: Sequence[float]) -> int:
+    """The ``srpt`` queue index (0 = highest) for a job's remaining GPU-seconds (None: unknown).
+
+    >>> srpt_queue(100.0, 4, (3600.0,)), srpt_queue(1000.0, 4, (3600.0,)), srpt_queue(None, 1, ())
+    (0, 1, 0)
+    """
+    if remaining_s is None:
+        return len(thresholds)
+    return bisect.bisect_right(thresholds, remaining_s * max(1, gpus))
+
+
+def trusted(est_s: float | None, est_error: float | None, policy: QueuePolicy) -> bool:
+    """Whether the ``predictive`` mode ranks a job by its estimate (rule 1).
+
+    >>> p = QueuePolicy(mode="predictive", max_est_error=0.5)
+    >>> trusted(60.0, 0.2, p), trusted(60.0, 0.9, p), trusted(60.0, None, p), trusted(None, 0.1, p)
+    (True, False, False, False)
+    """
+    return est_s is not None and est_error is not None and est_error <= policy.max_est_error
+
+
+def predictive_queue(
+    est_s: float | None,
+    est_error: float | None,
+    attained_gpu_s: float,
+    gpus: int,
+    policy: QueuePolicy,
+) -> int:
+    """The ``predictive`` queue index: ``srpt``'s on a trusted estimate, ``las``' otherwise.
+
+    >>> p = QueuePolicy(mode="predictive", las_thresholds_gpu_s=(3600.0,), max_est_error=0.5)
+    >>> predictive_queue(7200.0, 0.1, 0.0, 1, p), predictive_queue(7200.0, 0.9, 0.0, 1, p)
+    (1, 0)
+    """
+    thresholds = policy.las_thresholds_gpu_s
+    if not trusted(est_s, est_error, policy):
+        return las_queue(attained_gpu_s, thresholds)
+    return srpt_queue(est_s, gpus, thresholds)
+
+
 def held_of(r: RunningJob, policy: QueuePolicy, now: float) -> Held:
     """A running job in the count model, ranked as rule 1 says (running jobs do not age)."""
     run_s = max(0.0, now - r.started_at)
+    gpus = r.gpus * len(r.node_ids)
+    left_s = None if r.est_end is None else max(0.0, r.est_end - now)
+    mode, thresholds = policy.mode, policy.las_thresholds_gpu_s
     queue = 0
-    if policy.mode == "las":
-        attained = r.attained_gpu_s + run_s * r.gpus * len(r.node_ids)
-        queue = las_queue(attained, policy.las_thresholds_gpu_s)
+    attained = r.attained_gpu_s + run_s * gpus
+    if mode == "srpt":
+        queue = srpt_queue(INF if left_s is None else left_s, gpus, thresholds)
+    elif mode == "las":
+        queue = las_queue(attained, thresholds)
+    elif mode == "predictive":
+        queue = predictive_queue(left_s, r.est_error, attained, gpus, policy)
     return Held(
         r.job_id,
         r.team,
@@ -611,7 +670,7 @@ class Walk:
             if not h.victim and (reclaim or h.rank < top):
                 times.append(r.started_at + policy.min_run_s)  # its protection ends
             gpus = r.gpus * len(r.node_ids)
-            if policy.mode == "las" and gpus > 0 and h.rank <= top:  # a demotion may expose it
+            if policy.mode in ("las", "predictive") and gpus > 0 and h.rank <= top:
                 attained = r.attained_gpu_s + max(0.0, now - r.started_at) * gpus
                 q = las_queue(attained, thresholds)
                 if q < len(thresholds):
@@ -636,17 +695,28 @@ def _order(
     pending: Sequence[QueuedJob], policy: QueuePolicy, now: float, usage: Mapping[str, int]
 ) -> list[tuple[QueuedJob, int]]:
     """Pending jobs by rules 1-4, each with its rank."""
-    aging, las = policy.aging_s_per_priority, policy.mode == "las"
-    thresholds, by_est = policy.las_thresholds_gpu_s, policy.mode != "fifo"
+    aging, mode = policy.aging_s_per_priority, policy.mode
+    thresholds, by_est = policy.las_thresholds_gpu_s, mode != "fifo"
     keyed: list[tuple[int, float, float, str, int]] = []  # sorts as rules 1 and 4 say
     for i, job in enumerate(pending):
         level = job.priority
         if aging is not None:
             since = job.submitted_at if job.queued_at is None else job.queued_at
             level += max(0, int((now - since) // aging))
-        rank = level * RANK_STEP - (las_queue(job.attained_gpu_s, thresholds) if las else 0)
+        rank = level * RANK_STEP
+        est_s = job.est_duration_s
+        if mode == "las":
+            rank -= las_queue(job.attained_gpu_s, thresholds)
+        elif mode == "srpt":
+            rank -= srpt_queue(est_s, job.total_gpus, thresholds)
+        elif mode == "predictive":
+            rank -= predictive_queue(
+                est_s, job.est_error, job.attained_gpu_s, job.total_gpus, policy
+            )
+            if not trusted(est_s, job.est_error, policy):
+                est_s = None  # by submit time within its queue, as LAS
         if by_est:
-            est = INF if job.est_duration_s is None else job.est_duration_s
+            est = INF if est_s is None else est_s
             keyed.append((-rank, est, job.submitted_at, job.job_id, i))
         else:
             keyed.append((-rank, job.submitted_at, 0.0, job.job_id, i))

@@ -248,6 +248,7 @@ class _Forward:
             now,
             attained_gpu_s=q.attained_gpu_s,
             est_end=est_end,
+            est_error=q.est_error,
         )
         self._run(job, r, now + job.restart_s + job.work_s)
 
@@ -272,6 +273,7 @@ class _Forward:
             attained_gpu_s=attained,
             est_duration_s=est,
             queued_at=now,
+            est_error=r.est_error,
         )
         self.pending[r.job_id] = job
 

@@ -29,8 +29,10 @@ lost work, no restarts).
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,7 +46,10 @@ from scheduler.core.model import (
     QueuedJob,
     RunningJob,
 )
+from scheduler.core.predictor import History, Prediction, Run, predict
 from scheduler.core.queue_policy import place_plan, plan
+from scheduler.sim.forecast import forecast
+from scheduler.sim.noisy_predictions import noisy, sigma_for_median_ape
 from scheduler.sim.policies import POLICIES, SimPolicy
 from scheduler.sim.preemption_cost import CHECKPOINT_EVERY_S, RESTART_S, saved_progress_s
 from scheduler.sim.traces import TraceJob
@@ -55,6 +60,7 @@ GPU_MEMORY_BYTES = 80 * GIB
 CPUS_PER_GPU = 8.0
 HOST_MEMORY_PER_GPU_BYTES = 64 * GIB
 TEAM = "trace"  # the trace has no teams: one team, no quotas
+HISTORY_RECENT = 20  # finished runs kept per family key for predictions
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +89,8 @@ class JobResult:
     duration_s: float
     queued_s: float
     preemptions: int
+    predicted_duration_s: float | None = None
+    predicted_start_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +185,8 @@ class _Job:
         "holdings",
         "nodes",
         "per_node",
+        "predicted_start_s",
+        "prediction",
         "preemptions",
         "progress_s",
         "queued",
@@ -211,10 +221,36 @@ class _Job:
         self.holdings: tuple[Holding, ...] = ()
         self.queued: QueuedJob | None = None
         self.running: RunningJob | None = None
+        self.prediction: Prediction | None = None  # made at submission, then frozen
+        self.predicted_start_s: float | None = None  # forecast at submission, when sampled
 
     def remaining_s(self, restart_s: float) -> float:
         """Run time left from the last checkpoint, restart included after a preemption."""
         return (self.trace.duration_s - self.progress_s) + (restart_s if self.preemptions else 0.0)
+
+    def predicted_remaining_s(self, restart_s: float, ran_s: float = 0.0) -> float | None:
+        """Run time left by the prediction made at submission, ``ran_s`` into the current run.
+
+        It conditions on the time the job has held GPUs in all its runs (its
+        attained service, as LAS counts it, lost work included), not on its
+        checkpointed work: a job preempted again and again before a checkpoint
+        would otherwise look as fresh as a new one each time, and two such jobs
+        could preempt each other forever. The restart still to pay is added.
+        """
+        if self.prediction is None:
+            return None
+        restart = restart_s if self.preemptions else 0.0
+        held_s = self.attained_gpu_s / (self.per_node * self.nodes) + ran_s
+        return max(0.0, restart - ran_s) + self.prediction.remaining_s(held_s)
+
+
+def family(trace: TraceJob) -> tuple[str, ...]:
+    """A trace job's family keys, most specific first: what the Philly trace tells.
+
+    >>> family(TraceJob("j", 0.0, 60.0, 4, 0, "6c71a0"))
+    ('vc:6c71a0/gpus:4', 'vc:6c71a0', 'cluster')
+    """
+    return (f"vc:{trace.cluster}/gpus:{trace.gpus}", f"vc:{trace.cluster}", "cluster")
 
 
 _ARRIVE, _END, _TICK = 0, 1, 2
@@ -223,8 +259,22 @@ _ARRIVE, _END, _TICK = 0, 1, 2
 class _Replay:
     """The event loop of one replay: the jobs' states, the event heap, the running totals."""
 
-    def __init__(self, jobs: list[_Job], policy: SimPolicy, config: SimConfig) -> None:
+    def __init__(
+        self,
+        jobs: list[_Job],
+        policy: SimPolicy,
+        config: SimConfig,
+        forecast_every: int = 0,
+        timer: Callable[[], float] = time.perf_counter,
+        prediction_noise: float = 0.0,
+        seed: int = 0,
+    ) -> None:
         self.policy, self.config = policy, config
+        self.forecast_every, self.timer = forecast_every, timer
+        self.noise_sigma = sigma_for_median_ape(prediction_noise) if prediction_noise else 0.0
+        self.rng = random.Random(seed)
+        self.forecast_s = 0.0
+        self.arrivals = 0
         self.nodes = make_nodes(config)
         self.node_gpus: dict[str, int] = {str(n.node_id): len(n.gpus) for n in self.nodes}
         self.placement = PlacementPolicy(strategy="pack")
@@ -237,6 +287,7 @@ class _Replay:
         self.plan_calls = 0
         self.held_gpu_s = 0.0
         self.lost_gpu_s = 0.0
+        self.history = History(recent=HISTORY_RECENT)
         for j in jobs:
             self._push(j.trace.submit_s, _ARRIVE, j.trace.job_id, 0)
 
@@ -249,10 +300,16 @@ class _Replay:
         while events:
             now = events[0][0]
             changed = False
+            sampled: list[_Job] = []
             while events and events[0][0] == now:
                 _, _, kind, job_id, gen = heapq.heappop(events)
                 if kind == _ARRIVE:
-                    self._enqueue(self.by_id[job_id], now)
+                    arrival = self.by_id[job_id]
+                    arrival.prediction = self._predict(arrival)
+                    self._enqueue(arrival, now)
+                    self.arrivals += 1
+                    if self.forecast_every and self.arrivals % self.forecast_every == 0:
+                        sampled.append(arrival)
                     changed = True
                 elif kind == _END:
                     job = self.running.get(job_id)
@@ -261,6 +318,8 @@ class _Replay:
                         changed = True
                 elif gen == self.tick_gen:  # only the latest plan's tick counts
                     changed = True
+            if sampled:
+                self._forecast_starts(sampled, now)
             if changed and self.pending:
                 self._schedule(now)
 
@@ -276,18 +335,73 @@ class _Replay:
             nodes=job.nodes,
             attained_gpu_s=job.attained_gpu_s,
             est_duration_s=est,
+            est_error=self._est_error(job),
             queued_at=now,
         )
         self.pending[job.trace.job_id] = job
+
+    def _predict(self, job: _Job) -> Prediction | None:
+        """The prediction at submission: from the family's history, or synthetic (noise)."""
+        prediction = predict(self.history, family(job.trace))
+        if not self.noise_sigma:
+            return prediction
+        return noisy(prediction, job.trace.duration_s, self.noise_sigma, self.rng)
+
+    def _est_error(self, job: _Job) -> float | None:
+        """How far off the family's past predictions were, for a policy on predictions."""
+        if self.policy.estimates != "predicted" or job.prediction is None:
+            return None
+        return job.prediction.error
 
     def _estimate(self, job: _Job) -> float | None:
         """The remaining run time the policy may know (see ``SimPolicy.estimates``)."""
         if self.policy.estimates == "oracle":
             return job.remaining_s(self.config.restart_s)
+        if self.policy.estimates == "predicted":
+            return job.predicted_remaining_s(self.config.restart_s)
         return None
+
+    def _forecast_starts(self, jobs: list[_Job], now: float) -> None:
+        """Record each job's start as :func:`scheduler.sim.forecast.forecast` predicts it now.
+
+        The forecast knows what the policy knows: the pending jobs' estimates
+        and the running jobs' estimated ends (none, for a policy without estimates).
+        """
+        began = self.timer()
+        if self.policy.estimates == "predicted":
+            self._refresh_predicted_ends(now)
+        pending = [j.queued for j in self.pending.values() if j.queued is not None]
+        running = [j.running for j in self.running.values() if j.running is not None]
+        left: dict[str, float] = {
+            q.job_id: q.est_duration_s for q in pending if q.est_duration_s is not None
+        }
+        left.update((r.job_id, max(0.0, r.est_end - now)) for r in running if r.est_end is not None)
+        config = self.config
+        predicted = forecast(
+            pending,
+            running,
+            self.node_gpus,
+            self.policy.queue,
+            now,
+            left,
+            restart_s=config.restart_s,
+            checkpoint_every_s=config.checkpoint_every_s,
+        )
+        for job in jobs:
+            job.predicted_start_s = predicted[job.trace.job_id].start_at
+        self.forecast_s += self.timer() - began
+
+    def _refresh_predicted_ends(self, now: float) -> None:
+        """Re-estimate running jobs' ends from the work they have done by ``now``."""
+        for job in self.running.values():
+            left = job.predicted_remaining_s(self.config.restart_s, now - job.started_at)
+            if job.running is not None and left is not None:
+                job.running = dataclasses.replace(job.running, est_end=now + left)
 
     def _schedule(self, now: float) -> None:
         self.plan_calls += 1
+        if self.policy.estimates == "predicted":
+            self._refresh_predicted_ends(now)
         qp = plan(
             [j.queued for j in self.pending.values() if j.queued is not None],
             [j.running for j in self.running.values() if j.running is not None],
@@ -335,6 +449,7 @@ class _Replay:
             now,
             attained_gpu_s=job.attained_gpu_s,
             est_end=None if est is None else now + est,
+            est_error=self._est_error(job),
         )
         self.running[d.job_id] = job
         self._push(now + remaining, _END, d.job_id, job.run_gen)
@@ -353,6 +468,8 @@ class _Replay:
         self._stop(job, now)
         job.progress_s = job.trace.duration_s
         job.end_s = now
+        predicted_s = None if job.prediction is None else job.prediction.duration_s
+        self.history.add(Run(family(job.trace), job.trace.duration_s, now, predicted_s=predicted_s))
 
     def _preempt(self, job: _Job, now: float) -> None:
         ran_s = self._stop(job, now)
@@ -371,6 +488,9 @@ def simulate(
     policy: str | SimPolicy,
     config: SimConfig | None = None,
     timer: Callable[[], float] = time.perf_counter,
+    forecast_every: int = 0,
+    prediction_noise: float = 0.0,
+    seed: int = 0,
 ) -> SimResult:
     """Replay ``trace`` under ``policy`` (a SimPolicy or a name of ``sim.policies.POLICIES``).
 
@@ -378,7 +498,12 @@ def simulate(
     more memory than a GPU has) are left out and
     counted in ``skipped``;
     so are jobs still pending when nothing is left to happen (``unfinished``).
-    ``replay_s`` is the wall time of the replay, by ``timer``.
+    ``replay_s`` is the wall time of the replay, by ``timer``, less the time
+    spent forecasting.
+    ``forecast_every``: at the submission of every such job (the k-th, 2k-th,
+    ... arrival; 0: none), forecast the queue forward and record its predicted
+    start (``JobResult.predicted_start_s``); each forecast replays the queue,
+    hence the sampling.
     """
     config = config or SimConfig()
     if isinstance(policy, str):
@@ -396,9 +521,9 @@ def simulate(
             skipped += 1
             continue
         jobs.append(_Job(t, per_node, nodes))
-    replay = _Replay(jobs, policy, config)
+    replay = _Replay(jobs, policy, config, forecast_every, timer, prediction_noise, seed)
     replay.run()
-    replay_s = timer() - began
+    replay_s = timer() - began - replay.forecast_s
     return _result(policy.name, jobs, replay, config, replay_s, skipped)
 
 
@@ -416,6 +541,8 @@ def _result(
             j.trace.duration_s,
             j.queued_s,
             j.preemptions,
+            None if j.prediction is None else j.prediction.duration_s,
+            j.predicted_start_s,
         )
         for j in done
     )

@@ -66,3 +66,29 @@ def test_a_negative_or_nan_duration_is_refused() -> None:
         History([Run(("k",), float("nan"), 0.0)])
     with pytest.raises(ValueError, match="recent"):
         History(recent=0)
+
+
+def test_a_prediction_keeps_the_sample_it_was_made_from() -> None:
+    h = History([Run(("k",), d, d) for d in (60.0, 100.0, 200.0)])
+    p = predict(h, ("k",))
+    assert p is not None
+    for _ in range(5):  # runs that finish later do not change it
+        h.add(Run(("k",), 10_000.0, 20_000.0))
+    assert p.remaining_s(80.0) == pytest.approx(70.0)  # median of (100, 200) less 80
+    assert remaining_s(h, ("k",), 80.0) == pytest.approx(9920.0)  # what is known now
+    assert p.remaining_s(500.0) == pytest.approx(500.0)  # outlived them all: as long again
+
+
+def test_a_prediction_carries_how_far_off_its_familys_past_predictions_were() -> None:
+    h = History()
+    for predicted_s, actual_s in ((100.0, 100.0), (100.0, 150.0), (30.0, 10.0)):
+        h.add(Run(("k", "team:t"), actual_s, 1.0, predicted_s=predicted_s))
+    p = predict(h, ("k", "team:t"))
+    assert p is not None
+    # Errors 0, 50/150 and 20/60 (a 10 s run is measured against 60 s): median 1/3.
+    assert p.error == pytest.approx(1 / 3)
+    h.add(Run(("other", "team:t"), 100.0, 2.0))  # never predicted: no error to learn
+    other = predict(h, ("other", "team:t"))
+    assert other is not None and other.basis == "other" and other.error is None
+    q = predict(History([Run(("k",), 100.0, 1.0, predicted_s=200.0)] * 2), ("k",))
+    assert q is not None and q.error is None  # fewer than min_samples were predicted

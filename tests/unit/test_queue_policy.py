@@ -114,6 +114,8 @@ def test_duplicate_pending_ids_and_bad_settings_are_refused() -> None:
         QueuePolicy(mode="lifo")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="ascend"):
         QueuePolicy(las_thresholds_gpu_s=(10.0, 5.0))
+    with pytest.raises(ValueError, match="max_est_error"):
+        QueuePolicy(max_est_error=-0.1)
 
 
 # --------------------------------------------------------------------------- aging
@@ -168,6 +170,40 @@ def test_attained_service_counts_gpus_times_seconds() -> None:
     running = [r("wide", "n1", 4, at=0.0)]  # 4 GPUs x 300 s = 1,200 GPU-s: queue 1
     p = plan([q("new", 4, at=100.0)], running, {"n1": 4}, LAS, now=300.0)
     assert p.preempt == ("wide",)
+
+
+SRPT = QueuePolicy(
+    mode="srpt", las_thresholds_gpu_s=(1000.0, 4000.0), aging_s_per_priority=None, min_run_s=0.0
+)
+
+
+def test_srpt_preempts_the_job_furthest_from_its_end_for_a_shorter_one() -> None:
+    # Remaining GPU-s at t=100: "near" 1 x 400 (queue 0), "far" 1 x 4,900 (queue 2).
+    running = [r("near", "n1", 1, est_end=500.0), r("far", "n2", 1, est_end=5000.0)]
+    p = plan(
+        [q("new", 1, at=100.0, est_duration_s=800.0)], running, {"n1": 1, "n2": 1}, SRPT, 100.0
+    )
+    assert p.preempt == ("far",) and p.order == ("new",)
+    # A job in the same bucket as the running one (both queue 2) does not preempt it.
+    same = plan([q("new", 1, at=100.0, est_duration_s=4500.0)], running[1:], {"n2": 1}, SRPT, 100.0)
+    assert same.preempt == ()
+
+
+def test_srpt_counts_remaining_gpu_seconds_and_ranks_unknown_last() -> None:
+    # 4 GPUs x 300 s = 1,200 GPU-s (queue 1) outranks 1 GPU x 4,000 s (queue 2).
+    pending = [
+        q("long", 1, at=0.0, est_duration_s=4000.0),
+        q("wide", 4, at=1.0, est_duration_s=300.0),
+    ]
+    pending.append(q("unknown", 1, at=2.0))
+    p = plan(pending, [], {"n1": 4}, SRPT, 10.0)
+    assert p.order == ("wide",) and list(p.reasons) == ["long", "unknown"]
+    # A running job without an estimate is in the last queue: any estimated job outranks it.
+    running = [r("blind", "n1", 1)]
+    assert plan([q("new", 1, est_duration_s=9e9)], running, {"n1": 1}, SRPT, 10.0).preempt == ()
+    assert plan([q("new", 1, est_duration_s=3000.0)], running, {"n1": 1}, SRPT, 10.0).preempt == (
+        "blind",
+    )
 
 
 def test_a_job_is_protected_for_min_run_s_after_it_starts() -> None:
@@ -489,3 +525,45 @@ def test_backfill_never_delays_the_heads_reserved_start(
         return  # it starts now: not delayed
     assert second.reservation is not None and second.reservation.job_id == head
     assert second.reservation.start_at <= first.reservation.start_at
+
+
+PREDICTIVE = QueuePolicy(
+    mode="predictive",
+    las_thresholds_gpu_s=(1000.0, 4000.0),
+    aging_s_per_priority=None,
+    min_run_s=0.0,
+    max_est_error=0.5,
+)
+
+
+def test_predictive_ranks_a_trusted_job_by_its_estimate() -> None:
+    # "far" has run 100 GPU-s (LAS: queue 0) but has 4,900 GPU-s left (srpt: queue 2).
+    new = q("new", 1, at=100.0, est_duration_s=800.0, est_error=0.1)
+    far = r("far", "n1", 1, est_end=5000.0, est_error=0.1)
+    assert plan([new], [far], {"n1": 1}, PREDICTIVE, 100.0).preempt == ("far",)
+    # Untrusted (its family's estimates were off, or never checked): ranked as LAS.
+    for error in (0.9, None):
+        blind = r("far", "n1", 1, est_end=5000.0, est_error=error)
+        assert plan([new], [blind], {"n1": 1}, PREDICTIVE, 100.0).preempt == ()
+
+
+def test_predictive_ranks_an_untrusted_job_by_attained_service() -> None:
+    pending = [
+        q("trusted-long", 1, at=0.0, est_duration_s=3000.0, est_error=0.2),  # queue 1
+        q("untrusted-late", 1, at=2.0, est_duration_s=9e9, est_error=0.9),  # LAS: queue 0
+        q("untrusted-early", 1, at=1.0, est_duration_s=9e9, est_error=0.9),
+        q("trusted-short", 1, at=3.0, est_duration_s=100.0, est_error=0.2),  # queue 0
+    ]
+    p = plan(pending, [], {"n1": 4}, PREDICTIVE, 10.0)
+    # Queue 0 by estimate, untrusted estimates counting as none (submit time), then queue 1.
+    assert p.order == ("trusted-short", "untrusted-early", "untrusted-late", "trusted-long")
+    served = q("untrusted-served", 1, at=0.0, est_error=0.9, attained_gpu_s=5000.0)  # queue 2
+    assert plan([served, *pending[:1]], [], {"n1": 1}, PREDICTIVE, 10.0).order == ("trusted-long",)
+
+
+def test_predictive_names_the_demotion_of_an_untrusted_running_job() -> None:
+    running = [r("old", "n1", 1, at=0.0, est_end=9e9, est_error=0.9)]
+    pending = [q("new", 1, at=900.0, est_duration_s=60.0, est_error=0.1)]
+    before = plan(pending, running, {"n1": 1}, PREDICTIVE, now=960.0)
+    assert before.preempt == () and before.next_change_at == pytest.approx(1000.0)
+    assert plan(pending, running, {"n1": 1}, PREDICTIVE, now=1000.0).preempt == ("old",)

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from scheduler.cli.simulate import simulate as simulate_command
 from scheduler.core.model import QueuePolicy
 from scheduler.sim.policies import POLICIES, SimPolicy
+from scheduler.sim.prediction_error import duration_mape, median_ape, start_mape
 from scheduler.sim.simulator import JobResult, SimConfig, SimResult, shape, simulate
 from scheduler.sim.traces import GIB, TraceError, TraceJob, read_philly
 
@@ -211,6 +212,105 @@ def test_a_job_protected_by_min_run_s_is_not_preempted_too_early() -> None:
     assert jobs["short"].first_start_s == pytest.approx(1800.0)
 
 
+def test_srpt_preempts_a_long_job_for_a_short_arrival_and_beats_sjf() -> None:
+    trace = [job("long", 0.0, 5000.0), job("short", 1500.0, 100.0)]
+    config = SimConfig(gpus=1, gpus_per_node=1)  # checkpoint every 600 s, restart 30 s
+    srpt, sjf = simulate(trace, "srpt", config), simulate(trace, "sjf", config)
+    jobs = by_id(srpt)
+    # "long" has run past min_run_s with 3,500 s left: the 100 s arrival preempts it at once.
+    assert jobs["short"].first_start_s == pytest.approx(1500.0) and jobs["long"].preemptions == 1
+    # It kept 1,200 s (its last checkpoint), restarts at 1,600 and pays 30 s.
+    assert jobs["long"].end_s == pytest.approx(1600.0 + 30.0 + 5000.0 - 1200.0)
+    assert by_id(sjf)["short"].first_start_s == pytest.approx(5000.0)  # sjf never preempts
+    assert srpt.avg_jct_s < sjf.avg_jct_s
+
+
+def vc_job(job_id: str, submit_s: float, duration_s: float, vc: str) -> TraceJob:
+    return TraceJob(job_id, submit_s, duration_s, 1, 8 * GIB, vc)
+
+
+# srpt's ranks on the predictions (every one trusted, as ``predictive`` would once earned).
+SRPT_ON_PREDICTIONS = SimPolicy("srpt-on-predictions", POLICIES["srpt"].queue, "predicted")
+
+
+def test_predictions_use_only_runs_that_finished_before_submission() -> None:
+    trace = [
+        vc_job("a0", 0.0, 100.0, "A"),  # the only run of family A, ends at t=100
+        vc_job("blocker", 1.0, 1000.0, "Z"),  # holds the GPU from t=100
+        vc_job("x", 50.0, 30.0, "A"),  # submitted before a0 ended: no prediction
+        vc_job("y", 200.0, 30.0, "A"),  # submitted after: predicted 100 s
+    ]
+    jobs = by_id(simulate(trace, SRPT_ON_PREDICTIONS, SimConfig(gpus=1, gpus_per_node=1)))
+    assert jobs["x"].predicted_duration_s is None
+    assert jobs["y"].predicted_duration_s == pytest.approx(100.0)
+    # y (estimated) preempts the blocker (unknown: ranked last) when its protection ends and
+    # goes before x, submitted earlier. Had x been predicted from a0, which ended while x
+    # waited, x would have gone first (same estimate, earlier submit).
+    assert jobs["y"].first_start_s == pytest.approx(700.0)
+    assert jobs["x"].first_start_s > jobs["y"].first_start_s
+
+
+def test_predictive_trusts_a_family_once_its_past_predictions_were_right() -> None:
+    # Family B always runs 5,000 s, one job at a time: b1-b3 are predicted exactly, so b4's
+    # family has a past error of 0 and b4 is ranked by its 5,000 s (ours' third queue).
+    trace = [vc_job(f"b{i}", 6000.0 * i, 5000.0, "B") for i in range(5)]
+    trace.append(vc_job("z0", 5050.0, 100.0, "Z"))  # not predicted (too little history)
+    # Predicted from z0, but nobody knows how good Z's predictions are: ranked by LAS, queue 0.
+    trace.append(vc_job("z", 24_100.0, 100.0, "Z"))
+    config = SimConfig(gpus=1, gpus_per_node=1)
+    predictive = by_id(simulate(trace, "predictive", config))
+    # z preempts b4 as soon as b4's protection (10 min) ends.
+    assert predictive["z"].first_start_s == pytest.approx(24_600.0)
+    # LAS waits until b4 has attained 1/3 GPU-hour; so does predictive while B is untrusted
+    # (b1, the first predicted run, found its family with no past error yet).
+    assert by_id(simulate(trace, "ours", config))["z"].first_start_s == pytest.approx(25_200.0)
+    early = [vc_job("b0", 0.0, 5000.0, "B"), vc_job("b1", 6000.0, 5000.0, "B")]
+    early.append(vc_job("z", 6100.0, 100.0, "Z"))
+    assert by_id(simulate(early, "predictive", config))["z"].first_start_s == pytest.approx(7200.0)
+
+
+def test_prediction_noise_replaces_predictions_by_the_truth_times_a_seeded_error() -> None:
+    rng = random.Random(1)
+    trace = [job(f"j{i}", 100.0 * i, rng.choice((100.0, 1000.0, 5000.0))) for i in range(300)]
+    config = SimConfig(gpus=64)
+    noisy = simulate(trace, "predictive", config, prediction_noise=0.3, seed=7)
+    mape = duration_mape(noisy.jobs)
+    assert mape is not None and abs(mape - 0.3) < 0.06
+    assert all(j.predicted_duration_s is not None for j in noisy.jobs)  # even with no history
+    again = simulate(trace, "predictive", config, prediction_noise=0.3, seed=7)
+    assert [j.predicted_duration_s for j in again.jobs] == [
+        j.predicted_duration_s for j in noisy.jobs
+    ]
+
+
+def test_forecast_starts_at_submission_and_their_error() -> None:
+    trace = [job("a", 0.0, 100.0), job("b", 10.0, 50.0), job("c", 20.0, 500.0)]
+    result = simulate(trace, "srpt", SimConfig(gpus=1, gpus_per_node=1), forecast_every=1)
+    jobs = by_id(result)
+    # On exact run times and no later arrival that passes them, the forecast is right.
+    assert [jobs[k].predicted_start_s for k in "abc"] == pytest.approx([0.0, 100.0, 150.0])
+    assert [jobs[k].first_start_s for k in "abc"] == pytest.approx([0.0, 100.0, 150.0])
+    assert start_mape(result.jobs) == 0.0
+    assert duration_mape(result.jobs) is None  # nothing had finished when they were submitted
+    # Only every k-th submission is forecast.
+    sampled = simulate(trace, "srpt", SimConfig(gpus=1, gpus_per_node=1), forecast_every=2)
+    assert [j.job_id for j in sampled.jobs if j.predicted_start_s is not None] == ["b"]
+
+
+def test_prediction_errors_are_median_ape_with_a_floor() -> None:
+    def result(job_id: str, wait_s: float, predicted_start_s: float | None) -> JobResult:
+        return JobResult(
+            job_id, 1, 0.0, wait_s, wait_s + 100.0, 100.0, wait_s, 0, 150.0, predicted_start_s
+        )
+
+    jobs = [result("now", 0.0, 0.0), result("late", 600.0, 300.0), result("never", 0.0, None)]
+    # Waits: 0 vs 0 (error 0), 300 vs 600 (0.5); "never" has no forecast.
+    assert start_mape(jobs) == pytest.approx(0.25)
+    assert start_mape([result("early", 0.0, 120.0)]) == pytest.approx(2.0)  # 120 s / 60 s floor
+    assert duration_mape(jobs) == pytest.approx(0.5)
+    assert median_ape([]) is None
+
+
 def test_a_two_node_gang_waits_for_both_nodes() -> None:
     trace = [job("one", 0.0, 100.0), job("gang", 1.0, 50.0, gpus=16), job("two", 2.0, 10.0)]
     result = by_id(simulate(trace, "fifo", SimConfig(gpus=16, gpus_per_node=8)))
@@ -249,14 +349,15 @@ def cli() -> typer.Typer:
     return app
 
 
-def test_cli_prints_one_json_object(cli: typer.Typer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("policy", ["sjf", "srpt", "predictive"])
+def test_cli_prints_one_json_object(cli: typer.Typer, tmp_path: Path, policy: str) -> None:
     path = write_trace(tmp_path / "t.csv", [(ts(i), 60.0 * (i + 1), 1, "a") for i in range(5)])
     out = CliRunner().invoke(
-        cli, [str(path), "--gpus", "2", "--gpus-per-node", "2", "--json", "--policy", "sjf"]
+        cli, [str(path), "--gpus", "2", "--gpus-per-node", "2", "--json", "--policy", policy]
     )
     assert out.exit_code == 0, out.output
     figures = json.loads(out.stdout)
-    assert figures["policy"] == "sjf" and figures["jobs"] == 5 and figures["gpus"] == 2
+    assert figures["policy"] == policy and figures["jobs"] == 5 and figures["gpus"] == 2
     for key in ("avg_jct_s", "p99_jct_s", "avg_queue_s", "makespan_s", "gpu_util", "replay_s"):
         assert key in figures
 
