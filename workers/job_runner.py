@@ -254,7 +254,7 @@ def peak_gpu_memory_gb() -> float | None:
     return peak / GIB if peak else None
 
 
-def _end_tags(
+def end_tags(
     earlier: Mapping[str, str], outcome: str, attempt_s: float, peak_gb: float | None
 ) -> list[RunTag]:
     """The end-of-run tags, folding in what earlier attempts of the job tagged."""
@@ -287,7 +287,7 @@ def _end_run(
 
     try:
         earlier = wait.call("read the run", lambda: client.get_run(run_id)).data.tags
-        tags = _end_tags(earlier, outcome, attempt_s, peak_gpu_memory_gb())
+        tags = end_tags(earlier, outcome, attempt_s, peak_gpu_memory_gb())
         wait.call("tag the run", lambda: client.log_batch(run_id, tags=tags))
         total = next(t.value for t in tags if t.key == ACTUAL_DURATION_TAG)
         print(f"jobworker: ran {attempt_s:.1f} s this attempt, {total} s in all", flush=True)
