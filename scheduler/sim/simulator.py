@@ -46,6 +46,7 @@ from scheduler.core.model import (
 )
 from scheduler.core.queue_policy import place_plan, plan
 from scheduler.sim.policies import POLICIES, SimPolicy
+from scheduler.sim.preemption_cost import CHECKPOINT_EVERY_S, RESTART_S, saved_progress_s
 from scheduler.sim.traces import TraceJob
 from workers.interface.telemetry import GIB, GpuReading, GpuUuid, NodeId, NodeReading
 
@@ -66,8 +67,8 @@ class SimConfig:
 
     gpus: int = 48
     gpus_per_node: int = 8
-    checkpoint_every_s: float = 600.0
-    restart_s: float = 30.0
+    checkpoint_every_s: float = CHECKPOINT_EVERY_S
+    restart_s: float = RESTART_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,9 +358,7 @@ class _Replay:
         ran_s = self._stop(job, now)
         restart = self.config.restart_s if job.preemptions else 0.0
         done = min(job.trace.duration_s, job.progress_s + max(0.0, ran_s - restart))
-        every = self.config.checkpoint_every_s
-        saved = done if every <= 0 else math.floor((done + 1e-6) / every) * every
-        saved = min(done, max(job.progress_s, saved))
+        saved = saved_progress_s(job.progress_s, done, self.config.checkpoint_every_s)
         self.lost_gpu_s += (ran_s - (saved - job.progress_s)) * job.per_node * job.nodes
         job.progress_s = saved
         job.preemptions += 1
