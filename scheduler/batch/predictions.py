@@ -7,8 +7,10 @@ job's predicted run time; the forecaster simulates the queue forward
 latest of those inputs, no more often than every ``every_s``, and keeps one
 :class:`JobPrediction` per job. Readers (``GET /queue``, ``GET /jobs/{id}``)
 take the latest; neither the loop nor a reader waits for a forecast. The
-forecast runs in a worker process: a long queue takes seconds of pure Python,
-which in a thread would hold the interpreter lock against the loop.
+forecast runs in a worker process, started at the first forecast: a long queue
+takes seconds of pure Python, which in a thread would hold the interpreter lock
+against the loop; and it rests at least as long as it worked, so it never takes
+more than half a core.
 
 Example::
 
@@ -26,8 +28,8 @@ import multiprocessing
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from multiprocessing.pool import Pool
 
 from scheduler.core.model import QueuedJob, QueuePolicy, RunningJob
 from scheduler.core.predictor import Prediction
@@ -119,7 +121,11 @@ def job_predictions(inputs: ForecastInputs) -> dict[str, JobPrediction]:
 
 class Forecaster:
     """Forecasts the latest inputs, at most once per ``every_s``: :meth:`start` runs a
-    daemon thread that hands them to a worker process; :meth:`run_once`, inline."""
+    daemon thread that hands them to a worker process; :meth:`run_once`, inline.
+
+    The process is spawned, not forked: a fork of a process with Ray's threads may
+    inherit their locks held.
+    """
 
     def __init__(self, every_s: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._every_s = every_s
@@ -129,7 +135,7 @@ class Forecaster:
         self._ready = threading.Event()
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
-        self._pool: ProcessPoolExecutor | None = None
+        self._pool: Pool | None = None
 
     def submit(self, inputs: ForecastInputs) -> None:
         """Forecast these next (replacing inputs not yet forecast)."""
@@ -143,29 +149,37 @@ class Forecaster:
         return self._latest
 
     def run_once(self) -> None:
-        """Forecast the latest inputs now: in the worker process once started, else here."""
+        """Forecast the latest inputs now, here."""
+        inputs, self._inputs = self._inputs, None
+        if inputs is not None:
+            self._latest = job_predictions(inputs)
+
+    def _run_in_worker(self) -> None:
         inputs, self._inputs = self._inputs, None
         if inputs is None:
             return
         if self._pool is None:
-            self._latest = job_predictions(inputs)
-        else:
-            self._latest = self._pool.submit(job_predictions, inputs).result()
+            self._pool = multiprocessing.get_context("spawn").Pool(1)
+        result = self._pool.apply_async(job_predictions, (inputs,))
+        while not result.ready():
+            if self._halt.is_set():
+                return
+            result.wait(0.2)
+        self._latest = result.get()
 
     def start(self) -> None:
-        # spawn: a forked child of a process with Ray's threads may inherit held locks
-        context = multiprocessing.get_context("spawn")
-        self._pool = ProcessPoolExecutor(max_workers=1, mp_context=context)
         self._thread = threading.Thread(target=self._run, name="jobworker-forecast", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the thread and end the worker process, a forecast in progress with it."""
         self._halt.set()
         self._ready.set()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
 
     def _run(self) -> None:
         while not self._halt.is_set():
@@ -175,7 +189,8 @@ class Forecaster:
                 return
             began = self._clock()
             try:
-                self.run_once()
+                self._run_in_worker()
             except Exception:
                 log.exception("forecasting the queue failed; the last forecast is kept")
-            self._halt.wait(max(0.0, self._every_s - (self._clock() - began)))
+            took_s = self._clock() - began
+            self._halt.wait(max(self._every_s - took_s, took_s))
