@@ -13,6 +13,15 @@ the job's spool on local disk while training goes on (see
 :mod:`workers.mlflow_context` for what is an outage and what is a refusal,
 and how each step and the model are recorded once). The spool holds at most
 ``JOBWORKER_SPOOL_MAX_BYTES`` (default 256 MiB).
+
+At its end the leader tags the run, in one ``log_batch``, with
+``jobworker.outcome``, ``jobworker.actual_duration_s`` (the job's run time so
+far: this attempt's, from the process start to the end of the run, added to
+what the attempts before it tagged; an attempt killed before its end adds
+nothing) and ``jobworker.peak_gpu_memory_gb`` (the most GPU memory this
+process reserved on any one of its GPUs, ``torch.cuda.max_memory_reserved``,
+the largest over the attempts; absent without CUDA. Simulated GPUs measure
+nothing: their per-process reading is the job's own request echoed back).
 """
 
 from __future__ import annotations
@@ -43,7 +52,9 @@ from jobs.train import TrainResult, train
 from workers.files import write_json_atomic
 from workers.interface.errors import MlflowRefused
 from workers.interface.executor import LaunchRequest
+from workers.interface.history import ACTUAL_DURATION_TAG, PEAK_GPU_MEMORY_TAG
 from workers.interface.spec import TrainingSpec
+from workers.interface.telemetry import GIB
 from workers.mlflow_context import DEFAULT_SPOOL_MAX_BYTES, MlflowJobContext, MlflowWaiter
 from workers.mlflow_spool import SPOOL_DIR
 
@@ -233,10 +244,40 @@ def _log_model(
     return version
 
 
+def peak_gpu_memory_gb() -> float | None:
+    """The most GPU memory this process reserved on any one GPU, in GiB (torch's caching
+    allocator, ``torch.cuda.max_memory_reserved``; the CUDA context is not in it); None
+    without CUDA or when the job never used it."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        return None
+    peak = max(torch.cuda.max_memory_reserved(i) for i in range(torch.cuda.device_count()))
+    return peak / GIB if peak else None
+
+
+def end_tags(
+    earlier: Mapping[str, str], outcome: str, attempt_s: float, peak_gb: float | None
+) -> list[RunTag]:
+    """The end-of-run tags, folding in what earlier attempts of the job tagged."""
+    duration_s = attempt_s + float(earlier.get(ACTUAL_DURATION_TAG, 0.0))
+    tags = [RunTag("jobworker.outcome", outcome), RunTag(ACTUAL_DURATION_TAG, f"{duration_s:.1f}")]
+    peaks = [float(earlier[PEAK_GPU_MEMORY_TAG])] if PEAK_GPU_MEMORY_TAG in earlier else []
+    if peak_gb is not None:
+        peaks.append(peak_gb)
+    if peaks:
+        tags.append(RunTag(PEAK_GPU_MEMORY_TAG, f"{max(peaks):.3f}"))
+    return tags
+
+
 def _end_run(
-    client: MlflowClient, wait: MlflowWaiter, run_id: str, outcome: str, status: str
+    client: MlflowClient,
+    wait: MlflowWaiter,
+    run_id: str,
+    outcome: str,
+    status: str,
+    attempt_s: float,
 ) -> None:
-    """Tag the run with the job's outcome and end it (after a stop request: one try)."""
+    """Tag the run with the job's outcome, run time and peak GPU memory, and end it
+    (after a stop request: one try each)."""
 
     def end() -> None:
         if mlflow.active_run() is not None:  # also stops MLflow's system-metrics monitor
@@ -245,7 +286,11 @@ def _end_run(
             client.set_terminated(run_id, status)
 
     try:
-        wait.call("tag the run", lambda: client.set_tag(run_id, "jobworker.outcome", outcome))
+        earlier = wait.call("read the run", lambda: client.get_run(run_id)).data.tags
+        tags = end_tags(earlier, outcome, attempt_s, peak_gpu_memory_gb())
+        wait.call("tag the run", lambda: client.log_batch(run_id, tags=tags))
+        total = next(t.value for t in tags if t.key == ACTUAL_DURATION_TAG)
+        print(f"jobworker: ran {attempt_s:.1f} s this attempt, {total} s in all", flush=True)
         wait.call("end the run", end)
     except (StopRequested, MlflowRefused) as exc:
         print(f"jobworker: the run is not ended in MLflow: {exc}", file=sys.stderr, flush=True)
@@ -277,6 +322,7 @@ def _exit_with_parent() -> None:
 
 
 def main(work_dir: Path) -> int:
+    started_s = time.monotonic()
     _exit_with_parent()
     launch = LaunchRequest.model_validate_json((work_dir / "launch.json").read_text())
     spec = launch.spec
@@ -345,7 +391,14 @@ def main(work_dir: Path) -> int:
             for err in ctx.close():
                 print(f"jobworker: {err}", file=sys.stderr, flush=True)
         if leader and run_id is not None:
-            _end_run(client, wait, run_id, outcome.get("status", "failed"), status)
+            _end_run(
+                client,
+                wait,
+                run_id,
+                outcome.get("status", "failed"),
+                status,
+                time.monotonic() - started_s,
+            )
         write_json_atomic(result_path, outcome)
     return 0 if outcome["status"] != "failed" else 1
 

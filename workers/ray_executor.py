@@ -132,7 +132,7 @@ class TrainingWorker:
                 launch.job_id,
                 self._proc.pid,
                 list(launch.node.gpu_indices),
-                launch.spec.resources.gpu_memory_bytes,
+                launch.node.held_gpu_memory_bytes(launch.spec),
             )
         return self._proc.pid
 

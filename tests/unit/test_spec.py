@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from scheduler.cli.main import app
 from tests.conftest import REPO
 from workers.interface.errors import ConfigError
-from workers.interface.spec import load_spec
+from workers.interface.spec import load_spec, stored_spec
 
 MINIMAL = "name: t\nmodel: {name: mlp}\ntrain: {max_steps: 3}\n"
 
@@ -39,6 +39,11 @@ def test_example_configs_are_valid(path: Path) -> None:
         ("entrypoint: json:dumps", "", "exactly one of model or entrypoint"),
         ("name: 'has spaces'", "name", "pattern"),
         ("resources: {gpus: 1, gpu_memory_gb: .inf}", "resources.gpu_memory_gb", "finite"),
+        ("resources: {gpus: 1, gpu_memory_gb: lots}", "resources.gpu_memory_gb", "or 'auto'"),
+        ("resources: {gpus: 1, gpu_memory_gb: Auto}", "resources.gpu_memory_gb", "or 'auto'"),
+        ("resources: {gpus: 1, gpu_memory_gb: -2}", "resources.gpu_memory_gb", "or equal to 0"),
+        ("resources: {gpus: 1, gpu_memory_gb: 2000}", "resources.gpu_memory_gb", "1024"),
+        ("resources: {gpus: 0, gpu_memory_gb: auto}", "resources", "auto but gpus is 0"),
         ("resources: {memory_gb: .nan}", "resources.memory_gb", "finite"),
     ],
 )
@@ -53,6 +58,17 @@ def test_bad_fields_are_named(extra: str, loc: str, words: str) -> None:
         (not loc or got_loc == loc) and words.lower() in msg.lower()
         for got_loc, msg in info.value.errors
     ), info.value.errors
+
+
+@pytest.mark.parametrize(("written", "kept"), [("auto", "auto"), ("6", 6.0), ("'6.5'", 6.5)])
+def test_gpu_memory_is_a_number_or_auto_and_survives_the_store(
+    written: str, kept: float | str
+) -> None:
+    spec = load_spec(MINIMAL + f"resources: {{gpus: 1, gpu_memory_gb: {written}}}\n")
+    assert spec.resources.gpu_memory_gb == kept
+    assert spec.resources.gpu_memory_auto == (kept == "auto")
+    assert spec.resources.gpu_memory_bytes == (None if kept == "auto" else int(kept * 2**30))
+    assert stored_spec(spec.model_dump_json()) == spec
 
 
 def _user_package(root: Path) -> Path:

@@ -28,7 +28,9 @@ class NodeAssignment(_Value):
     """One rank's place: the node, its GPUs (indices only for ``CUDA_VISIBLE_DEVICES``).
 
     ``pid`` is the rank's job process, once known (placement matches NVML's
-    per-process memory to it).
+    per-process memory to it). ``gpu_memory_bytes`` is what the job holds on each
+    of these GPUs when placement decided it (``gpu_memory_gb: auto``); None: the
+    spec's number.
     """
 
     node_id: str
@@ -36,6 +38,14 @@ class NodeAssignment(_Value):
     gpu_indices: tuple[int, ...] = ()
     gpu_uuids: tuple[GpuUuid, ...] = ()
     pid: int | None = None
+    gpu_memory_bytes: int | None = None
+
+    def held_gpu_memory_bytes(self, spec: TrainingSpec) -> int:
+        """What the job of ``spec`` holds on each GPU here: the one placement decided, else
+        the spec's (0 for an ``auto`` spec placed by a loop that decided none)."""
+        if self.gpu_memory_bytes is not None:
+            return self.gpu_memory_bytes
+        return spec.resources.gpu_memory_bytes or 0
 
 
 class Assignment(_Value):

@@ -12,6 +12,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+PEAK_GPU_MEMORY_TAG = "jobworker.peak_gpu_memory_gb"
+"""Run tag: the job's peak GPU memory on any one GPU (GiB), as the job process measured it."""
+ACTUAL_DURATION_TAG = "jobworker.actual_duration_s"
+"""Run tag: the job's run time (seconds, summed over its attempts), tagged at each end."""
+
 
 @dataclass(frozen=True, slots=True)
 class RunFacts:

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from importlib.machinery import PathFinder
 from pathlib import Path
-from typing import Annotated, Any, Self, TypeVar
+from typing import Annotated, Any, Literal, Self, TypeVar
 
 import yaml
 from pydantic import (
@@ -28,6 +28,7 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -103,13 +104,20 @@ class TrainSettings(_Strict):
         return self
 
 
+AUTO = "auto"
+"""``resources.gpu_memory_gb: auto``: the scheduler sizes the request from the job's history."""
+
+
 class Resources(_Strict):
     gpus: int = Field(default=0, ge=0, le=64, description="GPUs per node, at most 64.")
-    gpu_memory_gb: float = Field(
+    # `auto` opts into a request sized from the peak GPU memory of the job's earlier runs
+    # (scheduler/core/gpu_memory.py); a number is never changed.
+    gpu_memory_gb: Annotated[float, Field(ge=0, le=MAX_GPU_MEMORY_GB)] | Literal["auto"] = Field(
         default=0.0,
-        ge=0,
-        le=MAX_GPU_MEMORY_GB,
-        description=f"GPU memory held on each GPU, at most {MAX_GPU_MEMORY_GB:g} GB.",
+        description=(
+            f"GPU memory held on each GPU, at most {MAX_GPU_MEMORY_GB:g} GB; or 'auto': "
+            "the peak of the job's earlier runs plus 10 %, the whole GPU while there are none."
+        ),
     )
     gpu_type: str | None = None
     cpus: int = Field(default=1, ge=1, le=MAX_CPUS, description=f"At most {MAX_CPUS} per node.")
@@ -123,15 +131,47 @@ class Resources(_Strict):
     # placed all-or-nothing, one process per node (torch.distributed, jobs/distributed.py).
     nodes: int = Field(default=1, ge=1, le=64, description="Nodes of a gang, at most 64.")
 
+    @field_validator("gpu_memory_gb", mode="before")
+    @classmethod
+    def _number_or_auto(cls, value: Any) -> Any:
+        """Checked here so that a refusal names ``resources.gpu_memory_gb`` in one message,
+        not one per member of the union (``…gpu_memory_gb.constrained-float``)."""
+        if value == AUTO:
+            return value
+        wrong = ValueError(f"must be a number of GB per GPU or 'auto', got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise wrong
+        try:
+            number = float(value)
+        except ValueError:
+            raise wrong from None
+        if not math.isfinite(number):
+            raise ValueError(f"must be a finite number, got {value!r}")
+        if number < 0:
+            raise ValueError("Input should be greater than or equal to 0")
+        if number > MAX_GPU_MEMORY_GB:
+            raise ValueError(f"Input should be less than or equal to {MAX_GPU_MEMORY_GB:g}")
+        return number
+
     @model_validator(mode="after")
     def _gpu_memory_needs_gpus(self) -> Self:
-        if self.gpus == 0 and self.gpu_memory_gb > 0:
+        if self.gpus == 0 and self.gpu_memory_gb == AUTO:
+            raise ValueError("gpu_memory_gb is auto but gpus is 0")
+        if self.gpus == 0 and isinstance(self.gpu_memory_gb, float) and self.gpu_memory_gb > 0:
             raise ValueError("gpu_memory_gb is set but gpus is 0")
         return self
 
     @property
-    def gpu_memory_bytes(self) -> int:
-        """``gpu_memory_gb`` in bytes: what the job holds on each of its GPUs."""
+    def gpu_memory_auto(self) -> bool:
+        """True for ``gpu_memory_gb: auto``: placement sizes the request."""
+        return self.gpu_memory_gb == AUTO
+
+    @property
+    def gpu_memory_bytes(self) -> int | None:
+        """``gpu_memory_gb`` in bytes, what the job holds on each of its GPUs; None for
+        ``auto`` (what it holds is decided at placement: ``NodeAssignment.gpu_memory_bytes``)."""
+        if self.gpu_memory_gb == AUTO:
+            return None
         return int(self.gpu_memory_gb * GIB)
 
     @property
