@@ -35,6 +35,7 @@ from scheduler.realtime.service import DeploymentService
 from scheduler.realtime.store import DeploymentStore
 from workers.interface.replicas import ResolvedModel
 from workers.interface.telemetry import GIB
+from workers.mlflow_history import MlflowRunFacts
 from workers.mlflow_models import resolve
 from workers.ray_cluster import RayCluster, connect
 from workers.ray_executor import RayExecutor
@@ -182,7 +183,9 @@ def build(settings: Settings) -> ControlPlane:
         ),
     )
     lease = Lease(engine, Lease.holder_id(), ttl_s=settings.lease_ttl_s)
-    history = JobHistory(store, refresh_s=settings.history_refresh_s)
+    history = JobHistory(
+        store, MlflowRunFacts(settings.tracking_uri), refresh_s=settings.history_refresh_s
+    )
     forecaster = Forecaster(every_s=settings.forecast_every_s)
     scheduler = Scheduler(
         store,

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from scheduler.batch.demands import (
     assignment_of,
+    auto_gpu_memory_of,
     demand_of,
     holdings_of,
     queued_job,
@@ -31,6 +32,7 @@ from scheduler.batch.lease import Lease
 from scheduler.batch.predictions import Forecaster, ForecastInputs, JobPrediction
 from scheduler.batch.store import JobFields, JobRecord, JobStore
 from scheduler.core.backoff import backoff_s
+from scheduler.core.gpu_memory import AutoGpuMemory
 from scheduler.core.model import (
     ClusterSnapshot,
     Demand,
@@ -297,13 +299,15 @@ class Scheduler:
             self._job_problem(job.id, "cannot count what it holds", exc)
             return None
 
-    def _plannable(self, ready: list[JobRecord]) -> dict[str, Demand]:
+    def _plannable(
+        self, ready: list[JobRecord], estimates: dict[str, _Estimate]
+    ) -> dict[str, Demand]:
         """What each job the planner can take demands; one it cannot (say, numbers that
         overflow) fails with the reason, instead of stopping every pass for every other."""
         demands: dict[str, Demand] = {}
         for job in ready:
             try:
-                demands[job.id] = demand_of(job)
+                demands[job.id] = demand_of(job, self._auto(job, estimates))
             except Exception as exc:
                 reason = f"the scheduler cannot plan it: {type(exc).__name__}: {exc}"
                 log.warning("job %s: %s", job.id, reason)
@@ -554,7 +558,7 @@ class Scheduler:
         for job in pending:
             if job.not_before is not None and job.not_before > now:
                 reasons[job.id] = [f"retry: backing off for {job.not_before - now:.0f} s more"]
-        demands = self._plannable([j for j in pending if j.id not in reasons])
+        demands = self._plannable([j for j in pending if j.id not in reasons], estimates)
         placed: set[str] = set()
         order: list[str] = []
         self._next_change_at = None
@@ -599,6 +603,12 @@ class Scheduler:
             return None
         p = predict(self._history.latest, ("cluster",))
         return None if p is None else p.duration_s
+
+    @staticmethod
+    def _auto(job: JobRecord, estimates: dict[str, _Estimate]) -> AutoGpuMemory | None:
+        """What a ``gpu_memory_gb: auto`` job asks for now (None: it wrote a number)."""
+        est = estimates.get(job.id)
+        return auto_gpu_memory_of(job, None if est is None else est.prediction)
 
     @staticmethod
     def _left_s(estimates: dict[str, _Estimate], job_id: str) -> float | None:
@@ -651,7 +661,9 @@ class Scheduler:
                 reasons[job.id] = list(decision.reasons)
                 continue
             try:
-                self._start(job, assignment_of(decision, nodes_by_id), estimates.get(job.id))
+                auto = self._auto(job, estimates)
+                assignment = assignment_of(decision, nodes_by_id, auto)
+                self._start(job, assignment, estimates.get(job.id), auto)
             except NotLeader as exc:  # another control plane took over: it places the rest
                 log.warning("stopped placing: %s", exc)
                 break
@@ -663,10 +675,18 @@ class Scheduler:
         listed = [*queue_plan.order, *(j for j in queue_plan.ranked if j not in admitted)]
         return listed, placed
 
-    def _start(self, job: JobRecord, assignment: Assignment, est: _Estimate | None) -> None:
+    def _start(
+        self,
+        job: JobRecord,
+        assignment: Assignment,
+        est: _Estimate | None,
+        auto: AutoGpuMemory | None,
+    ) -> None:
         where = "; ".join(
             f"{n.hostname} GPUs {list(n.gpu_indices) or 'none'}" for n in assignment.nodes
         )
+        if auto is not None:
+            where += f" ({auto.reason})"
         lease = self._lease
         job = self._store.transition(
             job.id,

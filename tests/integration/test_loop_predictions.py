@@ -26,7 +26,7 @@ from tests.unit.placement_factories import _gpu, _node
 from workers.interface.executor import LaunchRequest, WorkerPhase, WorkerReport
 from workers.interface.history import RunFacts
 from workers.interface.spec import load_spec
-from workers.interface.telemetry import NodeReading
+from workers.interface.telemetry import GIB, NodeReading
 
 
 class Clock:
@@ -235,3 +235,21 @@ def test_predicted_starts_follow_the_queue_and_the_launch_carries_the_prediction
     tags = workers.launched[0].tags
     assert float(tags["jobworker.predicted_duration_s"]) == 10.0
     assert tags["jobworker.prediction_basis"] == "name:default/short"
+
+
+def test_an_auto_memory_job_asks_for_its_familys_measured_peak(
+    store: JobStore, clock: Clock, tmp_path: Path
+) -> None:
+    for run in ("r1", "r2", "r3"):
+        finished(store, clock, "sized", 60.0, run)
+    history = JobHistory(store, Facts({"r1": 6.0, "r2": 9.3, "r3": 7.0}))
+    history.refresh()
+    text = config("sized", gpus=1).replace("gpu_memory_gb: 4", "gpu_memory_gb: auto")
+    job_id = store.create(load_spec(text), text).id
+
+    loop_over(store, Workers(), clock, tmp_path, QueueConfig().policy(), history).run_once()
+
+    job = store.get(job_id)
+    assert job.state is JobState.SCHEDULED and job.assignment is not None
+    assert job.assignment.nodes[0].gpu_memory_bytes == int(10.5 * GIB)  # 9.3 GiB + 10 %
+    assert "asking for 10.5 GiB per GPU" in store.history(job_id)[-1].reason
