@@ -535,14 +535,19 @@ class Scheduler:
             return {}
         history = self._history.latest
         out: dict[str, _Estimate] = {}
+        alike: dict[tuple[tuple[str, ...], float], _Estimate | None] = {}  # a family's jobs
         for job in jobs:
             keys = self._families.get(job.id)
             if keys is None:
                 keys = self._families[job.id] = family_keys(job)
-            p = predict(history, keys)
-            left_s = remaining_s(history, keys, elapsed_s(job, now))
-            if p is not None and left_s is not None:
-                out[job.id] = _Estimate(p, left_s)
+            ran_s = elapsed_s(job, now)
+            if (keys, ran_s) not in alike:
+                p = predict(history, keys)
+                left_s = remaining_s(history, keys, ran_s)
+                alike[keys, ran_s] = None if p is None or left_s is None else _Estimate(p, left_s)
+            est = alike[keys, ran_s]
+            if est is not None:
+                out[job.id] = est
         return out
 
     @property
