@@ -7,7 +7,8 @@ job's predicted run time; the forecaster simulates the queue forward
 latest of those inputs, no more often than every ``every_s``, and keeps one
 :class:`JobPrediction` per job. Readers (``GET /queue``, ``GET /jobs/{id}``)
 take the latest; neither the loop nor a reader waits for a forecast. The
-forecast runs in a worker process, started at the first forecast: a long queue
+forecast runs in a worker process, started at the first forecast (while no
+job has a prediction there is nothing to forecast, and no process): a long queue
 takes seconds of pure Python, which in a thread would hold the interpreter lock
 against the loop; and it rests at least as long as it worked, so it never takes
 more than half a core.
@@ -157,6 +158,9 @@ class Forecaster:
     def _run_in_worker(self) -> None:
         inputs, self._inputs = self._inputs, None
         if inputs is None:
+            return
+        if not inputs.remaining_s:  # nothing to forecast: no process for that
+            self._latest = job_predictions(inputs)
             return
         if self._pool is None:
             self._pool = multiprocessing.get_context("spawn").Pool(1)
