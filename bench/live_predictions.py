@@ -119,7 +119,7 @@ def main() -> None:
 
         history = JobHistory(store)
         history.refresh()
-        forecaster = Forecaster(every_s=0.0)  # forecast back to back: the worst case
+        forecaster = Forecaster(every_s=0.0)  # as often as it may (it rests as long as it works)
         with_predictions = Scheduler(
             store,
             Workers(),
