@@ -20,11 +20,14 @@ from scheduler.api.views import cluster_table
 from scheduler.auth.audit import AuditStore
 from scheduler.auth.model_names import ModelNames
 from scheduler.auth.tokens import TokenStore
+from scheduler.batch.history import JobHistory
 from scheduler.batch.lease import Lease
 from scheduler.batch.loop import ACTIVE, LoopSettings, Scheduler
+from scheduler.batch.predictions import Forecaster
 from scheduler.batch.queue_config import QueueConfig, read_queue_config
 from scheduler.batch.service import JobService
 from scheduler.batch.store import JobStore
+from scheduler.core.model import Mode
 from scheduler.realtime.controller import DeploymentController, ServeSettings
 from scheduler.realtime.metrics import ServingMetrics
 from scheduler.realtime.router import Router
@@ -32,6 +35,7 @@ from scheduler.realtime.service import DeploymentService
 from scheduler.realtime.store import DeploymentStore
 from workers.interface.replicas import ResolvedModel
 from workers.interface.telemetry import GIB
+from workers.mlflow_history import MlflowRunFacts
 from workers.mlflow_models import resolve
 from workers.ray_cluster import RayCluster, connect
 from workers.ray_executor import RayExecutor
@@ -50,6 +54,9 @@ class Settings:
     ray_address: str | None = None  # default: a local Ray started in-process
     cluster_config: Path | None = None
     queue_config: Path | None = None
+    queue_mode: Mode | None = None  # overrides the queue config's mode (its default: las)
+    history_refresh_s: float = 30.0  # how often the predictor re-reads the finished jobs
+    forecast_every_s: float = 2.0  # the most often the queue is forecast forward
     gpu_backend: str = "auto"  # auto | nvml | simulated
     namespace: str = "jobworker"
     loop_interval_s: float = 0.5
@@ -104,12 +111,18 @@ class ControlPlane:
     app: FastAPI
     controller: DeploymentController
     tokens: TokenStore
+    history: JobHistory
+    forecaster: Forecaster
 
     def start(self) -> None:
+        self.history.start()
+        self.forecaster.start()
         self.scheduler.start()
 
     def stop(self) -> None:
         self.scheduler.stop()
+        self.forecaster.stop()
+        self.history.stop()
         self.controller.close()
         self.cluster.close()
         self.engine.dispose()
@@ -133,6 +146,8 @@ def build(settings: Settings) -> ControlPlane:
     tokens.ensure_admin_file(settings.admin_token_file)
     model_names = ModelNames(engine)
     queue = read_queue_config(settings.queue_config) if settings.queue_config else QueueConfig()
+    if settings.queue_mode is not None:
+        queue = queue.model_copy(update={"mode": settings.queue_mode})
     if settings.tracking_uri.startswith("sqlite:"):
         # Create MLflow's tables here, once: job processes starting together would race.
         MlflowClient(settings.tracking_uri).search_experiments(max_results=1)
@@ -168,7 +183,20 @@ def build(settings: Settings) -> ControlPlane:
         ),
     )
     lease = Lease(engine, Lease.holder_id(), ttl_s=settings.lease_ttl_s)
-    scheduler = Scheduler(store, executor, cluster, loop_settings, realtime=controller, lease=lease)
+    history = JobHistory(
+        store, MlflowRunFacts(settings.tracking_uri), refresh_s=settings.history_refresh_s
+    )
+    forecaster = Forecaster(every_s=settings.forecast_every_s)
+    scheduler = Scheduler(
+        store,
+        executor,
+        cluster,
+        loop_settings,
+        realtime=controller,
+        lease=lease,
+        history=history,
+        forecaster=forecaster,
+    )
     service = JobService(
         store,
         loop_settings.log_dir,
@@ -192,10 +220,21 @@ def build(settings: Settings) -> ControlPlane:
         cluster_view=lambda: cluster_table(cluster.nodes(), store.find(list(ACTIVE))),
         serving=Serving(deployments, router, metrics),
         queue_view=lambda: [dataclasses.asdict(e) for e in scheduler.queue()],
+        predictions=scheduler.prediction,
         leading=lambda: scheduler.leading,
         body_limits=BodyLimits(settings.max_body_bytes, settings.max_config_bytes),
         allowed_hosts=allowed_hosts(settings.api_host, settings.allowed_hosts),
     )
     return ControlPlane(
-        engine, store, scheduler, service, cluster, executor, app, controller, tokens
+        engine,
+        store,
+        scheduler,
+        service,
+        cluster,
+        executor,
+        app,
+        controller,
+        tokens,
+        history,
+        forecaster,
     )

@@ -30,6 +30,7 @@ from scheduler.api.views import (
 )
 from scheduler.auth.identity import Forbidden, Identity, check_predict
 from scheduler.auth.tokens import TokenNotFound
+from scheduler.batch.predictions import JobPrediction
 from scheduler.batch.service import JobService
 from scheduler.core.states import JobState
 from scheduler.realtime.metrics import ServingMetrics
@@ -74,12 +75,14 @@ def create_app(
     cluster_view: Callable[[], dict[str, Any]] | None = None,
     serving: Serving | None = None,
     queue_view: Callable[[], list[dict[str, Any]]] | None = None,
+    predictions: Callable[[str], JobPrediction | None] | None = None,
     leading: Callable[[], bool] | None = None,
     body_limits: BodyLimits = BodyLimits(),
     allowed_hosts: frozenset[str] | None = None,
 ) -> FastAPI:
     """The API over a job service. ``cluster_view`` serves ``GET /cluster``,
-    ``queue_view`` ``GET /queue``; ``leading`` says whether this control plane
+    ``queue_view`` ``GET /queue``; ``predictions`` gives a job's predicted start and
+    end (``GET /jobs/{id}``'s ``prediction``); ``leading`` says whether this control plane
     acts on jobs or stands by (``GET /healthz``'s ``role``). Requests pass
     :class:`~scheduler.api.guards.RequestGuard` first: ``body_limits``, and the
     ``Host`` names served (``allowed_hosts``; None: any); then every route but
@@ -158,7 +161,9 @@ def create_app(
 
     @app.get("/jobs/{job_id}", response_model=JobOut, responses=NOT_FOUND)
     def get_job(job_id: str) -> JobOut:
-        return job_out(service.get(job_id), mlflow_ui_url, service.history(job_id))
+        """The job, its history, and, pending or running, when it should start and end."""
+        prediction = predictions(job_id) if predictions is not None else None
+        return job_out(service.get(job_id), mlflow_ui_url, service.history(job_id), prediction)
 
     @app.post("/jobs/{job_id}/cancel", response_model=JobOut, responses=NOT_FOUND)
     def cancel(job_id: str, request: Request, who: Caller) -> JobOut:

@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from scheduler.batch.predictions import JobPrediction
 from scheduler.batch.store import JobEvent, JobRecord
 from scheduler.realtime.store import DeploymentRecord
 from workers.interface.executor import Assignment, Progress
@@ -19,6 +20,25 @@ class EventOut(BaseModel):
     from_state: str | None
     to_state: str
     reason: str
+
+
+class JobPredictionOut(BaseModel):
+    """When a pending or running job is predicted to start and end (None: no estimate).
+
+    ``start_at``: a pending job's predicted start, a running job's current attempt's
+    start; ``duration_s`` its predicted run time in all, ``remaining_s`` what is left
+    of it; ``spread_s`` the duration's ``±``; ``basis`` the family the estimate comes
+    from (``name:…``, ``work:…``, ``team:…``, ``cluster``), ``samples`` how many
+    finished runs of it (0: no estimate yet).
+    """
+
+    start_at: float | None
+    end_at: float | None
+    duration_s: float | None
+    remaining_s: float | None
+    spread_s: float | None
+    basis: str | None
+    samples: int
 
 
 class JobOut(BaseModel):
@@ -45,6 +65,7 @@ class JobOut(BaseModel):
     pending_reasons: list[str] | None
     cancel_requested: bool
     history: list[EventOut] | None = None
+    prediction: JobPredictionOut | None = None  # pending and running jobs, once forecast
 
 
 class FieldError(BaseModel):
@@ -84,7 +105,12 @@ def run_url(ui_url: str | None, job: JobRecord) -> str | None:
     return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{job.run_id}"
 
 
-def job_out(job: JobRecord, ui_url: str | None, history: list[JobEvent] | None = None) -> JobOut:
+def job_out(
+    job: JobRecord,
+    ui_url: str | None,
+    history: list[JobEvent] | None = None,
+    prediction: JobPrediction | None = None,
+) -> JobOut:
     return JobOut(
         id=job.id,
         name=job.name,
@@ -119,6 +145,11 @@ def job_out(job: JobRecord, ui_url: str | None, history: list[JobEvent] | None =
                 for e in history
             ]
             if history is not None
+            else None
+        ),
+        prediction=(
+            JobPredictionOut.model_validate(asdict(prediction))
+            if prediction is not None and not job.terminal
             else None
         ),
     )
@@ -183,6 +214,11 @@ class QueueEntryOut(BaseModel):
     priority: int
     submitted_at: float
     reasons: list[str]
+    predicted_start_at: float | None = None
+    predicted_end_at: float | None = None
+    predicted_duration_s: float | None = None
+    predicted_spread_s: float | None = None
+    prediction_basis: str | None = None
 
 
 def cluster_table(nodes: Sequence[NodeReading], active: Iterable[JobRecord]) -> dict[str, Any]:

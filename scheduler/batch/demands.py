@@ -59,8 +59,9 @@ def demand_of(job: JobRecord, auto: AutoGpuMemory | None = None) -> Demand:
     )
 
 
-def queued_job(job: JobRecord) -> QueuedJob:
-    """A PENDING job: its service so far and when it (re)entered the queue."""
+def queued_job(job: JobRecord, remaining_s: float | None = None) -> QueuedJob:
+    """A PENDING job: its service so far, when it (re)entered the queue, and its predicted
+    run time left (``remaining_s``; None: unknown)."""
     res = job.spec.resources
     return QueuedJob(
         job_id=job.id,
@@ -71,30 +72,37 @@ def queued_job(job: JobRecord) -> QueuedJob:
         nodes=res.nodes,
         attained_gpu_s=job.attained_gpu_s,
         queued_at=job.queued_at,
+        est_duration_s=remaining_s,
     )
 
 
-def running_job(job: JobRecord) -> RunningJob | None:
-    """A SCHEDULED or RUNNING job holding GPUs, since the start of its current attempt.
+def running_job(job: JobRecord, est_end: float | None = None) -> RunningJob | None:
+    """A SCHEDULED or RUNNING job holding GPUs, since the start of its current attempt,
+    predicted to end at ``est_end`` (None: unknown).
 
     None for a job that holds no GPU (the queue policy counts GPUs only).
     """
     a = job.assignment
     if a is None or not a.gpus:
         return None
-    started_at = job.updated_at  # SCHEDULED: since it was placed
-    if job.state is JobState.RUNNING and job.attempt_started_at is not None:
-        started_at = job.attempt_started_at
     return RunningJob(
         job_id=job.id,
         team=job.team,
         priority=job.priority,
         gpus=len(a.leader.gpu_uuids),
         node_ids=tuple(n.node_id for n in a.nodes),
-        started_at=started_at,
+        started_at=running_since(job),
         attained_gpu_s=job.attained_gpu_s,
         preemptible=job.preempt_reason is None,
+        est_end=est_end,
     )
+
+
+def running_since(job: JobRecord) -> float:
+    """When a SCHEDULED or RUNNING job's current attempt started (SCHEDULED: was placed)."""
+    if job.state is JobState.RUNNING and job.attempt_started_at is not None:
+        return job.attempt_started_at
+    return job.updated_at
 
 
 def holdings_of(job: JobRecord) -> list[Holding]:

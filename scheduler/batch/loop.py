@@ -13,21 +13,26 @@ import logging
 import threading
 import time
 import zlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
 from scheduler.batch.demands import (
     assignment_of,
+    auto_gpu_memory_of,
     demand_of,
     holdings_of,
     queued_job,
     running_job,
+    running_since,
 )
+from scheduler.batch.history import JobHistory, elapsed_s, family_keys
 from scheduler.batch.lease import Lease
+from scheduler.batch.predictions import Forecaster, ForecastInputs, JobPrediction
 from scheduler.batch.store import JobFields, JobRecord, JobStore
 from scheduler.core.backoff import backoff_s
+from scheduler.core.gpu_memory import AutoGpuMemory
 from scheduler.core.model import (
     ClusterSnapshot,
     Demand,
@@ -37,6 +42,7 @@ from scheduler.core.model import (
     RunningJob,
 )
 from scheduler.core.placement import place
+from scheduler.core.predictor import Prediction, predict, remaining_s
 from scheduler.core.preemption import choose_victims, without_jobs
 from scheduler.core.queue_policy import place_plan, plan
 from scheduler.core.states import JobState
@@ -99,7 +105,7 @@ class LoopSettings:
 
 @dataclass(frozen=True)
 class QueueEntry:
-    """A pending job as ``GET /queue`` shows it."""
+    """A pending job as ``GET /queue`` shows it; the predictions are None when unknown."""
 
     job_id: str
     name: str
@@ -107,6 +113,19 @@ class QueueEntry:
     priority: int
     submitted_at: float
     reasons: list[str]
+    predicted_start_at: float | None = None
+    predicted_end_at: float | None = None
+    predicted_duration_s: float | None = None
+    predicted_spread_s: float | None = None
+    prediction_basis: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Estimate:
+    """A job's prediction, and its run time left after what it has run so far."""
+
+    prediction: Prediction
+    remaining_s: float
 
 
 def rendezvous_port(job_id: str, attempt: int) -> int:
@@ -139,8 +158,13 @@ class Scheduler:
         clock: Callable[[], float] = time.time,
         realtime: RealtimeLane | None = None,
         lease: Lease | None = None,
+        history: JobHistory | None = None,
+        forecaster: Forecaster | None = None,
     ) -> None:
         self._store = store
+        self._history = history
+        self._forecaster = forecaster
+        self._families: dict[str, tuple[str, ...]] = {}  # each job's family keys, kept
         self._lease = lease
         self._realtime = realtime
         self._executor = executor
@@ -220,8 +244,9 @@ class Scheduler:
                     self._snapshot, self._settings.policy, self._preempt_for
                 ),
             )
-        self._place(pending)
+        self._place(pending, active)
         ids = {j.id for j in jobs} | left_out
+        self._families = {k: v for k, v in self._families.items() if k in ids}
         for job_id in [k for k in self._unwritten if k not in ids]:  # it ended meanwhile
             self._append_log(job_id, "")
         self._noted = {k: v for k, v in self._noted.items() if k in ids}
@@ -267,20 +292,22 @@ class Scheduler:
             self._job_problem(job.id, "cannot count what it holds", exc)
             return []
 
-    def _running(self, job: JobRecord) -> RunningJob | None:
+    def _running(self, job: JobRecord, est: _Estimate | None, now: float) -> RunningJob | None:
         try:
-            return running_job(job)
+            return running_job(job, None if est is None else now + est.remaining_s)
         except Exception as exc:
             self._job_problem(job.id, "cannot count what it holds", exc)
             return None
 
-    def _plannable(self, ready: list[JobRecord]) -> dict[str, Demand]:
+    def _plannable(
+        self, ready: list[JobRecord], estimates: dict[str, _Estimate]
+    ) -> dict[str, Demand]:
         """What each job the planner can take demands; one it cannot (say, numbers that
         overflow) fails with the reason, instead of stopping every pass for every other."""
         demands: dict[str, Demand] = {}
         for job in ready:
             try:
-                demands[job.id] = demand_of(job)
+                demands[job.id] = demand_of(job, self._auto(job, estimates))
             except Exception as exc:
                 reason = f"the scheduler cannot plan it: {type(exc).__name__}: {exc}"
                 log.warning("job %s: %s", job.id, reason)
@@ -479,8 +506,49 @@ class Scheduler:
         return "preempting " + ", ".join(victims) + " (they checkpoint, then requeue)"
 
     def queue(self) -> list[QueueEntry]:
-        """The pending jobs in the order the last pass considered them, with why each waits."""
-        return list(self._queue)
+        """The pending jobs in the order the last pass considered them, with why each waits
+        and, once forecast, when each is predicted to start and end."""
+        if self._forecaster is None:
+            return list(self._queue)
+        out = []
+        for entry in self._queue:
+            p = self._forecaster.prediction(entry.job_id)
+            if p is not None:
+                entry = replace(
+                    entry,
+                    predicted_start_at=p.start_at,
+                    predicted_end_at=p.end_at,
+                    predicted_duration_s=p.duration_s,
+                    predicted_spread_s=p.spread_s,
+                    prediction_basis=p.basis,
+                )
+            out.append(entry)
+        return out
+
+    def prediction(self, job_id: str) -> JobPrediction | None:
+        """The latest forecast of a pending or running job (None: not forecast yet)."""
+        return None if self._forecaster is None else self._forecaster.prediction(job_id)
+
+    def _estimates(self, jobs: Iterable[JobRecord], now: float) -> dict[str, _Estimate]:
+        """The jobs whose family has history: their predictions from the latest history."""
+        if self._history is None:
+            return {}
+        history = self._history.latest
+        out: dict[str, _Estimate] = {}
+        alike: dict[tuple[tuple[str, ...], float], _Estimate | None] = {}  # a family's jobs
+        for job in jobs:
+            keys = self._families.get(job.id)
+            if keys is None:
+                keys = self._families[job.id] = family_keys(job)
+            ran_s = elapsed_s(job, now)
+            if (keys, ran_s) not in alike:
+                p = predict(history, keys)
+                left_s = remaining_s(history, keys, ran_s)
+                alike[keys, ran_s] = None if p is None or left_s is None else _Estimate(p, left_s)
+            est = alike[keys, ran_s]
+            if est is not None:
+                out[job.id] = est
+        return out
 
     @property
     def next_change_at(self) -> float | None:
@@ -488,20 +556,69 @@ class Scheduler:
         ``next_change_at``: a demotion, a protection running out), or None."""
         return self._next_change_at
 
-    def _place(self, pending: list[JobRecord]) -> None:
+    def _place(self, pending: list[JobRecord], active: list[JobRecord]) -> None:
         now = self._clock()
+        estimates = self._estimates([*pending, *active], now)
         reasons: dict[str, list[str]] = {}
         for job in pending:
             if job.not_before is not None and job.not_before > now:
                 reasons[job.id] = [f"retry: backing off for {job.not_before - now:.0f} s more"]
-        demands = self._plannable([j for j in pending if j.id not in reasons])
+        demands = self._plannable([j for j in pending if j.id not in reasons], estimates)
         placed: set[str] = set()
         order: list[str] = []
         self._next_change_at = None
         if demands:
             ready = [j for j in pending if j.id in demands]
-            order, placed = self._place_ready(ready, demands, now, reasons)
+            order, placed = self._place_ready(ready, demands, now, reasons, estimates)
         self._record_queue(pending, order, placed, reasons)
+        if self._forecaster is not None:
+            waiting = [j for j in pending if j.id not in placed]
+            self._step(
+                "handing the queue to the forecast",
+                lambda: self._forecast(waiting, estimates, now),
+            )
+
+    def _forecast(
+        self, waiting: list[JobRecord], estimates: dict[str, _Estimate], now: float
+    ) -> None:
+        """Hand the forecaster the queue as this pass left it (the jobs it placed running)."""
+        assert self._forecaster is not None
+        active = self._active()
+        for job in active:
+            if job.id not in estimates:  # placed in this pass: estimated as pending
+                estimates.update(self._estimates([job], now))
+        jobs = [*waiting, *active]
+        self._forecaster.submit(
+            ForecastInputs(
+                pending=[queued_job(j, self._left_s(estimates, j.id)) for j in waiting],
+                running=[r for j in active if (r := self._running(j, estimates.get(j.id), now))],
+                node_gpus={n.node_id: len(n.gpus) for n in self._cluster.nodes()},
+                policy=self._settings.queue,
+                now=now,
+                started_at={j.id: running_since(j) for j in active},
+                predictions={j.id: e.prediction for j in jobs if (e := estimates.get(j.id))},
+                remaining_s={j.id: e.remaining_s for j in jobs if (e := estimates.get(j.id))},
+                unknown_s=self._cluster_median_s(),
+            )
+        )
+
+    def _cluster_median_s(self) -> float | None:
+        """The median run time of the cluster's recent jobs (None: no history)."""
+        if self._history is None:
+            return None
+        p = predict(self._history.latest, ("cluster",))
+        return None if p is None else p.duration_s
+
+    @staticmethod
+    def _auto(job: JobRecord, estimates: dict[str, _Estimate]) -> AutoGpuMemory | None:
+        """What a ``gpu_memory_gb: auto`` job asks for now (None: it wrote a number)."""
+        est = estimates.get(job.id)
+        return auto_gpu_memory_of(job, None if est is None else est.prediction)
+
+    @staticmethod
+    def _left_s(estimates: dict[str, _Estimate], job_id: str) -> float | None:
+        est = estimates.get(job_id)
+        return None if est is None else est.remaining_s
 
     def _place_ready(
         self,
@@ -509,13 +626,18 @@ class Scheduler:
         demands: dict[str, Demand],
         now: float,
         reasons: dict[str, list[str]],
+        estimates: dict[str, _Estimate],
     ) -> tuple[list[str], set[str]]:
-        """Plan with the queue policy, preempt what it says, place what may start."""
+        """Plan with the queue policy, preempt what it says, place what may start.
+
+        Returns the pending jobs in the order the queue lists them (those it let start
+        now first, then the others by rank) and those placed.
+        """
         snapshot = self._snapshot()
         active = self._active()
         queue_plan = plan(
-            [queued_job(j) for j in ready],
-            [r for j in active if (r := self._running(j)) is not None],
+            [queued_job(j, self._left_s(estimates, j.id)) for j in ready],
+            [r for j in active if (r := self._running(j, estimates.get(j.id), now)) is not None],
             {n.node_id: len(n.gpus) for n in snapshot.nodes},
             self._settings.queue,
             now,
@@ -544,7 +666,9 @@ class Scheduler:
                 reasons[job.id] = list(decision.reasons)
                 continue
             try:
-                self._start(job, assignment_of(decision, nodes_by_id))
+                auto = self._auto(job, estimates)
+                assignment = assignment_of(decision, nodes_by_id, auto)
+                self._start(job, assignment, estimates.get(job.id), auto)
             except NotLeader as exc:  # another control plane took over: it places the rest
                 log.warning("stopped placing: %s", exc)
                 break
@@ -552,12 +676,22 @@ class Scheduler:
                 self._job_problem(job.id, "could not schedule it", exc)
             else:
                 placed.add(job.id)
-        return list(queue_plan.order), placed
+        admitted = set(queue_plan.order)
+        listed = [*queue_plan.order, *(j for j in queue_plan.ranked if j not in admitted)]
+        return listed, placed
 
-    def _start(self, job: JobRecord, assignment: Assignment) -> None:
+    def _start(
+        self,
+        job: JobRecord,
+        assignment: Assignment,
+        est: _Estimate | None,
+        auto: AutoGpuMemory | None,
+    ) -> None:
         where = "; ".join(
             f"{n.hostname} GPUs {list(n.gpu_indices) or 'none'}" for n in assignment.nodes
         )
+        if auto is not None:
+            where += f" ({auto.reason})"
         lease = self._lease
         job = self._store.transition(
             job.id,
@@ -569,7 +703,7 @@ class Scheduler:
             pending_reasons=None,
             lease_generation=lease.generation if lease else None,
         )
-        self._launch(job, assignment)
+        self._launch(job, assignment, est)
 
     def _record_queue(
         self,
@@ -607,7 +741,7 @@ class Scheduler:
         else:
             self._stop(job.id, self._settings.preempt_grace_s)
 
-    def _launch(self, job: JobRecord, assignment: Assignment) -> None:
+    def _launch(self, job: JobRecord, assignment: Assignment, est: _Estimate | None) -> None:
         leader = assignment.leader
         tags = {
             "jobworker.job_id": job.id,
@@ -618,6 +752,9 @@ class Scheduler:
             "jobworker.gpu_uuids": ",".join(leader.gpu_uuids),
             "jobworker.queue_wait_s": f"{self._clock() - job.submitted_at:.3f}",
         }
+        if est is not None:  # at this attempt's start; the run's end adds the actual
+            tags["jobworker.predicted_duration_s"] = f"{est.prediction.duration_s:.3f}"
+            tags["jobworker.prediction_basis"] = est.prediction.basis
         world_size = len(assignment.nodes)
         if world_size > 1:
             tags["jobworker.nodes"] = ",".join(n.hostname for n in assignment.nodes)

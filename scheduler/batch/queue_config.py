@@ -9,14 +9,16 @@ Example::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from scheduler.auth.identity import PriorityCaps
-from scheduler.core.model import QueuePolicy
+from scheduler.core.model import Mode, QueuePolicy
 from workers.interface.errors import ConfigError
 from workers.interface.spec import parse_text, validation_errors
+
+DEFAULT_MODE: Mode = "las"
+"""The live default: the best policy of the simulator that the live loop can run."""
 
 
 class QueueConfig(BaseModel):
@@ -24,7 +26,9 @@ class QueueConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    mode: Literal["fifo", "sjf", "las"] = "fifo"
+    # las: least attained service, refined within each service queue by predicted run
+    # time left (from the history of each job's family); fifo: by priority, then submit time.
+    mode: Mode = DEFAULT_MODE
     backfill: bool = True
     preemption: bool = True
     quotas: dict[str, int] = Field(default_factory=dict)  # GPUs a team owns

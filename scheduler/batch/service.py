@@ -75,7 +75,7 @@ class JobService:
                 check_model_name(caller, self._model_names.owner(name, conn), team, name)
                 self._model_names.claim(name, team, conn)
 
-        job = self._store.create(spec, text, in_tx=claim)
+        job = self._store.create(spec, text, in_tx=claim, submitted_by=caller.name)
         self._wake()
         return job
 

@@ -45,8 +45,9 @@ class JobRecord:
 
     ``started_at`` is its first start, ``attempt_started_at`` the start of its
     current (or last) attempt; ``queued_at`` when it last entered the queue;
-    ``attained_gpu_s`` the GPU-seconds of its attempts that have ended;
-    ``preempt_reason`` is set while a preemption is in progress.
+    ``attained_gpu_s`` the GPU-seconds of its attempts that have ended and
+    ``ran_s`` their seconds; ``preempt_reason`` is set while a preemption is in
+    progress; ``submitted_by`` is the submitting token's name (None: unknown).
     """
 
     id: str
@@ -79,6 +80,8 @@ class JobRecord:
     losses: int  # attempts lost with their worker, node, Ray or control plane
     failures: int  # attempts whose own process failed
     lease_generation: int | None  # of the leader that placed its current or last attempt
+    ran_s: float = 0.0
+    submitted_by: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -143,6 +146,8 @@ def _record(row: sa.Row[Any]) -> JobRecord:
         losses=d["losses"],
         failures=d["failures"],
         lease_generation=d["lease_generation"],
+        ran_s=d["ran_s"],
+        submitted_by=d["submitted_by"],
     )
 
 
@@ -186,9 +191,11 @@ class JobStore:
         spec: TrainingSpec,
         source_text: str,
         in_tx: Callable[[sa.Connection], None] | None = None,
+        submitted_by: str | None = None,
     ) -> JobRecord:
         """Store a new PENDING job and its first history entry, atomically; ``in_tx`` runs
-        first in the same transaction (a model-name claim), and what it raises stores nothing."""
+        first in the same transaction (a model-name claim), and what it raises stores nothing.
+        ``submitted_by``: the submitting token's name, a family key of the predictor."""
         now = self.clock()
         job_id = f"j-{time.strftime('%Y%m%d', time.gmtime(now))}-{secrets.token_hex(4)}"
         with self._tx() as conn:
@@ -209,6 +216,7 @@ class JobStore:
                     queued_at=now,
                     attempts=0,
                     cancel_requested=False,
+                    submitted_by=submitted_by,
                 )
             )
             conn.execute(
@@ -238,6 +246,28 @@ class JobStore:
             query = query.where(jobs.c.state.in_([s.value for s in states]))
         with self.engine.connect() as conn:
             return [_record(r) for r in conn.execute(query)]
+
+    def recent_finished(self, state: JobState, limit: int) -> list[JobRecord]:
+        """The last ``limit`` jobs to end in ``state`` (terminal), oldest end first.
+
+        The predictor's history; one read of the ``(state, finished_at)`` index.
+        A row that cannot be read as a job is left out.
+        """
+        query = (
+            sa.select(jobs)
+            .where(jobs.c.state == state.value, jobs.c.finished_at.is_not(None))
+            .order_by(jobs.c.finished_at.desc(), jobs.c.id.desc())
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        records = []
+        for row in reversed(rows):
+            try:
+                records.append(_record(row))
+            except ValueError:  # a spec this version refuses: no history, nothing else lost
+                continue
+        return records
 
     def all_in(
         self,
@@ -320,7 +350,8 @@ class JobStore:
 
         Also keeps the attempt bookkeeping: entering RUNNING starts an attempt
         (and the job, the first time); leaving it adds the attempt's GPU-seconds
-        to ``attained_gpu_s``; entering PENDING (re)sets ``queued_at``. Raises
+        to ``attained_gpu_s`` and its seconds to ``ran_s``; entering PENDING
+        (re)sets ``queued_at``. Raises
         :class:`IllegalTransition` for a move the state machine forbids,
         leaving the job untouched. ``fence`` runs first in the same transaction
         (the leader lease's check): what it raises leaves the job untouched too.
@@ -334,6 +365,7 @@ class JobStore:
                 jobs.c.started_at,
                 jobs.c.attempt_started_at,
                 jobs.c.attained_gpu_s,
+                jobs.c.ran_s,
                 jobs.c.assignment_json,
             ).where(jobs.c.id == job_id)
             if self.engine.dialect.name != "sqlite":
@@ -357,6 +389,7 @@ class JobStore:
                 )
                 ran_s = max(0.0, now - row.attempt_started_at)
                 values["attained_gpu_s"] = row.attained_gpu_s + ran_s * held
+                values["ran_s"] = row.ran_s + ran_s
             if target is JobState.PENDING:
                 values["queued_at"] = now
             if target in TERMINAL:

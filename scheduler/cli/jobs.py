@@ -26,6 +26,7 @@ from scheduler.cli.common import (
     state_text,
     when,
 )
+from scheduler.cli.estimates import NO_ESTIMATE, estimate_text, run_text, start_text
 from workers.interface.errors import ConfigError
 from workers.interface.spec import load_spec
 from workers.interface.telemetry import GIB
@@ -103,6 +104,8 @@ def _print_job(job: dict[str, Any]) -> None:
         out.print(f"  registered model version: {job['model_version']}")
     for reason in job.get("pending_reasons") or []:
         out.print(f"  waiting: {reason}")
+    if job["state"] not in TERMINAL:
+        out.print(f"  estimate: {estimate_text(job.get('prediction'), time.time())}")
 
 
 def status(
@@ -187,7 +190,10 @@ def queue(
 ) -> None:
     """Pending jobs in the order the scheduler will consider them, and why each waits."""
     entries = guard(connect(api, token, home).queue)
-    table = Table("#", "job", "name", "team", "priority", "submitted", "waiting because")
+    now = time.time()
+    table = Table(
+        "#", "job", "name", "team", "priority", "submitted", "predicted", "waiting because"
+    )
     for e in entries:
         table.add_row(
             str(e["position"]),
@@ -196,9 +202,20 @@ def queue(
             e["team"],
             str(e["priority"]),
             when(e["submitted_at"]),
+            _predicted(e, now),
             "\n".join(e["reasons"]),
         )
     out.print(table if entries else "no pending jobs")
+
+
+def _predicted(entry: dict[str, Any], now: float) -> str:
+    """A queue entry's predicted start and run time, or why there is none."""
+    if entry.get("predicted_start_at") is None:
+        return NO_ESTIMATE
+    text = start_text(entry["predicted_start_at"], now)
+    if entry.get("predicted_duration_s") is None:
+        return f"{text}; its own run time unknown (no finished runs of this family)"
+    return f"{text}, {run_text(entry['predicted_duration_s'], entry.get('predicted_spread_s'))}"
 
 
 def cluster(

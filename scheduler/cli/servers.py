@@ -22,6 +22,7 @@ from scheduler.api.guards import MIB
 from scheduler.cli import daemons, serving
 from scheduler.cli.common import ApiOpt, HomeOpt, TokenOpt, connect, err, guard, out, read_text
 from scheduler.cli.jobs import wait_for_job
+from scheduler.core.model import MODES
 from workers.interface.errors import ServiceError
 
 
@@ -49,6 +50,13 @@ def up(
         Path | None,
         typer.Option(envvar="JOBWORKER_QUEUE_CONFIG", help="Queue rules: quotas, fair share."),
     ] = None,
+    queue_mode: Annotated[
+        str | None,
+        typer.Option(
+            envvar="JOBWORKER_QUEUE_MODE",
+            help=f"Queue order, over the queue config's: {' | '.join(MODES)} (default las).",
+        ),
+    ] = None,
     allowed_hosts: Annotated[
         str,
         typer.Option(
@@ -75,6 +83,10 @@ def up(
     token to <home>/admin.token (mode 0600), which the CLI on this machine uses.
     """
     home.mkdir(parents=True, exist_ok=True, mode=0o700)  # its user's: tokens, logins, dbs
+    mode = next((m for m in MODES if m == queue_mode), None)
+    if queue_mode is not None and mode is None:
+        err.print(f"[red]error:[/] --queue-mode {queue_mode!r}: expected one of {', '.join(MODES)}")
+        raise typer.Exit(2)
     try:
         if detach:
             _detach(home, host, port)
@@ -107,6 +119,7 @@ def up(
         cluster_config=cluster_config,
         gpu_backend=gpu_backend,
         queue_config=queue_config,
+        queue_mode=mode,
         api_host=host,
         allowed_hosts=tuple(h for h in allowed_hosts.split(",") if h.strip()),
         max_body_bytes=max_body_bytes,

@@ -275,7 +275,8 @@ class QueuePlan:
     the jobs of ``order`` that may use only the reservation's spare GPUs on its
     nodes. ``reasons``: why each other pending job waits. ``next_change_at``:
     the earliest time the plan may change without an arrival or an end (a
-    queue demotion, aging, a protection running out), or None.
+    queue demotion, aging, a protection running out), or None. ``ranked``:
+    every pending job in the order rules 1-4 rank them (what a queue listing shows).
     """
 
     order: tuple[str, ...]
@@ -285,3 +286,4 @@ class QueuePlan:
     keep_off_reservation: frozenset[str] = frozenset()
     next_change_at: float | None = None
     victims_of: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    ranked: tuple[str, ...] = ()

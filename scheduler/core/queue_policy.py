@@ -794,6 +794,7 @@ def plan(
         keep_off_reservation=frozenset(w.keep_off),
         next_change_at=w.next_change(queue),
         victims_of=w.victims_of,
+        ranked=tuple(job.job_id for job, _ in queue),
     )
 
 

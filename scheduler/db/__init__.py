@@ -70,6 +70,9 @@ jobs = sa.Table(
     sa.Column("losses", sa.Integer, nullable=False, server_default="0"),
     sa.Column("failures", sa.Integer, nullable=False, server_default="0"),
     sa.Column("lease_generation", sa.Integer, nullable=True),  # of the leader that placed it
+    sa.Column("ran_s", sa.Float, nullable=False, server_default="0"),  # by its ended attempts
+    sa.Column("submitted_by", sa.String(100), nullable=True),  # the submitting token's name
+    sa.Index("ix_jobs_state_finished_at", "state", "finished_at"),
 )
 
 job_events = sa.Table(

@@ -18,6 +18,7 @@ from scheduler import db
 from scheduler.batch import loop as loop_module
 from scheduler.batch.loop import LoopSettings, Scheduler
 from scheduler.batch.store import JobRecord, JobStore
+from scheduler.core.gpu_memory import AutoGpuMemory
 from scheduler.core.model import Demand
 from scheduler.core.states import JobState
 from scheduler.db import jobs
@@ -102,10 +103,10 @@ def test_a_job_the_planner_cannot_convert_fails_alone(
     normal = submit(store, "normal")
     convert = loop_module.demand_of
 
-    def demand_of(job: JobRecord) -> Demand:
+    def demand_of(job: JobRecord, auto: AutoGpuMemory | None = None) -> Demand:
         if job.id == poison:
             raise OverflowError("cannot convert float infinity to integer")
-        return convert(job)
+        return convert(job, auto)
 
     monkeypatch.setattr(loop_module, "demand_of", demand_of)
     workers = Workers()

@@ -128,6 +128,39 @@ def test_attempts_keep_what_the_queue_policy_reads(store: JobStore) -> None:
     assert done.attained_gpu_s == pytest.approx(4 * ran_s + 1 * more_s)
 
 
+def test_ran_s_counts_the_attempts_run_time_not_the_waits_between(store: JobStore) -> None:
+    job_id = store.create(spec(), TEXT, submitted_by="ana").id
+    store.transition(job_id, JobState.SCHEDULED, "placed")
+    first = store.transition(job_id, JobState.RUNNING, "started")
+    lost = store.transition(job_id, JobState.PENDING, "lost")
+    store.transition(job_id, JobState.SCHEDULED, "placed")
+    second = store.transition(job_id, JobState.RUNNING, "resumed")
+    assert second.ran_s == lost.ran_s == lost.updated_at - first.updated_at
+    done = store.transition(job_id, JobState.SUCCEEDED, "done")
+    assert done.ran_s == pytest.approx(lost.ran_s + done.updated_at - second.updated_at)
+    assert done.ran_s < done.updated_at - first.updated_at  # the wait is not counted
+    assert done.submitted_by == "ana"
+
+
+def test_recent_finished_lists_the_last_jobs_to_end_in_a_state_oldest_first(
+    store: JobStore,
+) -> None:
+    ids = [store.create(spec(name=f"j{i}"), TEXT).id for i in range(5)]
+    for job_id in ids[:4]:
+        store.transition(job_id, JobState.SCHEDULED, "placed")
+        store.transition(job_id, JobState.RUNNING, "started")
+    for job_id in [ids[2], ids[0], ids[3]]:
+        store.transition(job_id, JobState.SUCCEEDED, "done")
+    store.transition(ids[1], JobState.FAILED, "boom")
+    assert [j.id for j in store.recent_finished(JobState.SUCCEEDED, 10)] == [
+        ids[2],
+        ids[0],
+        ids[3],
+    ]
+    assert [j.id for j in store.recent_finished(JobState.SUCCEEDED, 2)] == [ids[0], ids[3]]
+    assert [j.id for j in store.recent_finished(JobState.FAILED, 10)] == [ids[1]]
+
+
 def test_illegal_transition_changes_nothing(store: JobStore) -> None:
     job_id = store.create(spec(), TEXT).id
     before = store.get(job_id)
@@ -169,7 +202,7 @@ def test_reopen_keeps_everything_and_migrations_are_versioned(store_url: str) ->
     with second.engine.connect() as conn:
         version = conn.execute(sa.text("select version_num from alembic_version")).scalar()
     second.engine.dispose()
-    assert version == "0007"  # the newest migration
+    assert version == "0008"  # the newest migration
 
 
 def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
@@ -218,6 +251,40 @@ def test_migration_0004_types_the_assignments_older_versions_stored(store_url: s
     )
     assert job.preempt_reason == "for j-2"
     assert (job.queued_at, job.attempt_started_at, job.attained_gpu_s) == (10.0, 15.0, 0.0)
+
+
+def test_migration_0008_gives_finished_jobs_their_run_time(store_url: str) -> None:
+    """A job that ended before 0008 ran from its start to its end (its attempts unknown);
+    one still waiting ran nothing; who submitted either is unknown."""
+    engine = sa.create_engine(store_url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(db.__file__).parent / "migrations"))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0007")
+    insert = sa.text(
+        "insert into jobs (id, name, experiment, team, priority, state, spec_json, source_text, "
+        "submitted_at, updated_at, started_at, finished_at, queued_at, attempts, "
+        "cancel_requested) values (:id, 'j', 'e', 't', 0, :state, :spec, :text, 10.0, 40.0, "
+        ":started, :finished, 10.0, 1, false)"
+    )
+    values = {"spec": spec().model_dump_json(), "text": TEXT}
+    with engine.begin() as conn:
+        conn.execute(
+            insert, {**values, "id": "j-1", "state": "SUCCEEDED", "started": 15.0, "finished": 40.0}
+        )
+        conn.execute(
+            insert, {**values, "id": "j-2", "state": "PENDING", "started": None, "finished": None}
+        )
+    engine.dispose()
+    migrated = db.connect(store_url)
+    store = JobStore(migrated)
+    done, waiting = store.get("j-1"), store.get("j-2")
+    finished = store.recent_finished(JobState.SUCCEEDED, 10)
+    migrated.dispose()
+    assert (done.ran_s, waiting.ran_s) == (25.0, 0.0)
+    assert done.submitted_by is None
+    assert [j.id for j in finished] == ["j-1"]
 
 
 DEPLOYMENT = "name: mlp\nmodel: models:/mlp@champion\n"

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-from scheduler.batch.queue_config import load_queue_config
+from scheduler.batch.queue_config import QueueConfig, load_queue_config
+from scheduler.cli.main import app as cli
 from workers.interface.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs" / "queue").glob("*.yaml"))
@@ -48,3 +50,10 @@ def test_bad_fields_are_named(tmp_path: Path, text: str, loc: str) -> None:
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_queue_config(tmp_path / "absent.yaml")
+
+
+def test_the_live_default_is_las_and_up_refuses_an_unknown_queue_mode(tmp_path: Path) -> None:
+    assert QueueConfig().policy().mode == "las"
+    result = CliRunner().invoke(cli, ["up", "--home", str(tmp_path), "--queue-mode", "random"])
+    assert result.exit_code == 2
+    assert "--queue-mode 'random': expected one of fifo, sjf, las" in result.output

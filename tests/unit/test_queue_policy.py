@@ -91,6 +91,18 @@ def test_sjf_orders_by_estimate_and_puts_unknown_last() -> None:
     assert plan(pending, [], {"n1": 8}, policy, now=3.0).order == ("short", "long", "unknown")
 
 
+def test_ranked_lists_every_pending_job_by_rank_those_that_wait_too() -> None:
+    policy = QueuePolicy(mode="las", aging_s_per_priority=None)
+    pending = [
+        q("long", 4, at=0.0, est_duration_s=500.0),
+        q("short", 4, at=1.0, est_duration_s=5.0),
+        q("urgent", 4, at=2.0, prio=1),
+    ]
+    p = plan(pending, [r("busy", "n1", 8)], {"n1": 8}, policy, now=3.0)
+    assert p.order == ()  # nothing starts: the listing still has the policy's order
+    assert p.ranked == ("urgent", "short", "long")
+
+
 def test_a_job_that_can_never_fit_does_not_block_the_queue() -> None:
     pending = [q("huge", 16, at=0.0), q("small", 2, at=1.0)]
     p = plan(pending, [], {"n1": 8, "n2": 8}, FIFO, now=5.0)
