@@ -59,9 +59,12 @@ def demand_of(job: JobRecord, auto: AutoGpuMemory | None = None) -> Demand:
     )
 
 
-def queued_job(job: JobRecord, remaining_s: float | None = None) -> QueuedJob:
-    """A PENDING job: its service so far, when it (re)entered the queue, and its predicted
-    run time left (``remaining_s``; None: unknown)."""
+def queued_job(
+    job: JobRecord, remaining_s: float | None = None, est_error: float | None = None
+) -> QueuedJob:
+    """A PENDING job: its service so far, when it (re)entered the queue, its predicted
+    run time left (``remaining_s``; None: unknown) and how far off its family's past
+    predictions were (``est_error``; None: unknown)."""
     res = job.spec.resources
     return QueuedJob(
         job_id=job.id,
@@ -73,12 +76,15 @@ def queued_job(job: JobRecord, remaining_s: float | None = None) -> QueuedJob:
         attained_gpu_s=job.attained_gpu_s,
         queued_at=job.queued_at,
         est_duration_s=remaining_s,
+        est_error=est_error,
     )
 
 
-def running_job(job: JobRecord, est_end: float | None = None) -> RunningJob | None:
+def running_job(
+    job: JobRecord, est_end: float | None = None, est_error: float | None = None
+) -> RunningJob | None:
     """A SCHEDULED or RUNNING job holding GPUs, since the start of its current attempt,
-    predicted to end at ``est_end`` (None: unknown).
+    predicted to end at ``est_end`` (None: unknown; ``est_error`` as for :func:`queued_job`).
 
     None for a job that holds no GPU (the queue policy counts GPUs only).
     """
@@ -95,6 +101,7 @@ def running_job(job: JobRecord, est_end: float | None = None) -> RunningJob | No
         attained_gpu_s=job.attained_gpu_s,
         preemptible=job.preempt_reason is None,
         est_end=est_end,
+        est_error=est_error,
     )
 
 

@@ -107,6 +107,7 @@ class JobHistory:
                     duration_s=job.ran_s,
                     finished_at=job.finished_at,
                     peak_gpu_memory_gb=peaks.get(job.run_id) if job.run_id else None,
+                    predicted_s=job.predicted_s,
                 )
             )
         self._latest = history

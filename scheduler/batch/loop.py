@@ -38,11 +38,12 @@ from scheduler.core.model import (
     Demand,
     Holding,
     PlacementPolicy,
+    QueuedJob,
     QueuePolicy,
     RunningJob,
 )
 from scheduler.core.placement import place
-from scheduler.core.predictor import Prediction, predict, remaining_s
+from scheduler.core.predictor import Prediction, predict
 from scheduler.core.preemption import choose_victims, without_jobs
 from scheduler.core.queue_policy import place_plan, plan
 from scheduler.core.states import JobState
@@ -294,7 +295,9 @@ class Scheduler:
 
     def _running(self, job: JobRecord, est: _Estimate | None, now: float) -> RunningJob | None:
         try:
-            return running_job(job, None if est is None else now + est.remaining_s)
+            if est is None:
+                return running_job(job)
+            return running_job(job, now + est.remaining_s, est.prediction.error)
         except Exception as exc:
             self._job_problem(job.id, "cannot count what it holds", exc)
             return None
@@ -543,8 +546,7 @@ class Scheduler:
             ran_s = elapsed_s(job, now)
             if (keys, ran_s) not in alike:
                 p = predict(history, keys)
-                left_s = remaining_s(history, keys, ran_s)
-                alike[keys, ran_s] = None if p is None or left_s is None else _Estimate(p, left_s)
+                alike[keys, ran_s] = None if p is None else _Estimate(p, p.remaining_s(ran_s))
             est = alike[keys, ran_s]
             if est is not None:
                 out[job.id] = est
@@ -590,7 +592,7 @@ class Scheduler:
         jobs = [*waiting, *active]
         self._forecaster.submit(
             ForecastInputs(
-                pending=[queued_job(j, self._left_s(estimates, j.id)) for j in waiting],
+                pending=[self._queued(j, estimates) for j in waiting],
                 running=[r for j in active if (r := self._running(j, estimates.get(j.id), now))],
                 node_gpus={n.node_id: len(n.gpus) for n in self._cluster.nodes()},
                 policy=self._settings.queue,
@@ -616,9 +618,11 @@ class Scheduler:
         return auto_gpu_memory_of(job, None if est is None else est.prediction)
 
     @staticmethod
-    def _left_s(estimates: dict[str, _Estimate], job_id: str) -> float | None:
-        est = estimates.get(job_id)
-        return None if est is None else est.remaining_s
+    def _queued(job: JobRecord, estimates: dict[str, _Estimate]) -> QueuedJob:
+        est = estimates.get(job.id)
+        if est is None:
+            return queued_job(job)
+        return queued_job(job, est.remaining_s, est.prediction.error)
 
     def _place_ready(
         self,
@@ -636,7 +640,7 @@ class Scheduler:
         snapshot = self._snapshot()
         active = self._active()
         queue_plan = plan(
-            [queued_job(j, self._left_s(estimates, j.id)) for j in ready],
+            [self._queued(j, estimates) for j in ready],
             [r for j in active if (r := self._running(j, estimates.get(j.id), now)) is not None],
             {n.node_id: len(n.gpus) for n in snapshot.nodes},
             self._settings.queue,
@@ -693,6 +697,9 @@ class Scheduler:
         if auto is not None:
             where += f" ({auto.reason})"
         lease = self._lease
+        predicted_s = job.predicted_s  # as predicted at its first start: its family's trust
+        if job.attempts == 0 and est is not None:  # is measured by how right that was
+            predicted_s = est.prediction.duration_s
         job = self._store.transition(
             job.id,
             JobState.SCHEDULED,
@@ -702,6 +709,7 @@ class Scheduler:
             attempts=job.attempts + 1,
             pending_reasons=None,
             lease_generation=lease.generation if lease else None,
+            predicted_s=predicted_s,
         )
         self._launch(job, assignment, est)
 

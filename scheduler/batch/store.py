@@ -47,7 +47,9 @@ class JobRecord:
     current (or last) attempt; ``queued_at`` when it last entered the queue;
     ``attained_gpu_s`` the GPU-seconds of its attempts that have ended and
     ``ran_s`` their seconds; ``preempt_reason`` is set while a preemption is in
-    progress; ``submitted_by`` is the submitting token's name (None: unknown).
+    progress; ``submitted_by`` is the submitting token's name (None: unknown);
+    ``predicted_s`` its run time as predicted when it first started (None: no
+    prediction then).
     """
 
     id: str
@@ -82,6 +84,7 @@ class JobRecord:
     lease_generation: int | None  # of the leader that placed its current or last attempt
     ran_s: float = 0.0
     submitted_by: str | None = None
+    predicted_s: float | None = None
 
     @property
     def terminal(self) -> bool:
@@ -106,6 +109,7 @@ class JobFields(TypedDict, total=False):
     losses: int
     failures: int
     lease_generation: int | None
+    predicted_s: float | None
 
 
 def _record(row: sa.Row[Any]) -> JobRecord:
@@ -148,6 +152,7 @@ def _record(row: sa.Row[Any]) -> JobRecord:
         lease_generation=d["lease_generation"],
         ran_s=d["ran_s"],
         submitted_by=d["submitted_by"],
+        predicted_s=d["predicted_s"],
     )
 
 

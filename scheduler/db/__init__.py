@@ -72,6 +72,7 @@ jobs = sa.Table(
     sa.Column("lease_generation", sa.Integer, nullable=True),  # of the leader that placed it
     sa.Column("ran_s", sa.Float, nullable=False, server_default="0"),  # by its ended attempts
     sa.Column("submitted_by", sa.String(100), nullable=True),  # the submitting token's name
+    sa.Column("predicted_s", sa.Float, nullable=True),  # its run time as predicted at its start
     sa.Index("ix_jobs_state_finished_at", "state", "finished_at"),
 )
 

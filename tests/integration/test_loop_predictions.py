@@ -109,11 +109,19 @@ def submit(store: JobStore, name: str, gpus: int = 2) -> str:
     return store.create(load_spec(text), text).id
 
 
-def finished(store: JobStore, clock: Clock, name: str, ran_s: float, run_id: str = "") -> None:
-    """A job of ``name`` that waited, ran ``ran_s`` and succeeded."""
+def finished(
+    store: JobStore,
+    clock: Clock,
+    name: str,
+    ran_s: float,
+    run_id: str = "",
+    predicted_s: float | None = None,
+) -> None:
+    """A job of ``name`` that waited, ran ``ran_s`` and succeeded (predicted to run
+    ``predicted_s`` when it started)."""
     job_id = submit(store, name)
     clock.now += 5.0
-    store.transition(job_id, JobState.SCHEDULED, "placed")
+    store.transition(job_id, JobState.SCHEDULED, "placed", predicted_s=predicted_s)
     store.transition(job_id, JobState.RUNNING, "started", run_id=run_id or None)
     clock.now += ran_s
     store.transition(job_id, JobState.SUCCEEDED, "done")
@@ -157,6 +165,19 @@ def test_history_learns_run_times_and_peaks_of_succeeded_jobs_only(
     assert sorted(facts.asked) == ["r1", "r2", "r3", "r3"]
 
 
+def test_history_learns_how_right_a_familys_predictions_were(store: JobStore, clock: Clock) -> None:
+    for ran_s, predicted_s in [(100.0, 100.0), (100.0, 150.0), (100.0, 80.0)]:
+        finished(store, clock, "sweep", ran_s, predicted_s=predicted_s)
+    history = JobHistory(store)
+    history.refresh()
+    p = predict(history.latest, ["name:default/sweep"])
+    assert p is not None and p.error == pytest.approx(0.2)  # median of 0, 0.5, 0.2
+    finished(store, clock, "fresh", 100.0)  # started before any prediction: no error known
+    history.refresh()
+    fresh = predict(history.latest, ["name:default/fresh"])
+    assert fresh is not None and fresh.error is None
+
+
 def test_a_failing_refresh_keeps_the_last_history(store: JobStore, clock: Clock) -> None:
     finished(store, clock, "sweep", 60.0)
     history = JobHistory(store)
@@ -173,11 +194,12 @@ def test_a_failing_refresh_keeps_the_last_history(store: JobStore, clock: Clock)
 
 @pytest.fixture
 def full(store: JobStore, clock: Clock, tmp_path: Path) -> tuple[str, str, str]:
-    """History: three runs each of ``short`` (10 s) and ``long`` (1,000 s). Then a job of
+    """History: three runs each of ``short`` (10 s) and ``long`` (1,000 s), each predicted
+    right when it started (so the predictive order trusts both families). Then a job of
     neither holds both GPUs, and ``long`` then ``short`` wait for both."""
     for _ in range(3):
-        finished(store, clock, "short", 10.0)
-        finished(store, clock, "long", 1000.0)
+        finished(store, clock, "short", 10.0, predicted_s=10.0)
+        finished(store, clock, "long", 1000.0, predicted_s=1000.0)
     blocker = submit(store, "blocker")
     loop_over(store, Workers(), clock, tmp_path, QueuePolicy()).run_once()
     assert store.get(blocker).state is JobState.SCHEDULED
@@ -232,6 +254,7 @@ def test_predicted_starts_follow_the_queue_and_the_launch_carries_the_prediction
     loop.run_once()
 
     assert [r.job_id for r in workers.launched] == [short_id]
+    assert store.get(short_id).predicted_s == 10.0  # kept: how right it was is learnt
     tags = workers.launched[0].tags
     assert float(tags["jobworker.predicted_duration_s"]) == 10.0
     assert tags["jobworker.prediction_basis"] == "name:default/short"

@@ -72,8 +72,10 @@ def family(name: str) -> str:
 
 
 def ran_before(store: JobStore, clock: PastClock, text: str, ran_s: float, who: str) -> None:
+    """A job of ``text`` that ran ``ran_s``, as predicted when it started (so its family's
+    predictions are trusted by the predictive order)."""
     job_id = store.create(load_spec(text), text, submitted_by=who).id
-    store.transition(job_id, JobState.SCHEDULED, "placed")
+    store.transition(job_id, JobState.SCHEDULED, "placed", predicted_s=ran_s)
     store.transition(job_id, JobState.RUNNING, "started")
     clock.now += ran_s
     store.transition(job_id, JobState.SUCCEEDED, "done")
@@ -83,7 +85,7 @@ def test_predicted_starts_order_the_queue_as_its_jobs_then_start(api: Api) -> No
     blocker = submit(api, entrypoint_yaml("blocker", "run_until_stopped", gpus=2, gpu_memory_gb=20))
     api.wait_for(blocker, {JobState.RUNNING})
     who = api.plane.store.get(blocker).submitted_by or ""
-    # The families' history, as if they had run before: quick 30 s, slow 300 s.
+    # The families' history, as if they had run before: quick 30 s, slow 300 s, as predicted.
     clock = PastClock()
     past = JobStore(api.plane.engine, clock=clock)
     for _ in range(3):

@@ -2,7 +2,9 @@
 
 ``ran_s`` is the seconds a job's ended attempts ran (queueing and backoff
 excluded), kept by the store as ``attained_gpu_s`` is; ``submitted_by`` the
-name of the token that submitted it. Jobs stored before: a finished one's
+name of the token that submitted it; ``predicted_s`` its run time as
+predicted when it first started (how right the predictions of its family
+were is what the predictive queue order trusts them by). Jobs stored before: a finished one's
 ``ran_s`` is its first start to its end (one attempt: exact), the others
 count zero; ``submitted_by`` is unknown. The index on ``(state,
 finished_at)`` lists the recent finished jobs without a scan.
@@ -22,6 +24,7 @@ def upgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
         batch.add_column(sa.Column("ran_s", sa.Float, nullable=False, server_default="0"))
         batch.add_column(sa.Column("submitted_by", sa.String(100), nullable=True))
+        batch.add_column(sa.Column("predicted_s", sa.Float, nullable=True))
     jobs = sa.table(
         "jobs",
         sa.column("started_at", sa.Float),
@@ -39,5 +42,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("ix_jobs_state_finished_at", "jobs")
     with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("predicted_s")
         batch.drop_column("submitted_by")
         batch.drop_column("ran_s")
