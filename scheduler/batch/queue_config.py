@@ -14,11 +14,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from scheduler.auth.identity import PriorityCaps
 from scheduler.core.model import Mode, QueuePolicy
+from scheduler.sim.policies import POLICIES
 from workers.interface.errors import ConfigError
 from workers.interface.spec import parse_text, validation_errors
 
-DEFAULT_MODE: Mode = "las"
-"""The live default: the best policy of the simulator that the live loop can run."""
+PREDICTIVE = POLICIES["predictive"].queue
+DEFAULT_MODE: Mode = PREDICTIVE.mode
+"""The live default: the simulator's ``predictive`` policy (``scheduler/sim/policies.py``),
+never worse than ``las`` on the trace slices and close to the SRPT oracle once a
+family's predictions have proved right; ``mode: fifo`` brings back priority, then arrival."""
 
 
 class QueueConfig(BaseModel):
@@ -26,9 +30,15 @@ class QueueConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    # las: least attained service, refined within each service queue by predicted run
-    # time left (from the history of each job's family); fifo: by priority, then submit time.
+    # predictive: by predicted run time left where the job's family has earned trust, by
+    # least attained service otherwise; las: least attained service, refined within each
+    # service queue by predicted run time left; fifo: by priority, then submit time.
     mode: Mode = DEFAULT_MODE
+    # The service queues (GPU-seconds) of las and predictive, and the buckets of predicted
+    # GPU-seconds left of srpt and predictive.
+    las_thresholds_gpu_s: tuple[float, ...] = PREDICTIVE.las_thresholds_gpu_s
+    # predictive trusts a family's predictions when their median relative error was at most this.
+    max_est_error: float = Field(default=PREDICTIVE.max_est_error, ge=0)
     backfill: bool = True
     preemption: bool = True
     quotas: dict[str, int] = Field(default_factory=dict)  # GPUs a team owns
@@ -51,6 +61,8 @@ class QueueConfig(BaseModel):
             weights=dict(self.weights),
             aging_s_per_priority=self.aging_s_per_priority,
             min_run_s=self.min_run_s,
+            las_thresholds_gpu_s=self.las_thresholds_gpu_s,
+            max_est_error=self.max_est_error,
         )
 
 

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from scheduler.batch.queue_config import QueueConfig, load_queue_config
 from scheduler.cli.main import app as cli
+from scheduler.sim.policies import POLICIES
 from workers.interface.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs" / "queue").glob("*.yaml"))
@@ -52,8 +53,23 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
         load_queue_config(tmp_path / "absent.yaml")
 
 
-def test_the_live_default_is_las_and_up_refuses_an_unknown_queue_mode(tmp_path: Path) -> None:
-    assert QueueConfig().policy().mode == "las"
+def test_the_live_default_is_the_simulators_predictive_policy(tmp_path: Path) -> None:
+    live, sim = QueueConfig().policy(), POLICIES["predictive"].queue
+    assert live.mode == sim.mode == "predictive"
+    assert live.las_thresholds_gpu_s == sim.las_thresholds_gpu_s
+    assert live.max_est_error == sim.max_est_error
     result = CliRunner().invoke(cli, ["up", "--home", str(tmp_path), "--queue-mode", "random"])
     assert result.exit_code == 2
-    assert "--queue-mode 'random': expected one of fifo, sjf, las" in result.output
+    assert "--queue-mode 'random': expected one of fifo, sjf, las, srpt, predictive" in (
+        result.output
+    )
+
+
+def test_thresholds_and_the_trust_bound_are_read_from_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "q.yaml"
+    path.write_text("mode: predictive\nlas_thresholds_gpu_s: [600, 6000]\nmax_est_error: 0.25\n")
+    policy = load_queue_config(path)
+    assert (policy.las_thresholds_gpu_s, policy.max_est_error) == ((600.0, 6000.0), 0.25)
+    path.write_text("las_thresholds_gpu_s: [6000, 600]\n")
+    with pytest.raises(ConfigError, match="ascend"):
+        load_queue_config(path)
