@@ -18,6 +18,22 @@ from collections import Counter
 from urllib.parse import urlsplit
 
 _TIMEOUT_S = 30.0
+_MAX_IDLE_S = 4.0
+"""A pooled connection idle this long is closed, not reused: the server (uvicorn's
+keep-alive timeout, 5 s) may be closing it, and a request written as its close crosses
+reads 0 bytes. That race is the client's to avoid, not an error of the server's."""
+
+Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+def _reusable(idle: list[tuple[Conn, float]], now: float) -> Conn | None:
+    """The most recently used pooled connection the server cannot be closing."""
+    while idle:
+        conn, since = idle.pop()
+        if not conn[0].at_eof() and now - since < _MAX_IDLE_S:
+            return conn
+        conn[1].close()
+    return None
 
 
 async def _exchange(
@@ -42,7 +58,7 @@ async def main(url: str, rate: float, duration_s: float, token: str) -> dict[str
         f"Authorization: Bearer {token}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode() + body
-    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    idle: list[tuple[Conn, float]] = []  # with when each was last answered
     statuses: Counter[str] = Counter()
     missing_retry_after = 0
     latencies_ms: list[float] = []
@@ -51,12 +67,14 @@ async def main(url: str, rate: float, duration_s: float, token: str) -> dict[str
     async def one(scheduled: float) -> None:
         nonlocal missing_retry_after
         try:
-            conn = idle.pop() if idle else await asyncio.open_connection(parts.hostname, parts.port)
+            conn = _reusable(idle, time.perf_counter())
+            if conn is None:
+                conn = await asyncio.open_connection(parts.hostname, parts.port)
             status, headers = await asyncio.wait_for(_exchange(*conn, request), _TIMEOUT_S)
         except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as exc:
             errors.append(repr(exc))
             return
-        idle.append(conn)
+        idle.append((conn, time.perf_counter()))
         statuses[str(status)] += 1
         if status == 200:
             latencies_ms.append((time.perf_counter() - scheduled) * 1000)
@@ -73,7 +91,7 @@ async def main(url: str, rate: float, duration_s: float, token: str) -> dict[str
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(scheduled)))
     await asyncio.gather(*tasks)
-    for _, writer in idle:
+    for (_, writer), _ in idle:
         writer.close()
     return {
         "sent": n,
