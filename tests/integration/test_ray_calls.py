@@ -10,6 +10,7 @@ import pytest
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from tests.conftest import wait_until
 from workers.ray_calls import gather
 
 
@@ -37,6 +38,15 @@ def test_gather_tells_answers_errors_and_silence_apart(peers: list[Any]) -> None
     fine, failing, hung, dead = peers
     ray.get(dead.answer.remote(0))
     ray.kill(dead)
+
+    def killed() -> bool:  # ray.kill only asks: a call sent at once may still be answered
+        try:
+            ray.get(dead.answer.remote(0), timeout=10)
+        except RayActorError:
+            return True
+        return False
+
+    wait_until(killed, "the killed peer no longer answers", timeout_s=60)
     refs = {
         "fine": fine.answer.remote(7),
         "failing": failing.fail.remote(),
