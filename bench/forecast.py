@@ -9,7 +9,7 @@ A seeded synthetic cluster: ``--nodes`` nodes x 8 GPUs (128), ``--running``
 jobs of 1-4 GPUs (500) holding most of them, ``--pending`` jobs of 1-16 GPUs
 (1,000; 16 is a gang on 2 nodes) submitted over the last day, with predicted
 run times from minutes to a day (a tenth of them unknown), in two teams at
-two priorities. For each queue policy (the live loop's ``las`` default and
+two priorities. For each queue policy (the live loop's ``predictive`` default and
 its ``fifo`` alternative, the simulator's ``sjf`` and ``ours``) the queue is
 first settled by one pass of that policy at ``now`` (its preemptions
 requeued, its starts running), as the live loop hands it over; then it is
@@ -34,6 +34,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from scheduler.batch.queue_config import QueueConfig  # noqa: E402
 from scheduler.core.model import QueuedJob, QueuePolicy, RunningJob  # noqa: E402
 from scheduler.core.queue_policy import Capacity, Held, plan  # noqa: E402
 from scheduler.sim.forecast import Forecast, forecast  # noqa: E402
@@ -42,8 +43,8 @@ from scheduler.sim.policies import POLICIES  # noqa: E402
 GPUS_PER_NODE = 8
 DAY_S = 86400.0
 POLICY_SET: dict[str, QueuePolicy] = {
-    "live-las": QueuePolicy(mode="las"),  # the live loop's default settings
-    "live-fifo": QueuePolicy(mode="fifo"),  # its FIFO-with-priority alternative
+    "live": QueueConfig().policy(),  # the live loop's default (predictive, with aging)
+    "live-fifo": QueueConfig(mode="fifo").policy(),  # its FIFO-with-priority alternative
     "sim-sjf": POLICIES["sjf"].queue,
     "sim-ours": POLICIES["ours"].queue,
 }

@@ -7,7 +7,7 @@ Run from the repository root::
 A real job store (SQLite in a temporary directory) holds ``--pending`` waiting
 jobs of 20 families, each with three finished runs, on a full cluster of 6
 nodes x 8 GPUs (stand-in workers and telemetry, as in the loop's integration
-tests). The same passes run twice: with the live default (``las``) and no
+tests). The same passes run twice: with the live default (``predictive``) and no
 predictions, then with the job history and the forecaster (its worker
 process forecasting the queue while the passes run). Prints the median pass
 wall time of each, how long one forecast of that queue takes, and last one line
