@@ -13,10 +13,9 @@ from scheduler.core.gpu_memory import auto_gpu_memory
 from scheduler.core.model import ClusterSnapshot, PlacementPolicy
 from scheduler.core.placement import place
 from scheduler.core.predictor import Prediction
-from scheduler.core.states import JobState
+from tests.unit.job_records import pending_record
 from tests.unit.placement_factories import _gpu, _node
 from workers.interface.executor import LaunchRequest
-from workers.interface.spec import load_spec
 from workers.interface.telemetry import GIB
 
 NO_HEADROOM = PlacementPolicy(memory_headroom_bytes=0)
@@ -31,38 +30,7 @@ def job(gpu_memory: str, gpus: int = 1) -> JobRecord:
         "name: t\nmodel: {name: mlp}\ntrain: {max_steps: 3}\n"
         f"resources: {{gpus: {gpus}, gpu_memory_gb: {gpu_memory}}}\n"
     )
-    return JobRecord(
-        id="j-1",
-        name="t",
-        experiment="Default",
-        team="default",
-        priority=0,
-        state=JobState.PENDING,
-        spec=load_spec(text),
-        source_text=text,
-        submitted_at=0.0,
-        updated_at=0.0,
-        started_at=None,
-        finished_at=None,
-        attempts=0,
-        assignment=None,
-        run_id=None,
-        model_version=None,
-        error=None,
-        progress=None,
-        pending_reasons=None,
-        cancel_requested=False,
-        not_before=None,
-        preemptions=0,
-        resume_reason=None,
-        preempt_reason=None,
-        queued_at=0.0,
-        attempt_started_at=None,
-        attained_gpu_s=0.0,
-        losses=0,
-        failures=0,
-        lease_generation=None,
-    )
+    return pending_record(text, "j-1")
 
 
 @pytest.mark.parametrize(

@@ -24,8 +24,8 @@ from scheduler.cli.estimates import (
 from scheduler.core.model import QueuedJob, QueuePolicy, RunningJob
 from scheduler.core.predictor import Prediction
 from scheduler.core.states import JobState
+from tests.unit.job_records import pending_record
 from workers.interface.executor import Assignment, NodeAssignment
-from workers.interface.spec import load_spec
 from workers.interface.telemetry import GpuUuid
 
 TEXT = (
@@ -44,39 +44,7 @@ def make_job(
     **fields: Any,
 ) -> JobRecord:
     text = TEXT.format(name=name, lr=lr, gpus=gpus, priority=priority)
-    spec = load_spec(text)
-    base = JobRecord(
-        id=f"j-{name}",
-        name=spec.name,
-        experiment=spec.experiment,
-        team=spec.team,
-        priority=spec.priority,
-        state=JobState.PENDING,
-        spec=spec,
-        source_text=text,
-        submitted_at=100.0,
-        updated_at=100.0,
-        started_at=None,
-        finished_at=None,
-        attempts=0,
-        assignment=None,
-        run_id=None,
-        model_version=None,
-        error=None,
-        progress=None,
-        pending_reasons=None,
-        cancel_requested=False,
-        not_before=None,
-        preemptions=0,
-        resume_reason=None,
-        preempt_reason=None,
-        queued_at=100.0,
-        attempt_started_at=None,
-        attained_gpu_s=0.0,
-        losses=0,
-        failures=0,
-        lease_generation=None,
-    )
+    base = pending_record(text, f"j-{name}", submitted_at=100.0)
     return dataclasses.replace(base, **fields)
 
 
