@@ -34,7 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from scheduler.api.console.sessions import Sessions
 from scheduler.auth.audit import AuditEvent, AuditStore
 from scheduler.auth.identity import Identity
-from scheduler.auth.tokens import TokenStore
+from scheduler.auth.tokens import TokenNotFound, TokenStore
 
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 SCHEME = "bearer"
@@ -117,6 +117,18 @@ class Authenticate:
         self._auth = auth
         self._public = auth.public_paths
 
+    async def _session_identity(self, session: str) -> Identity | None:
+        """The identity of a live console session whose token still stands (a revoked
+        token ends its sessions at once)."""
+        identity = self._auth.sessions.identity(session)
+        if identity is None:
+            return None
+        try:
+            token = await asyncio.to_thread(self._auth.tokens.get, identity.token_id)
+        except TokenNotFound:
+            return None
+        return identity if token.revoked_at is None else None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
@@ -134,7 +146,7 @@ class Authenticate:
         csrf_refused = False
         if presented is None and _is_console(path):
             session = session_id(scope)
-            identity = self._auth.sessions.identity(session) if session else None
+            identity = await self._session_identity(session) if session else None
             if identity is None and not mutating:
                 await _redirect(send, LOGIN_PATH)
                 return

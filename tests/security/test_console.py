@@ -7,6 +7,7 @@ from __future__ import annotations
 import httpx
 
 from scheduler.auth.audit import AuditStore
+from scheduler.auth.identity import Role
 from tests.security.conftest import SecureApi
 from tests.security.test_tenancy import YAML, deployment_yaml, job_yaml, submit
 
@@ -72,6 +73,10 @@ def test_pages_render_the_agreed_dom(secure_api: SecureApi) -> None:
     jobs = browser.get("/ui/jobs").text
     assert '<table id="jobs">' in jobs and f'<tr data-job-id="{job["id"]}">' in jobs
     assert 'data-live="/ui/jobs?fragment=1"' in jobs
+    anything = browser.get("/ui/jobs", params={"state": "", "team": "", "q": ""})
+    assert anything.status_code == 200 and f'data-job-id="{job["id"]}"' in anything.text
+    bogus = browser.get("/ui/jobs", params={"state": "NAPPING"})
+    assert bogus.status_code == 422 and "no state 'NAPPING'" in bogus.text
     filtered = browser.get("/ui/jobs", params={"state": "RUNNING"}).text
     assert f'data-job-id="{job["id"]}"' not in filtered
     found = browser.get("/ui/jobs", params={"q": "console-", "team": "a"}).text
@@ -141,3 +146,10 @@ def test_rollback_and_undeploy_from_the_console_have_the_apis_permissions(
     gone = owner.post("/ui/deployments/c-dep/undeploy", headers={"X-CSRF-Token": csrf})
     assert gone.status_code == 200, gone.text
     assert secure_api.admin.get("/deployments/c-dep").status_code == 404
+
+
+def test_revoking_the_token_ends_its_console_sessions(secure_api: SecureApi) -> None:
+    record, token = secure_api.tokens.create("a", Role.MEMBER, name="soon revoked")
+    browser, _ = logged_in(secure_api, secure_api.client(token))
+    secure_api.tokens.revoke(record.id)
+    assert browser.get("/ui/gpus").headers["location"] == "/ui/login"
