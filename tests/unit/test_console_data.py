@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from scheduler.api.console import data
 from scheduler.api.views import cluster_table
 from scheduler.batch.store import JobRecord
@@ -13,6 +15,7 @@ from scheduler.core.model import Holding
 from scheduler.core.states import JobState
 from tests.unit.job_records import pending_record
 from tests.unit.placement_factories import _gpu, _node, uuid
+from workers.interface.errors import ConfigError
 from workers.interface.executor import Assignment, NodeAssignment
 from workers.interface.telemetry import GIB, GpuUuid
 
@@ -97,3 +100,13 @@ def test_the_sparkline_spans_its_box_from_highest_to_lowest() -> None:
     points = data.sparkline([3.0, 2.0, 1.0]).split()
     assert points[0] == "0.0,0.0"
     assert points[-1] == f"{data.SPARK_WIDTH:.1f},{data.SPARK_HEIGHT:.1f}"
+
+
+def test_the_jobs_form_reads_empty_fields_as_any_and_refuses_an_unknown_state() -> None:
+    assert data.JobFilter.from_query("", "", "") == data.JobFilter()
+    assert data.JobFilter.from_query("RUNNING", "a", "x") == data.JobFilter(
+        JobState.RUNNING, "a", "x"
+    )
+    with pytest.raises(ConfigError) as refused:
+        data.JobFilter.from_query("NAPPING", "", "")
+    assert refused.value.errors[0][0] == "state"

@@ -15,6 +15,7 @@ from scheduler.batch.store import JobRecord
 from scheduler.core.states import JobState
 from scheduler.realtime.metrics import ModelSummary
 from scheduler.realtime.store import DeploymentRecord
+from workers.interface.errors import ConfigError
 
 JOBS_SHOWN = 200  # the jobs page's rows; filters narrow the rest
 SPARK_WIDTH = 240
@@ -157,6 +158,17 @@ class JobFilter:
     state: JobState | None = None
     team: str | None = None
     q: str | None = None  # in the id or the name
+
+    @classmethod
+    def from_query(cls, state: str, team: str, q: str) -> JobFilter:
+        """The filter of the jobs page's form (an empty field: any); :class:`ConfigError`
+        for a state that does not exist."""
+        try:
+            chosen = JobState(state) if state else None
+        except ValueError:
+            known = ", ".join(s.value for s in JobState)
+            raise ConfigError([("state", f"no state {state!r}: one of {known}")]) from None
+        return cls(chosen, team or None, q or None)
 
     def keeps(self, job: JobRecord) -> bool:
         text = (self.q or "").lower()

@@ -119,14 +119,10 @@ def console_routes(
 
     @app.get("/ui/jobs", include_in_schema=False)
     def jobs(
-        request: Request,
-        state: JobState | None = None,
-        team: str | None = None,
-        q: str | None = None,
-        fragment: bool = False,
+        request: Request, state: str = "", team: str = "", q: str = "", fragment: bool = False
     ) -> HTMLResponse:
-        chosen = data.JobFilter(state, team or None, q or None)
-        found = service.list([state] if state else None, _ALL_JOBS)
+        chosen = data.JobFilter.from_query(state, team, q)
+        found = service.list([chosen.state] if chosen.state else None, _ALL_JOBS)
         return page(
             request,
             "jobs",
