@@ -63,7 +63,13 @@ class Client:
             ) from exc
         if response.status_code >= 400:
             raise _api_error(response)
-        return response.json() if response.content else None
+        try:
+            return response.json() if response.content else None
+        except ValueError as exc:
+            raise ApiUnreachable(
+                f"{self.base_url} answered {method} {path} with something other than JSON; "
+                "is that the jobworker API's address (not MLflow's)?"
+            ) from exc
 
     def healthz(self) -> dict[str, Any]:
         result: dict[str, Any] = self._call("GET", "/healthz")
@@ -165,6 +171,11 @@ class Client:
         result: dict[str, Any] = self._call(
             "POST", f"/v1/models/{name}/predict", json={"inputs": inputs}
         )
+        return result
+
+    def login_link(self) -> dict[str, Any]:
+        """A one-time console login: ``{"path": "/ui/login?code=…", "expires_at": unix s}``."""
+        result: dict[str, Any] = self._call("POST", "/ui/links")
         return result
 
 
