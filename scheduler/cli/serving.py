@@ -167,23 +167,25 @@ MAX_OUTPUT_COLUMNS = 10  # wider output rows show their first ones, then "…"
 
 
 def outputs_table(outputs: list[Any]) -> Table:
-    """A model's outputs, one row per input row; ``argmax`` when rows are score vectors."""
+    """A model's outputs, one row per input row; ``argmax`` first when rows are score vectors."""
     vectors = [row for row in outputs if isinstance(row, list) and all(map(_is_number, row))]
+    table = Table("row", box=None, pad_edge=False, collapse_padding=True)
     if not outputs or len(vectors) < len(outputs):  # scalars, or rows of another shape
-        table = Table("row", "output")
+        table.add_column("output")
         for i, row in enumerate(outputs):
             table.add_row(str(i), _cell(row) if _is_number(row) else json.dumps(row))
         return table
     width = max(len(row) for row in vectors)
     shown = min(width, MAX_OUTPUT_COLUMNS)
-    table = Table("row", *map(str, range(shown)), *(["…"] if width > shown else []))
-    if width > 1:
-        table.add_column("argmax", style="bold")
+    if width > 1:  # before the scores: a narrow terminal cuts scores, never the answer
+        table.add_column("argmax", style="bold", no_wrap=True)
+    for column in [*map(str, range(shown)), *(["…"] if width > shown else [])]:
+        table.add_column(column, justify="right")
     for i, row in enumerate(vectors):
+        best = [str(max(range(len(row)), key=row.__getitem__)) if row else ""]
         cells = [_cell(v) for v in row[:shown]] + [""] * (shown - len(row[:shown]))
         more = ["…"] if width > shown else []
-        best = [str(max(range(len(row)), key=row.__getitem__)) if row else ""]
-        table.add_row(str(i), *cells, *more, *(best if width > 1 else []))
+        table.add_row(str(i), *(best if width > 1 else []), *cells, *more)
     return table
 
 
@@ -192,4 +194,4 @@ def _is_number(value: Any) -> bool:
 
 
 def _cell(value: float) -> str:
-    return f"{value:.4g}"
+    return f"{value:.3g}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import mlflow
@@ -167,6 +168,13 @@ def test_cli_deploy_predict_undeploy(make_api: Any, tmp_path: Any) -> None:
     predicted = runner.invoke(cli, ["predict", "cli-mlp", "--input", str(inputs), "--api", url])
     assert predicted.exit_code == 0, predicted.output
     assert "version 1" in predicted.output
+    body = api.http.post("/v1/models/cli-mlp/predict", json={"inputs": rows(2)}).json()
+    lines = [line.split() for line in predicted.output.splitlines()]
+    assert ["row", "argmax", *map(str, range(10))] in lines, "10 scores: argmax, 10 columns"
+    for i, scores in enumerate(body["outputs"]):
+        assert [str(i), str(scores.index(max(scores)))] in [line[:2] for line in lines]
+    raw = runner.invoke(cli, ["predict", "cli-mlp", "--input", str(inputs), "--json", "--api", url])
+    assert raw.exit_code == 0 and json.loads(raw.stdout) == body
     wrong = runner.invoke(cli, ["predict", "cli-mlp", "--data", "[[1, 2]]", "--api", url])
     assert wrong.exit_code == 2 and "expected shape (N, 64)" in wrong.output
 
