@@ -118,7 +118,7 @@ class Authenticate:
         self._public = auth.public_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope["path"]
+        path = scope.get("path", "")  # a lifespan scope has none
         if scope["type"] != "http" or path in self._public or _is_public_asset(path):
             await self._app(scope, receive, send)
             return
