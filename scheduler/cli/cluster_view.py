@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich import box
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
@@ -17,7 +18,7 @@ from rich.text import Text
 from scheduler.cli.estimates import span_text, start_text
 from workers.interface.telemetry import GIB
 
-BAR_WIDTH_CHARS = 24
+BAR_WIDTH_CHARS = 16
 HOLDER_STYLES = ("cyan", "magenta", "green", "yellow", "blue", "red")
 OUTSIDE_STYLE = "grey50"
 REPLICA_PREFIX = "replica:"
@@ -73,6 +74,11 @@ def _legend_styles(cluster: dict[str, Any]) -> dict[str, str]:
     return styles
 
 
+def _gpu_type(gpu: dict[str, Any]) -> str:
+    """The GPU's name without the vendor every row would repeat: ``A100-SXM4-40GB``."""
+    return str(gpu.get("name") or "?").removeprefix("NVIDIA ")
+
+
 def _number(value: float | None, fmt: str) -> str:
     return "?" if value is None else format(value, fmt)
 
@@ -80,7 +86,13 @@ def _number(value: float | None, fmt: str) -> str:
 def gpu_map(cluster: dict[str, Any], width: int = BAR_WIDTH_CHARS) -> Table:
     """Per node a row per GPU: memory bar by holder, used/total, util, temperature, holders."""
     styles = _legend_styles(cluster)
-    table = Table("node", "GPU", "type", "memory", "GiB", "util %", "°C", "held by", title="GPUs")
+    table = Table(title="GPUs", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for column in ("node", "GPU", "type"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("memory", no_wrap=True, min_width=width)
+    for column in ("GiB", "util %", "°C"):
+        table.add_column(column, justify="right")
+    table.add_column("held by", overflow="fold")  # a narrow terminal wraps names, never cuts
     for node in cluster.get("nodes", []):
         gpus = node.get("gpus", [])
         if not gpus:
@@ -92,7 +104,7 @@ def gpu_map(cluster: dict[str, Any], width: int = BAR_WIDTH_CHARS) -> Table:
                 table.add_row(
                     hostname,
                     Text(f"{gpu['index']} lost", style="bold red"),
-                    gpu.get("name") or "?",
+                    _gpu_type(gpu),
                     Text("unavailable", style="red"),
                     "",
                     "",
@@ -110,7 +122,7 @@ def gpu_map(cluster: dict[str, Any], width: int = BAR_WIDTH_CHARS) -> Table:
             table.add_row(
                 hostname,
                 str(gpu["index"]),
-                gpu.get("name") or "?",
+                _gpu_type(gpu),
                 memory_bar(shares, total, styles, width),
                 f"{_number(used and used / GIB, '.1f')}/{_number(total / GIB, '.0f')}",
                 _number(gpu.get("util_pct"), ".0f"),
@@ -125,7 +137,18 @@ def queue_table(entries: list[dict[str, Any]], now: float) -> Table | Text:
     if not entries:
         return Text("no pending jobs", style="dim")
     table = Table(
-        "#", "job", "name", "team", "prio", "waiting", "predicted start", "reason", title="queue"
+        "#",
+        "job",
+        "name",
+        "team",
+        "prio",
+        "waiting",
+        "predicted start",
+        "reason",
+        title="queue",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
     )
     for e in entries:
         start = e.get("predicted_start_at")

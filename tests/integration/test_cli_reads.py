@@ -76,7 +76,7 @@ def test_top_once_draws_the_gpus_with_their_holder_and_the_queue(make_api: Any) 
         held = [g for n in nodes for g in n["gpus"] if holder in g["jobs"]]
         assert len(held) == 1
         row = next(line for line in drawn.output.splitlines() if holder in line)
-        assert held[0]["name"] in row and "█" in row
+        assert held[0]["name"].removeprefix("NVIDIA ") in row and "█" in row
         assert "no pending jobs" in drawn.output
 
         snapshot = runner.invoke(cli, ["top", "--json", *url])

@@ -139,7 +139,7 @@ def test_cli_deploy_predict_undeploy(make_api: Any, tmp_path: Any) -> None:
     config = tmp_path / "cli.yaml"
     config.write_text(deploy_yaml("cli-mlp", "models:/cli-mlp/1", resources="{gpu_memory_gb: 2}"))
     url = str(api.http.base_url)
-    runner = CliRunner(env={"JOBWORKER_TOKEN": api.admin_token})
+    runner = CliRunner(env={"JOBWORKER_TOKEN": api.admin_token, "COLUMNS": "200"})
 
     def used_bytes() -> dict[tuple[str, int], int]:
         nodes = api.http.get("/cluster").json()["nodes"]
@@ -160,6 +160,9 @@ def test_cli_deploy_predict_undeploy(make_api: Any, tmp_path: Any) -> None:
     gpu = (replica["node"], replica["gpu_indices"][0])
     # The replica's memory shows in the (simulated) telemetry of its GPU, then goes.
     eventually(lambda used: used[gpu] >= baseline[gpu] + 2 * GIB)
+    for command in (["cluster"], ["top", "--once"]):  # the share is named, not left blank
+        shown = runner.invoke(cli, [*command, "--api", url])
+        assert shown.exit_code == 0 and "replica:cli-mlp" in shown.output, shown.output
 
     listed = runner.invoke(cli, ["deployments", "--api", url])
     assert listed.exit_code == 0 and "cli-mlp" in listed.output
