@@ -63,7 +63,13 @@ class Client:
             ) from exc
         if response.status_code >= 400:
             raise _api_error(response)
-        return response.json() if response.content else None
+        try:
+            return response.json() if response.content else None
+        except ValueError as exc:
+            raise ApiUnreachable(
+                f"{self.base_url} answered {method} {path} with something other than JSON; "
+                "is that the jobworker API's address (not MLflow's)?"
+            ) from exc
 
     def healthz(self) -> dict[str, Any]:
         result: dict[str, Any] = self._call("GET", "/healthz")
@@ -170,6 +176,11 @@ class Client:
     def rollback(self, name: str) -> dict[str, Any]:
         """Serve the version the deployment served before its current one; 409 if none."""
         result: dict[str, Any] = self._call("POST", f"/deployments/{name}/rollback")
+        return result
+
+    def login_link(self) -> dict[str, Any]:
+        """A one-time console login: ``{"path": "/ui/login?code=…", "expires_at": unix s}``."""
+        result: dict[str, Any] = self._call("POST", "/ui/links")
         return result
 
 

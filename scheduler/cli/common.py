@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -26,6 +27,9 @@ TokenOpt = Annotated[
         help="API token (jw_…); default: the admin token `up` wrote under --home.",
         show_default=False,
     ),
+]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print the API's JSON unchanged (for scripts, `jq`).")
 ]
 ADMIN_TOKEN_FILE = "admin.token"  # under the home; scheduler.wiring.Settings.admin_token_file
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
@@ -71,6 +75,11 @@ def guard(fn: Callable[[], T]) -> T:
                 f"(`up` writes an admin one to <home>/{ADMIN_TOKEN_FILE})"
             )
         raise typer.Exit(2) from exc
+
+
+def print_json(data: Any) -> None:
+    """``data`` as indented JSON on stdout, with no markup, for ``--json``."""
+    typer.echo(json.dumps(data, indent=2))
 
 
 def read_text(path: Path) -> str:

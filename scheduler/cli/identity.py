@@ -8,7 +8,17 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from scheduler.cli.common import ApiOpt, HomeOpt, TokenOpt, connect, guard, out, when
+from scheduler.cli.common import (
+    ApiOpt,
+    HomeOpt,
+    JsonOpt,
+    TokenOpt,
+    connect,
+    guard,
+    out,
+    print_json,
+    when,
+)
 
 token_app = typer.Typer(help="Create, list and revoke API tokens (admin).", no_args_is_help=True)
 _API = "http://127.0.0.1:8000"
@@ -35,10 +45,16 @@ def create(
 
 
 @token_app.command("list")
-def list_tokens(api: ApiOpt = _API, token: TokenOpt = None, home: HomeOpt = _HOME) -> None:
+def list_tokens(
+    as_json: JsonOpt = False, api: ApiOpt = _API, token: TokenOpt = None, home: HomeOpt = _HOME
+) -> None:
     """Every token, revoked ones too; never a secret."""
+    tokens = guard(connect(api, token, home).tokens)
+    if as_json:
+        print_json(tokens)
+        return
     table = Table("id", "name", "team", "role", "created", "revoked")
-    for t in guard(connect(api, token, home).tokens):
+    for t in tokens:
         table.add_row(
             t["id"],
             t["name"],
@@ -66,6 +82,7 @@ def audit(
     team: Annotated[str | None, typer.Option(help="Only this team's requests.")] = None,
     token_id: Annotated[str | None, typer.Option("--token-id", help="Only this token's.")] = None,
     limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
+    as_json: JsonOpt = False,
     api: ApiOpt = _API,
     token: TokenOpt = None,
     home: HomeOpt = _HOME,
@@ -74,6 +91,9 @@ def audit(
     events = guard(
         lambda: connect(api, token, home).audit(team=team, token_id=token_id, limit=limit)
     )
+    if as_json:
+        print_json(events)
+        return
     table = Table("at", "token", "team", "role", "request", "target", "status")
     for e in events:
         status = e["status"]

@@ -13,15 +13,18 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from scheduler.api.client import Client
+from scheduler.cli.cluster_view import holder_names
 from scheduler.cli.common import (
     TERMINAL,
     ApiOpt,
     HomeOpt,
+    JsonOpt,
     TokenOpt,
     connect,
     err,
     guard,
     out,
+    print_json,
     read_text,
     state_text,
     when,
@@ -32,15 +35,22 @@ from workers.interface.spec import load_spec
 from workers.interface.telemetry import GIB
 
 
-def validate(file: Path) -> None:
+def validate(file: Path, as_json: JsonOpt = False) -> None:
     """Check a training config without submitting it."""
     try:
         spec = load_spec(read_text(file), [os.getcwd()])  # where `up` runs jobs from
     except ConfigError as exc:
+        if as_json:
+            errors = [{"loc": loc, "msg": msg} for loc, msg in exc.errors]
+            print_json({"valid": False, "errors": errors})
+            raise typer.Exit(2) from exc
         err.print(f"[red]invalid:[/] {file}")
         for loc, msg in exc.errors:
             err.print(f"  [bold]{loc or '(config)'}[/]: {msg}")
         raise typer.Exit(2) from exc
+    if as_json:  # the shape of the API's POST /jobs/validate answer
+        print_json({"valid": True, "name": spec.name, "spec": spec.model_dump(mode="json")})
+        return
     out.print(f"[green]valid:[/] {file} (job {spec.name!r}, experiment {spec.experiment!r})")
 
 
@@ -78,10 +88,11 @@ def wait_for_job(client: Client, job_id: str) -> dict[str, Any]:
             metrics = p.get("metrics") or {}
             loss = f" loss {metrics['loss']:.4f}" if "loss" in metrics else ""
             step = f"step {p['step']}" if p.get("step") is not None else ""
+            waiting = (job.get("pending_reasons") or [""])[0] if job["state"] == "PENDING" else ""
             progress.update(
                 task,
                 description=f"{job_id} {state_text(job['state'])}",
-                detail=f"{step}{loss}",
+                detail=f"{step}{loss}{waiting}",
                 completed=p.get("step") or 0,
             )
             if job["state"] in TERMINAL:
@@ -111,6 +122,7 @@ def _print_job(job: dict[str, Any]) -> None:
 def status(
     job_id: Annotated[str | None, typer.Argument()] = None,
     state: Annotated[list[str] | None, typer.Option(help="Only jobs in these states.")] = None,
+    as_json: JsonOpt = False,
     api: ApiOpt = "http://127.0.0.1:8000",
     token: TokenOpt = None,
     home: HomeOpt = Path(".jobworker"),
@@ -119,6 +131,9 @@ def status(
     client = connect(api, token, home)
     if job_id:
         job = guard(lambda: client.get(job_id))
+        if as_json:
+            print_json(job)
+            return
         _print_job(job)
         table = Table("at", "from", "to", "reason", title="history")
         for e in job.get("history") or []:
@@ -128,6 +143,9 @@ def status(
         out.print(table)
         return
     jobs = guard(lambda: client.jobs([s.upper() for s in state or []]))
+    if as_json:
+        print_json(jobs)
+        return
     table = Table("id", "name", "state", "step", "loss", "node", "submitted")
     for j in jobs:
         p = j.get("progress") or {}
@@ -149,21 +167,29 @@ def logs(
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Stream until the job ends.")
     ] = False,
+    offset: Annotated[int, typer.Option(help="Start at this byte of the output.")] = 0,
+    as_json: JsonOpt = False,
     api: ApiOpt = "http://127.0.0.1:8000",
     token: TokenOpt = None,
     home: HomeOpt = Path(".jobworker"),
 ) -> None:
-    """Print a job's output."""
+    """Print a job's output; ``--json``: ``{text, next_offset}``, to resume from ``--offset``."""
+    if follow and as_json:
+        err.print("[red]error:[/] --json prints what is there now; it does not mix with --follow")
+        raise typer.Exit(2)
     client = connect(api, token, home)
     if follow:
-        guard(lambda: _stream(client, job_id))
+        guard(lambda: _stream(client, job_id, offset))
         return
-    text, _ = guard(lambda: client.logs(job_id))
+    text, next_offset = guard(lambda: client.logs(job_id, offset))
+    if as_json:
+        print_json({"text": text, "next_offset": next_offset})
+        return
     sys.stdout.write(text)
 
 
-def _stream(client: Client, job_id: str) -> None:
-    for chunk in client.follow_logs(job_id):
+def _stream(client: Client, job_id: str, offset: int) -> None:
+    for chunk in client.follow_logs(job_id, offset):
         sys.stdout.write(chunk)
         sys.stdout.flush()
 
@@ -184,12 +210,16 @@ def cancel(
 
 
 def queue(
+    as_json: JsonOpt = False,
     api: ApiOpt = "http://127.0.0.1:8000",
     token: TokenOpt = None,
     home: HomeOpt = Path(".jobworker"),
 ) -> None:
     """Pending jobs in the order the scheduler will consider them, and why each waits."""
     entries = guard(connect(api, token, home).queue)
+    if as_json:
+        print_json(entries)
+        return
     now = time.time()
     table = Table(
         "#", "job", "name", "team", "priority", "submitted", "predicted", "waiting because"
@@ -219,13 +249,17 @@ def _predicted(entry: dict[str, Any], now: float) -> str:
 
 
 def cluster(
+    as_json: JsonOpt = False,
     api: ApiOpt = "http://127.0.0.1:8000",
     token: TokenOpt = None,
     home: HomeOpt = Path(".jobworker"),
 ) -> None:
-    """Nodes and GPUs: type, memory, utilization, and the jobs on each."""
+    """Nodes and GPUs: type, memory, utilization, and the jobs and replicas on each."""
     client = connect(api, token, home)
     view = guard(client.cluster)
+    if as_json:
+        print_json(view)
+        return
     table = Table("node", "GPU", "type", "used GiB", "free GiB", "util %", "jobs")
     for node in view["nodes"]:
         if not node["gpus"]:
@@ -241,6 +275,6 @@ def cluster(
                 f"{used / GIB:.1f}" if used is not None else "?",
                 f"{free / GIB:.1f}" if free is not None else "?",
                 f"{util:.0f}" if util is not None else "?",
-                ", ".join(g["jobs"]),
+                ", ".join(holder_names(g)),
             )
     out.print(table)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from scheduler.cli import identity, jobs, servers, serving, simulate
+from scheduler.cli import console, identity, jobs, servers, serving, simulate
 
 app = typer.Typer(
     help="jobworker: a GPU-aware scheduler for ML training and inference.",
@@ -27,6 +27,8 @@ for command in (
     jobs.cancel,
     jobs.queue,
     jobs.cluster,
+    console.top,
+    console.ui,
     serving.deploy,
     serving.deployments,
     serving.undeploy,

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import typer
+from rich.markup import escape
 
 from scheduler.api.client import ApiUnreachable, Client
 from scheduler.api.guards import MIB
@@ -186,17 +187,27 @@ def _detach(home: Path, host: str, port: int) -> None:
         except httpx.HTTPError:
             return False
 
-    with out.status("starting jobworker (Ray, MLflow server, API) …"):
-        deadline = time.monotonic() + 300
+    with out.status("starting jobworker (Ray, MLflow server, API) …") as shown:
+        started = time.monotonic()
         while not serving():
-            if time.monotonic() > deadline:
+            waited_s = time.monotonic() - started
+            if waited_s > 300:
                 raise ServiceError(
                     f"jobworker up (pid {proc.pid}) did not answer within 300 s; see {log_path}"
                 )
+            shown.update(f"starting jobworker … {waited_s:.0f} s; {_last_line(log_path, offset)}")
             time.sleep(0.3)
     out.print(
         f"jobworker is up: API http://{host}:{port} (pid {proc.pid}); stop it with `jobworker down`"
     )
+
+
+def _last_line(log_path: Path, offset: int) -> str:
+    """What the starting ``up`` said last (from ``offset`` of its log), for the spinner."""
+    with log_path.open("rb") as fh:
+        fh.seek(offset)
+        lines = fh.read().decode(errors="replace").strip().splitlines()
+    return escape(lines[-1][:100]) if lines else "(nothing logged yet)"
 
 
 def down(home: HomeOpt = Path(".jobworker")) -> None:

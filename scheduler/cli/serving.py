@@ -15,11 +15,13 @@ from scheduler.api.client import Client
 from scheduler.cli.common import (
     ApiOpt,
     HomeOpt,
+    JsonOpt,
     TokenOpt,
     connect,
     err,
     guard,
     out,
+    print_json,
     read_text,
     state_text,
     when,
@@ -75,17 +77,22 @@ def wait_ready(
 
 def deployments(
     name: Annotated[str | None, typer.Argument(help="Show one deployment in detail.")] = None,
+    as_json: JsonOpt = False,
     api: ApiOpt = "http://127.0.0.1:8000",
     token: TokenOpt = None,
     home: HomeOpt = Path(".jobworker"),
 ) -> None:
     """List deployments, or show one with its replicas."""
     client = connect(api, token, home)
-    if name:
-        _print_deployment(guard(lambda: client.deployment(name)))
+    shown = guard(lambda: client.deployment(name) if name else client.deployments())
+    if as_json:
+        print_json(shown)
+        return
+    if isinstance(shown, dict):
+        _print_deployment(shown)
         return
     table = Table("name", "state", "model", "version", "replicas", "updated", "message")
-    for dep in guard(client.deployments):
+    for dep in shown:
         routed = sum(1 for r in dep["replicas"] if r["routed"])
         table.add_row(
             dep["name"],
@@ -161,11 +168,12 @@ def predict(
         typer.Option("--input", help='JSON file: {"inputs": [[...]]} or a list of rows.'),
     ] = None,
     data: Annotated[str | None, typer.Option(help="The rows as JSON text instead.")] = None,
+    as_json: JsonOpt = False,
     api: ApiOpt = "http://127.0.0.1:8000",
     token: TokenOpt = None,
     home: HomeOpt = Path(".jobworker"),
 ) -> None:
-    """Send rows to a deployed model and print its outputs."""
+    """Send rows to a deployed model; print its outputs, one row per input row."""
     if (input_file is None) == (data is None):
         err.print("[red]error:[/] give exactly one of --input FILE or --data JSON")
         raise typer.Exit(2)
@@ -177,5 +185,42 @@ def predict(
         raise typer.Exit(2) from exc
     inputs = payload["inputs"] if isinstance(payload, dict) and "inputs" in payload else payload
     result = guard(lambda: connect(api, token, home).predict(name, inputs))
-    out.print_json(data=result["outputs"])
+    if as_json:
+        print_json(result)
+        return
+    out.print(outputs_table(result["outputs"]))
     out.print(f"model {result['model']} version {result['version']} (run {result['run_id']})")
+
+
+MAX_OUTPUT_COLUMNS = 10  # wider output rows show their first ones, then "…"
+
+
+def outputs_table(outputs: list[Any]) -> Table:
+    """A model's outputs, one row per input row; ``argmax`` first when rows are score vectors."""
+    vectors = [row for row in outputs if isinstance(row, list) and all(map(_is_number, row))]
+    table = Table("row", box=None, pad_edge=False, collapse_padding=True)
+    if not outputs or len(vectors) < len(outputs):  # scalars, or rows of another shape
+        table.add_column("output")
+        for i, row in enumerate(outputs):
+            table.add_row(str(i), _cell(row) if _is_number(row) else json.dumps(row))
+        return table
+    width = max(len(row) for row in vectors)
+    shown = min(width, MAX_OUTPUT_COLUMNS)
+    if width > 1:  # before the scores: a narrow terminal cuts scores, never the answer
+        table.add_column("argmax", style="bold", no_wrap=True)
+    for column in [*map(str, range(shown)), *(["…"] if width > shown else [])]:
+        table.add_column(column, justify="right")
+    for i, row in enumerate(vectors):
+        best = [str(max(range(len(row)), key=row.__getitem__)) if row else ""]
+        cells = [_cell(v) for v in row[:shown]] + [""] * (shown - len(row[:shown]))
+        more = ["…"] if width > shown else []
+        table.add_row(str(i), *(best if width > 1 else []), *cells, *more)
+    return table
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _cell(value: float) -> str:
+    return f"{value:.3g}"

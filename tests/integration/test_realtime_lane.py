@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import mlflow
@@ -138,7 +139,7 @@ def test_cli_deploy_predict_undeploy(make_api: Any, tmp_path: Any) -> None:
     config = tmp_path / "cli.yaml"
     config.write_text(deploy_yaml("cli-mlp", "models:/cli-mlp/1", resources="{gpu_memory_gb: 2}"))
     url = str(api.http.base_url)
-    runner = CliRunner(env={"JOBWORKER_TOKEN": api.admin_token})
+    runner = CliRunner(env={"JOBWORKER_TOKEN": api.admin_token, "COLUMNS": "200"})
 
     def used_bytes() -> dict[tuple[str, int], int]:
         nodes = api.http.get("/cluster").json()["nodes"]
@@ -159,6 +160,9 @@ def test_cli_deploy_predict_undeploy(make_api: Any, tmp_path: Any) -> None:
     gpu = (replica["node"], replica["gpu_indices"][0])
     # The replica's memory shows in the (simulated) telemetry of its GPU, then goes.
     eventually(lambda used: used[gpu] >= baseline[gpu] + 2 * GIB)
+    for command in (["cluster"], ["top", "--once"]):  # the share is named, not left blank
+        shown = runner.invoke(cli, [*command, "--api", url])
+        assert shown.exit_code == 0 and "replica:cli-mlp" in shown.output, shown.output
 
     listed = runner.invoke(cli, ["deployments", "--api", url])
     assert listed.exit_code == 0 and "cli-mlp" in listed.output
@@ -167,6 +171,13 @@ def test_cli_deploy_predict_undeploy(make_api: Any, tmp_path: Any) -> None:
     predicted = runner.invoke(cli, ["predict", "cli-mlp", "--input", str(inputs), "--api", url])
     assert predicted.exit_code == 0, predicted.output
     assert "version 1" in predicted.output
+    body = api.http.post("/v1/models/cli-mlp/predict", json={"inputs": rows(2)}).json()
+    lines = [line.split() for line in predicted.output.splitlines()]
+    assert ["row", "argmax", *map(str, range(10))] in lines, "10 scores: argmax, 10 columns"
+    for i, scores in enumerate(body["outputs"]):
+        assert [str(i), str(scores.index(max(scores)))] in [line[:2] for line in lines]
+    raw = runner.invoke(cli, ["predict", "cli-mlp", "--input", str(inputs), "--json", "--api", url])
+    assert raw.exit_code == 0 and json.loads(raw.stdout) == body
     wrong = runner.invoke(cli, ["predict", "cli-mlp", "--data", "[[1, 2]]", "--api", url])
     assert wrong.exit_code == 2 and "expected shape (N, 64)" in wrong.output
 
