@@ -23,6 +23,7 @@ from scheduler.auth.tokens import TokenStore
 from scheduler.batch.history import JobHistory
 from scheduler.batch.lease import Lease
 from scheduler.batch.loop import ACTIVE, LoopSettings, Scheduler
+from scheduler.batch.metrics import ClusterStateCollector, SchedulerMetrics, gpu_counts
 from scheduler.batch.predictions import Forecaster
 from scheduler.batch.queue_config import QueueConfig, read_queue_config
 from scheduler.batch.service import JobService
@@ -187,6 +188,7 @@ def build(settings: Settings) -> ControlPlane:
         store, MlflowRunFacts(settings.tracking_uri), refresh_s=settings.history_refresh_s
     )
     forecaster = Forecaster(every_s=settings.forecast_every_s)
+    scheduler_metrics = SchedulerMetrics()
     scheduler = Scheduler(
         store,
         executor,
@@ -196,6 +198,13 @@ def build(settings: Settings) -> ControlPlane:
         lease=lease,
         history=history,
         forecaster=forecaster,
+        metrics=scheduler_metrics,
+    )
+    scheduler_metrics.watch(
+        ClusterStateCollector(
+            store.count_by_state_team,
+            lambda: gpu_counts(cluster.nodes(), scheduler.held_gpus()),
+        )
     )
     service = JobService(
         store,
@@ -224,6 +233,7 @@ def build(settings: Settings) -> ControlPlane:
         leading=lambda: scheduler.leading,
         body_limits=BodyLimits(settings.max_body_bytes, settings.max_config_bytes),
         allowed_hosts=allowed_hosts(settings.api_host, settings.allowed_hosts),
+        metrics=lambda: scheduler_metrics.render() + metrics.render(),
     )
     return ControlPlane(
         engine,

@@ -79,6 +79,7 @@ def create_app(
     leading: Callable[[], bool] | None = None,
     body_limits: BodyLimits = BodyLimits(),
     allowed_hosts: frozenset[str] | None = None,
+    metrics: Callable[[], bytes] | None = None,
 ) -> FastAPI:
     """The API over a job service. ``cluster_view`` serves ``GET /cluster``,
     ``queue_view`` ``GET /queue``; ``predictions`` gives a job's predicted start and
@@ -86,7 +87,8 @@ def create_app(
     acts on jobs or stands by (``GET /healthz``'s ``role``). Requests pass
     :class:`~scheduler.api.guards.RequestGuard` first: ``body_limits``, and the
     ``Host`` names served (``allowed_hosts``; None: any); then every route but
-    ``/healthz`` needs a token (``scheduler.api.auth``)."""
+    ``/healthz`` needs a token (``scheduler.api.auth``). ``metrics`` renders
+    ``GET /metrics`` (None: the serving metrics alone, when there are some)."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -200,12 +202,22 @@ def create_app(
     identity_routes(app, auth)
     if serving is not None:
         _serving_routes(app, serving)
+    render_metrics = metrics or (serving.metrics.render if serving is not None else None)
+    if render_metrics is not None:
+        _metrics_route(app, render_metrics)
     document_security(app, auth.public_paths)
     app.add_middleware(Authenticate, auth=auth)
     # Added last, so outermost: a request for a Host not served, or with too big a
     # body, is refused before its token is looked at.
     app.add_middleware(RequestGuard, limits=body_limits, allowed_hosts=allowed_hosts)
     return app
+
+
+def _metrics_route(app: FastAPI, render: Callable[[], bytes]) -> None:
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics() -> Response:
+        """Scheduler and serving metrics in Prometheus' text format."""
+        return Response(render(), media_type="text/plain; version=0.0.4")
 
 
 def _serving_routes(app: FastAPI, serving: Serving) -> None:
@@ -288,11 +300,6 @@ def _serving_routes(app: FastAPI, serving: Serving) -> None:
         ±infinity) is written as ``null``: the body is always JSON.
         """
         return await predict(request)
-
-    @app.get("/metrics", response_class=PlainTextResponse)
-    def metrics() -> Response:
-        """Serving metrics in Prometheus' text format."""
-        return Response(serving.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
 async def _body_text(request: Request) -> str:
