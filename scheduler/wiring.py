@@ -63,6 +63,8 @@ class Settings:
     loop_interval_s: float = 0.5
     lease_ttl_s: float = 5.0  # a standby takes over this long after the leader's last pass
     api_host: str = "127.0.0.1"  # the address the API binds
+    api_port: int = 8000
+    public_url: str | None = None  # the API's address for users; default http://host:port
     # Host names served besides api_host (and, on loopback, the loopback names); bound
     # to 0.0.0.0 with none listed, any Host is served.
     allowed_hosts: tuple[str, ...] = ()
@@ -79,6 +81,11 @@ class Settings:
     @property
     def store_url(self) -> str:
         return self.db_url or db.sqlite_url((self.home / "jobs.db").resolve())
+
+    @property
+    def user_url(self) -> str:
+        """Where users reach the API (and its console): MLflow runs link there."""
+        return self.public_url or f"http://{self.api_host}:{self.api_port}"
 
     @property
     def ui_url(self) -> str | None:
@@ -162,6 +169,7 @@ def build(settings: Settings) -> ControlPlane:
         interval_s=settings.loop_interval_s,
         python_path=(os.getcwd(),),
         simulated_usage_dir=str(usage_dir),
+        public_url=settings.user_url,
         queue=queue.policy(),
     )
     metrics = ServingMetrics()
