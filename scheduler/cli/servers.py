@@ -73,6 +73,13 @@ def up(
         bool,
         typer.Option(envvar="JOBWORKER_METRICS_PUBLIC", help="Serve /metrics without a token."),
     ] = False,
+    public_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="JOBWORKER_PUBLIC_URL",
+            help="The API's address for users (MLflow runs link there); default http://HOST:PORT.",
+        ),
+    ] = None,
     detach: Annotated[bool, typer.Option(help="Run in the background; see `down`.")] = False,
 ) -> None:
     """Start the API, with a local Ray and an MLflow server unless addresses are given.
@@ -121,6 +128,8 @@ def up(
         queue_config=queue_config,
         queue_mode=mode,
         api_host=host,
+        api_port=port,
+        public_url=public_url,
         allowed_hosts=tuple(h for h in allowed_hosts.split(",") if h.strip()),
         max_body_bytes=max_body_bytes,
         max_config_bytes=max_config_bytes,

@@ -43,6 +43,8 @@ def test_up_submit_wait_status_logs_down(tmp_path: Path) -> None:
         str(port),
         "--mlflow-port",
         str(mlflow_port),
+        "--public-url",
+        "https://jobworker.example",
     )
     assert started.returncode == 0, started.stdout + started.stderr
     try:
@@ -79,6 +81,8 @@ def test_up_submit_wait_status_logs_down(tmp_path: Path) -> None:
             run = client.get_run(job["run_id"])
             assert len(client.get_metric_history(run.info.run_id, "loss")) == 300
             assert any(a.path == "config.yaml" for a in client.list_artifacts(run.info.run_id))
+            page = f"https://jobworker.example/ui/jobs/{job['id']}"  # up's --public-url
+            assert f"]({page})" in run.data.tags["mlflow.note.content"]
             version = client.get_model_version("mlp-synthetic", job["model_version"])
             assert version.run_id == run.info.run_id
 
