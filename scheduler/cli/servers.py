@@ -264,9 +264,8 @@ def demo(
         f"POST {api}{served['predict_path']} → class scores {answer['outputs'][0][:3]}… "
         f"from {answer['model']} version {answer['version']}"
     )
-    out.print(
-        f"\nMLflow UI: [bold]http://127.0.0.1:{mlflow_port}[/]  (stop everything: `make stop`)"
-    )
+    out.print(f"\nConsole: [bold]{api.rstrip('/')}/ui[/]  (a login link: `jobworker ui`)")
+    out.print(f"MLflow UI: [bold]http://127.0.0.1:{mlflow_port}[/]  (stop everything: `make stop`)")
     if (home / daemons.MLFLOW_AUTH).exists():  # the MLflow server is this home's: its login
         login = daemons.mlflow_credentials(home)
         out.print(  # on the terminal of the user who started it, who can read the file anyway

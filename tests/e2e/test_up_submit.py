@@ -95,6 +95,7 @@ def test_up_submit_wait_status_logs_down(tmp_path: Path) -> None:
         assert "already up" in demo.stdout and "READY" in demo.stdout
         assert "from mlp-synthetic version 2" in demo.stdout
         assert f"MLflow UI: http://127.0.0.1:{mlflow_port}" in demo.stdout
+        assert f"Console: {api}/ui" in demo.stdout
         login = daemons.mlflow_credentials(home)
         password = login["MLFLOW_TRACKING_PASSWORD"]
         assert f"log in as admin with password {password}" in demo.stdout
