@@ -29,6 +29,7 @@ from jobs.context import JobContext, StopRequested
 from jobs.data import build_dataset
 from jobs.distributed import DistributedInfo, agree, all_sum, init_process_group, shutdown
 from jobs.params import TrainParams, steps_per_epoch
+from jobs.progress import ProgressLog
 from jobs.zoo import build_model, example_input
 
 _SGD_MOMENTUM = 0.9  # plain SGD without momentum crawls on these problems
@@ -60,7 +61,8 @@ def train(ctx: JobContext, params: TrainParams) -> TrainResult:
 
     Steps are 1-based global steps. Each step logs ``loss`` and batch
     ``accuracy``; the last step of each epoch adds ``epoch`` (epochs completed)
-    and ``train_accuracy``. Checkpoints are saved every
+    and ``train_accuracy``. Rank 0 prints progress lines (step, loss, samples/s)
+    to the job's log now and then (:class:`~jobs.progress.ProgressLog`). Checkpoints are saved every
     ``checkpoint_every_steps`` steps, on a stop request and at the end. When
     ``ctx.should_stop()`` is true after a step that is not the last, the loop
     checkpoints that step and raises :class:`StopRequested`.
@@ -126,6 +128,7 @@ def _train(ctx: JobContext, params: TrainParams, info: DistributedInfo) -> Train
             ctx.save_checkpoint(state, step)
         saved_step = step
 
+    progress = ProgressLog(total_steps) if info.is_leader else None
     model.train()
     while step < total_steps:
         epoch, done_in_epoch = divmod(step, per_epoch)
@@ -157,6 +160,8 @@ def _train(ctx: JobContext, params: TrainParams, info: DistributedInfo) -> Train
                 }
             if info.is_leader:
                 ctx.log_metrics(metrics, step=step)
+            if progress is not None:
+                progress.step(step, loss_value, len(labels) * info.world_size)
 
             # A stop request on the last step is moot: the run is complete.
             # Ranks agree every step (same step count on all), so none is left

@@ -24,6 +24,7 @@ from scheduler.auth.tokens import TokenStore
 from scheduler.batch.history import JobHistory
 from scheduler.batch.lease import Lease
 from scheduler.batch.loop import ACTIVE, LoopSettings, Scheduler
+from scheduler.batch.metrics import ClusterStateCollector, SchedulerMetrics, gpu_counts
 from scheduler.batch.predictions import Forecaster
 from scheduler.batch.queue_config import QueueConfig, read_queue_config
 from scheduler.batch.service import JobService
@@ -64,6 +65,8 @@ class Settings:
     loop_interval_s: float = 0.5
     lease_ttl_s: float = 5.0  # a standby takes over this long after the leader's last pass
     api_host: str = "127.0.0.1"  # the address the API binds
+    api_port: int = 8000
+    public_url: str | None = None  # the API's address for users; default http://host:port
     # Host names served besides api_host (and, on loopback, the loopback names); bound
     # to 0.0.0.0 with none listed, any Host is served.
     allowed_hosts: tuple[str, ...] = ()
@@ -80,6 +83,11 @@ class Settings:
     @property
     def store_url(self) -> str:
         return self.db_url or db.sqlite_url((self.home / "jobs.db").resolve())
+
+    @property
+    def user_url(self) -> str:
+        """Where users reach the API (and its console): MLflow runs link there."""
+        return self.public_url or f"http://{self.api_host}:{self.api_port}"
 
     @property
     def ui_url(self) -> str | None:
@@ -163,6 +171,7 @@ def build(settings: Settings) -> ControlPlane:
         interval_s=settings.loop_interval_s,
         python_path=(os.getcwd(),),
         simulated_usage_dir=str(usage_dir),
+        public_url=settings.user_url,
         queue=queue.policy(),
     )
     metrics = ServingMetrics()
@@ -189,6 +198,7 @@ def build(settings: Settings) -> ControlPlane:
         store, MlflowRunFacts(settings.tracking_uri), refresh_s=settings.history_refresh_s
     )
     forecaster = Forecaster(every_s=settings.forecast_every_s)
+    scheduler_metrics = SchedulerMetrics()
     scheduler = Scheduler(
         store,
         executor,
@@ -198,6 +208,13 @@ def build(settings: Settings) -> ControlPlane:
         lease=lease,
         history=history,
         forecaster=forecaster,
+        metrics=scheduler_metrics,
+    )
+    scheduler_metrics.watch(
+        ClusterStateCollector(
+            store.count_by_state_team,
+            lambda: gpu_counts(cluster.nodes(), scheduler.held_gpus()),
+        )
     )
     service = JobService(
         store,
@@ -231,6 +248,7 @@ def build(settings: Settings) -> ControlPlane:
         console=ConsoleSources(
             quotas=queue.quotas, loss_history=LossHistory(settings.tracking_uri)
         ),
+        metrics=lambda: scheduler_metrics.render() + metrics.render(),
     )
     return ControlPlane(
         engine,

@@ -93,6 +93,20 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
     return str(found.experiment_id)
 
 
+def run_description(public_url: str, job_id: str) -> str:
+    """The run's MLflow description (markdown): a link to the job's console page."""
+    return f"jobworker job [{job_id}]({public_url.rstrip('/')}/ui/jobs/{job_id})"
+
+
+def version_tags(launch: LaunchRequest, run_id: str) -> dict[str, str]:
+    """Tags of the model version a job registers: the job, its team and its run."""
+    return {
+        "jobworker.job_id": launch.job_id,
+        "jobworker.team": launch.spec.team,
+        "jobworker.run_id": run_id,
+    }
+
+
 def _find_run(client: MlflowClient, experiment_id: str, job_id: str) -> str | None:
     """The run of job ``job_id`` in the experiment, found by its ``jobworker.job_id`` tag."""
     found = client.search_runs(
@@ -122,6 +136,8 @@ def _open_run(client: MlflowClient, launch: LaunchRequest, wait: MlflowWaiter) -
         wait.call("record the resume", lambda: _record_resume(client, resumed, launch))
         return run.info.run_id, run.info.experiment_id
     tags = {"mlflow.runName": spec.name, **spec.tags, **launch.tags}
+    if launch.public_url:
+        tags["mlflow.note.content"] = run_description(launch.public_url, launch.job_id)
 
     def create() -> str:
         # A create whose answer was lost made the run all the same: look before each try.
@@ -194,8 +210,10 @@ def _log_model(
     result: TrainResult,
     register_as: str | None,
     alias: str | None,
+    tags: dict[str, str],
 ) -> str | None:
-    """Log the trained model to the run and register it once; its version, if registered."""
+    """Log the trained model to the run and register it once, its version tagged with
+    ``tags``; its version, if registered."""
     model = result.model.to("cpu").eval()
     example = result.example_input.to("cpu")
     with torch.no_grad():
@@ -233,7 +251,7 @@ def _log_model(
         mine = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
         if mine:
             return str(min(int(v.version) for v in mine))
-        return str(mlflow.register_model(f"models:/{model_id}", name).version)
+        return str(mlflow.register_model(f"models:/{model_id}", name, tags=tags).version)
 
     version = wait.call(f"register the model as {name!r}", register)
     if alias:
@@ -376,7 +394,14 @@ def main(work_dir: Path) -> int:
         if result is not None and leader:
             outcome["metrics"] = result.metrics
             outcome["model_version"] = _log_model(
-                client, wait, run_id, experiment_id, result, spec.register_as, spec.register_alias
+                client,
+                wait,
+                run_id,
+                experiment_id,
+                result,
+                spec.register_as,
+                spec.register_alias,
+                version_tags(launch, run_id),
             )
         outcome["status"] = "succeeded"
     except StopRequested:

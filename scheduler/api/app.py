@@ -88,6 +88,7 @@ def create_app(
     body_limits: BodyLimits = BodyLimits(),
     allowed_hosts: frozenset[str] | None = None,
     console: ConsoleSources = ConsoleSources(),
+    metrics: Callable[[], bytes] | None = None,
 ) -> FastAPI:
     """The API over a job service. ``cluster_view`` serves ``GET /cluster``,
     ``queue_view`` ``GET /queue``; ``predictions`` gives a job's predicted start and
@@ -96,7 +97,8 @@ def create_app(
     :class:`~scheduler.api.guards.RequestGuard` first: ``body_limits``, and the
     ``Host`` names served (``allowed_hosts``; None: any); then every route but
     ``/healthz`` needs a token (``scheduler.api.auth``). The console (``/ui``) shows
-    these same views, with what ``console`` adds (quotas, loss histories)."""
+    these same views, with what ``console`` adds (quotas, loss histories). ``metrics``
+    renders ``GET /metrics`` (None: the serving metrics alone, when there are some)."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -226,12 +228,22 @@ def create_app(
         serving.deployments if serving is not None else None,
         serving.metrics if serving is not None else None,
     )
+    render_metrics = metrics or (serving.metrics.render if serving is not None else None)
+    if render_metrics is not None:
+        _metrics_route(app, render_metrics)
     document_security(app, auth.public_paths)
     app.add_middleware(Authenticate, auth=auth)
     # Added last, so outermost: a request for a Host not served, or with too big a
     # body, is refused before its token is looked at.
     app.add_middleware(RequestGuard, limits=body_limits, allowed_hosts=allowed_hosts)
     return app
+
+
+def _metrics_route(app: FastAPI, render: Callable[[], bytes]) -> None:
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics() -> Response:
+        """Scheduler and serving metrics in Prometheus' text format."""
+        return Response(render(), media_type="text/plain; version=0.0.4")
 
 
 def _serving_routes(app: FastAPI, serving: Serving) -> None:
@@ -325,11 +337,6 @@ def _serving_routes(app: FastAPI, serving: Serving) -> None:
         ±infinity) is written as ``null``: the body is always JSON.
         """
         return await predict(request)
-
-    @app.get("/metrics", response_class=PlainTextResponse)
-    def metrics() -> Response:
-        """Serving metrics in Prometheus' text format."""
-        return Response(serving.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
 async def _body_text(request: Request) -> str:

@@ -29,6 +29,7 @@ from scheduler.batch.demands import (
 )
 from scheduler.batch.history import JobHistory, elapsed_s, family_keys
 from scheduler.batch.lease import Lease
+from scheduler.batch.metrics import SchedulerMetrics
 from scheduler.batch.predictions import Forecaster, ForecastInputs, JobPrediction
 from scheduler.batch.store import JobFields, JobRecord, JobStore
 from scheduler.core.backoff import backoff_s
@@ -56,7 +57,7 @@ from workers.interface.executor import (
     WorkerPhase,
     WorkerReport,
 )
-from workers.interface.telemetry import NodeReading
+from workers.interface.telemetry import GpuUuid, NodeReading
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class LoopSettings:
     max_losses: int = 10
     python_path: tuple[str, ...] = ()
     simulated_usage_dir: str | None = None
+    public_url: str | None = None  # the API's address for users: run descriptions link there
     policy: PlacementPolicy = field(default_factory=PlacementPolicy)
     queue: QueuePolicy = field(default_factory=QueuePolicy)
 
@@ -161,8 +163,10 @@ class Scheduler:
         lease: Lease | None = None,
         history: JobHistory | None = None,
         forecaster: Forecaster | None = None,
+        metrics: SchedulerMetrics | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics or SchedulerMetrics()
         self._history = history
         self._forecaster = forecaster
         self._families: dict[str, tuple[str, ...]] = {}  # each job's family keys, kept
@@ -245,7 +249,8 @@ class Scheduler:
                     self._snapshot, self._settings.policy, self._preempt_for
                 ),
             )
-        self._place(pending, active)
+        with self._metrics.placement_pass():
+            self._place(pending, active)
         ids = {j.id for j in jobs} | left_out
         self._families = {k: v for k, v in self._families.items() if k in ids}
         for job_id in [k for k in self._unwritten if k not in ids]:  # it ended meanwhile
@@ -285,6 +290,14 @@ class Scheduler:
         if self._realtime is not None:
             holdings += self._realtime.holdings()
         return ClusterSnapshot(nodes=self._cluster.nodes(fresh=fresh), holdings=holdings)
+
+    def held_gpus(self) -> set[GpuUuid]:
+        """The UUIDs of the GPUs that active jobs and real-time replicas hold now."""
+        placed = (j.assignment.nodes for j in self._active() if j.assignment)
+        held = {uuid for nodes in placed for node in nodes for uuid in node.gpu_uuids}
+        if self._realtime is not None:
+            held.update(uuid for h in self._realtime.holdings() for uuid in h.gpu_uuids)
+        return held
 
     def _holdings(self, job: JobRecord) -> list[Holding]:
         try:
@@ -396,6 +409,7 @@ class Scheduler:
             self._store.transition(
                 job.id, JobState.RUNNING, f"job process started (pid {report.pid})", **updates
             )
+            self._metrics.running(job.id, job.team)
         elif phase.finished:
             self._finish(job, report, updates)
         elif updates:
@@ -418,6 +432,7 @@ class Scheduler:
             self._store.transition(job.id, JobState.CANCELLED, "stopped", **updates)
         elif phase is WorkerPhase.LOST and job.losses < self._settings.max_losses:
             updates["losses"] = losses = job.losses + 1
+            self._metrics.retried(job.team, "lost")
             self._retry(
                 job,
                 updates,
@@ -427,6 +442,7 @@ class Scheduler:
             )
         elif phase is WorkerPhase.FAILED and job.failures < max_retries:
             updates["failures"] = failures = job.failures + 1
+            self._metrics.retried(job.team, "failed")
             self._retry(
                 job,
                 updates,
@@ -442,6 +458,7 @@ class Scheduler:
             updates["failures"] = job.failures + (phase is WorkerPhase.FAILED)
             self._store.transition(job.id, JobState.FAILED, error, **updates)
         self._stopping.discard(job.id)
+        self._metrics.ended(job.id)
         self._executor.release(job.id)
 
     def _retry(
@@ -461,6 +478,7 @@ class Scheduler:
         )
 
     def _requeue_preempted(self, job: JobRecord, reason: str, updates: JobFields) -> None:
+        self._metrics.preempted(job.team)
         if job.state is JobState.SCHEDULED:  # stopped before it ran: nothing to checkpoint
             updates["assignment"] = None
             updates["preempt_reason"] = None
@@ -697,6 +715,7 @@ class Scheduler:
         if auto is not None:
             where += f" ({auto.reason})"
         lease = self._lease
+        self._metrics.placed(job.id, job.team, queue_wait_s=self._clock() - job.queued_at)
         predicted_s = job.predicted_s  # as predicted at its first start: its family's trust
         if job.attempts == 0 and est is not None:  # is measured by how right that was
             predicted_s = est.prediction.duration_s
@@ -773,6 +792,7 @@ class Scheduler:
         except Exception as exc:
             log.exception("launch of %s failed", job.id)
             self._executor.release(job.id)
+            self._metrics.ended(job.id)
             self._store.transition(
                 job.id, JobState.FAILED, f"launch failed: {exc}", error=f"launch failed: {exc}"
             )
@@ -804,4 +824,5 @@ class Scheduler:
             simulated_usage_dir=self._settings.simulated_usage_dir,
             master_node_id=leader.node_id if gang else None,
             master_port=rendezvous_port(job.id, job.attempts) if gang else None,
+            public_url=self._settings.public_url,
         )

@@ -252,6 +252,14 @@ class JobStore:
         with self.engine.connect() as conn:
             return [_record(r) for r in conn.execute(query)]
 
+    def count_by_state_team(self) -> dict[tuple[str, str], int]:
+        """How many jobs each (state, team) has: one grouped count, for ``/metrics``."""
+        query = sa.select(jobs.c.state, jobs.c.team, sa.func.count()).group_by(
+            jobs.c.state, jobs.c.team
+        )
+        with self.engine.connect() as conn:
+            return {(state, team): n for state, team, n in conn.execute(query)}
+
     def recent_finished(self, state: JobState, limit: int) -> list[JobRecord]:
         """The last ``limit`` jobs to end in ``state`` (terminal), oldest end first.
 

@@ -74,6 +74,13 @@ def up(
         bool,
         typer.Option(envvar="JOBWORKER_METRICS_PUBLIC", help="Serve /metrics without a token."),
     ] = False,
+    public_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="JOBWORKER_PUBLIC_URL",
+            help="The API's address for users (MLflow runs link there); default http://HOST:PORT.",
+        ),
+    ] = None,
     detach: Annotated[bool, typer.Option(help="Run in the background; see `down`.")] = False,
 ) -> None:
     """Start the API, with a local Ray and an MLflow server unless addresses are given.
@@ -122,6 +129,8 @@ def up(
         queue_config=queue_config,
         queue_mode=mode,
         api_host=host,
+        api_port=port,
+        public_url=public_url,
         allowed_hosts=tuple(h for h in allowed_hosts.split(",") if h.strip()),
         max_body_bytes=max_body_bytes,
         max_config_bytes=max_config_bytes,
@@ -266,9 +275,8 @@ def demo(
         f"POST {api}{served['predict_path']} → class scores {answer['outputs'][0][:3]}… "
         f"from {answer['model']} version {answer['version']}"
     )
-    out.print(
-        f"\nMLflow UI: [bold]http://127.0.0.1:{mlflow_port}[/]  (stop everything: `make stop`)"
-    )
+    out.print(f"\nConsole: [bold]{api.rstrip('/')}/ui[/]  (a login link: `jobworker ui`)")
+    out.print(f"MLflow UI: [bold]http://127.0.0.1:{mlflow_port}[/]  (stop everything: `make stop`)")
     if (home / daemons.MLFLOW_AUTH).exists():  # the MLflow server is this home's: its login
         login = daemons.mlflow_credentials(home)
         out.print(  # on the terminal of the user who started it, who can read the file anyway

@@ -43,6 +43,8 @@ def test_up_submit_wait_status_logs_down(tmp_path: Path) -> None:
         str(port),
         "--mlflow-port",
         str(mlflow_port),
+        "--public-url",
+        "https://jobworker.example",
     )
     assert started.returncode == 0, started.stdout + started.stderr
     try:
@@ -79,6 +81,8 @@ def test_up_submit_wait_status_logs_down(tmp_path: Path) -> None:
             run = client.get_run(job["run_id"])
             assert len(client.get_metric_history(run.info.run_id, "loss")) == 300
             assert any(a.path == "config.yaml" for a in client.list_artifacts(run.info.run_id))
+            page = f"https://jobworker.example/ui/jobs/{job['id']}"  # up's --public-url
+            assert f"]({page})" in run.data.tags["mlflow.note.content"]
             version = client.get_model_version("mlp-synthetic", job["model_version"])
             assert version.run_id == run.info.run_id
 
@@ -91,6 +95,7 @@ def test_up_submit_wait_status_logs_down(tmp_path: Path) -> None:
         assert "already up" in demo.stdout and "READY" in demo.stdout
         assert "from mlp-synthetic version 2" in demo.stdout
         assert f"MLflow UI: http://127.0.0.1:{mlflow_port}" in demo.stdout
+        assert f"Console: {api}/ui" in demo.stdout
         login = daemons.mlflow_credentials(home)
         password = login["MLFLOW_TRACKING_PASSWORD"]
         assert f"log in as admin with password {password}" in demo.stdout

@@ -42,7 +42,10 @@ RUNS = (
     # the notebook must rank by the final value.
     FakeRun("mlp-lr0.1-alpha", 0.1, 32, "FINISHED", (2.0, 0.6, 0.05, 0.9), 0.61),
     FakeRun("mlp-lr0.01-bravo", 0.01, 64, "FINISHED", (2.1, 1.2, 0.5, 0.2), 0.93),
-    FakeRun("cnn-lr0.001-charlie", 0.001, 128, "FAILED", (2.3, 1.9, 1.4), 0.42),
+    # Lower final losses than the best, but not succeeded: a failed run and a cancelled one
+    # (jobworker ends a cancelled or stopped job's run KILLED). Neither may be picked.
+    FakeRun("cnn-lr0.001-charlie", 0.001, 128, "FAILED", (2.3, 1.9, 0.1), 0.42),
+    FakeRun("mlp-lr0.02-delta", 0.02, 64, "KILLED", (2.0, 0.9, 0.01), 0.97),
 )
 BEST = "mlp-lr0.01-bravo"
 
@@ -145,6 +148,7 @@ def test_notebook_reviews_the_experiment(executed: tuple[Any, dict[str, str]]) -
         assert fake.name in table
         assert ids[fake.name] in table
     assert "FAILED" in table
+    assert "KILLED" in table
     assert "job-0001" in table
 
     plot = _cell_with(nb, "get_metric_history")

@@ -81,8 +81,23 @@ def test_submit_runs_to_success_with_metrics_artifacts_and_registered_model(
     checkpoints = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
     assert checkpoints == [f"checkpoints/step-{s:09d}.pt" for s in (10, 20, 30)]
 
+    # The run's description links back to the job's page in the console.
+    assert tags["mlflow.note.content"] == (
+        f"jobworker job [{job_id}](http://127.0.0.1:8000/ui/jobs/{job_id})"
+    )
+    logs = api.http.get(f"/jobs/{job_id}/logs").json()["text"]
+    progress = [line for line in logs.splitlines() if line.startswith("step ")]
+    assert progress[0].startswith("step 1/30  loss ")
+    assert progress[-1].startswith("step 30/30  loss ")
+    assert all(line.endswith(" samples/s") for line in progress)
+
     version = client.get_model_version("mlp-it", body["model_version"])
     assert version.run_id == run.info.run_id
+    assert version.tags == {
+        "jobworker.job_id": job_id,
+        "jobworker.team": job.team,
+        "jobworker.run_id": run.info.run_id,
+    }
     mlflow.set_tracking_uri(api.tracking_uri)
     model = mlflow.pytorch.load_model(f"models:/mlp-it/{body['model_version']}")
     assert model(torch.zeros(3, 64)).shape == (3, 10)

@@ -103,6 +103,8 @@ class LaunchRequest(_Value):
     master_node_id: str | None = None  # rank 0's node: the executor resolves its address
     master_addr: str | None = None
     master_port: int | None = None
+    # The API's address seen by users: the run's description links to the job's page.
+    public_url: str | None = None
 
     @property
     def leader(self) -> bool:
