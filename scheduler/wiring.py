@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from scheduler import db
 from scheduler.api.app import Serving, create_app
 from scheduler.api.auth import Auth
+from scheduler.api.console.data import ConsoleSources
 from scheduler.api.guards import MIB, BodyLimits, allowed_hosts
 from scheduler.api.views import cluster_table
 from scheduler.auth.audit import AuditStore
@@ -36,6 +37,7 @@ from scheduler.realtime.store import DeploymentStore
 from workers.interface.replicas import ResolvedModel
 from workers.interface.telemetry import GIB
 from workers.mlflow_history import MlflowRunFacts
+from workers.mlflow_loss import LossHistory
 from workers.mlflow_models import resolve
 from workers.ray_cluster import RayCluster, connect
 from workers.ray_executor import RayExecutor
@@ -217,13 +219,18 @@ def build(settings: Settings) -> ControlPlane:
         service,
         Auth(tokens, AuditStore(engine), metrics_public=settings.metrics_public),
         mlflow_ui_url=settings.ui_url,
-        cluster_view=lambda: cluster_table(cluster.nodes(), store.find(list(ACTIVE))),
+        cluster_view=lambda: cluster_table(
+            cluster.nodes(), store.find(list(ACTIVE)), controller.replica_holdings()
+        ),
         serving=Serving(deployments, router, metrics),
         queue_view=lambda: [dataclasses.asdict(e) for e in scheduler.queue()],
         predictions=scheduler.prediction,
         leading=lambda: scheduler.leading,
         body_limits=BodyLimits(settings.max_body_bytes, settings.max_config_bytes),
         allowed_hosts=allowed_hosts(settings.api_host, settings.allowed_hosts),
+        console=ConsoleSources(
+            quotas=queue.quotas, loss_history=LossHistory(settings.tracking_uri)
+        ),
     )
     return ControlPlane(
         engine,

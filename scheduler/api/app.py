@@ -13,6 +13,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
 from scheduler.api.auth import Auth, Authenticate, Caller, audit_target, document_security
+from scheduler.api.console.data import ConsoleSources
+from scheduler.api.console.routes import console_routes
 from scheduler.api.guards import BodyLimits, RequestGuard
 from scheduler.api.identity_routes import identity_routes
 from scheduler.api.views import (
@@ -79,6 +81,7 @@ def create_app(
     leading: Callable[[], bool] | None = None,
     body_limits: BodyLimits = BodyLimits(),
     allowed_hosts: frozenset[str] | None = None,
+    console: ConsoleSources = ConsoleSources(),
 ) -> FastAPI:
     """The API over a job service. ``cluster_view`` serves ``GET /cluster``,
     ``queue_view`` ``GET /queue``; ``predictions`` gives a job's predicted start and
@@ -86,7 +89,8 @@ def create_app(
     acts on jobs or stands by (``GET /healthz``'s ``role``). Requests pass
     :class:`~scheduler.api.guards.RequestGuard` first: ``body_limits``, and the
     ``Host`` names served (``allowed_hosts``; None: any); then every route but
-    ``/healthz`` needs a token (``scheduler.api.auth``)."""
+    ``/healthz`` needs a token (``scheduler.api.auth``). The console (``/ui``) shows
+    these same views, with what ``console`` adds (quotas, loss histories)."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -200,6 +204,18 @@ def create_app(
     identity_routes(app, auth)
     if serving is not None:
         _serving_routes(app, serving)
+    console_routes(
+        app,
+        auth,
+        service,
+        console,
+        mlflow_ui_url,
+        cluster_view,
+        queue_view,
+        predictions,
+        serving.deployments if serving is not None else None,
+        serving.metrics if serving is not None else None,
+    )
     document_security(app, auth.public_paths)
     app.add_middleware(Authenticate, auth=auth)
     # Added last, so outermost: a request for a Host not served, or with too big a

@@ -10,6 +10,12 @@ decide 403s through ``scheduler.auth.identity``. Pure ASGI (not Starlette's
 the rest: a token verified in the last few seconds costs one SHA-256 and a dict
 lookup. Every mutating request (POST, PUT, PATCH, DELETE; predict excepted) is
 recorded in the audit trail with its final status, refusals included.
+
+The console (``/ui/*``) also takes the ``jobworker_session`` cookie of a browser
+session (:mod:`scheduler.api.console.sessions`) where no bearer token is sent:
+a page asked for without either is redirected (303) to ``/ui/login``, and a
+console action (POST) made with the cookie must carry the session's CSRF token
+in ``X-CSRF-Token``, else 403. ``/``, ``/ui/login`` and ``/ui/static/*`` are public.
 """
 
 from __future__ import annotations
@@ -18,18 +24,24 @@ import asyncio
 import json
 import time
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from http.cookies import SimpleCookie
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from scheduler.api.console.sessions import Sessions
 from scheduler.auth.audit import AuditEvent, AuditStore
 from scheduler.auth.identity import Identity
 from scheduler.auth.tokens import TokenStore
 
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 SCHEME = "bearer"
+SESSION_COOKIE = "jobworker_session"
+CSRF_HEADER = "x-csrf-token"
+CONSOLE = "/ui"
+LOGIN_PATH = "/ui/login"
 
 
 @dataclass
@@ -39,10 +51,12 @@ class Auth:
     tokens: TokenStore
     audit: AuditStore
     metrics_public: bool = False
+    sessions: Sessions = field(default_factory=Sessions)  # the console's browser logins
 
     @property
     def public_paths(self) -> frozenset[str]:
-        return frozenset({"/healthz", "/metrics"} if self.metrics_public else {"/healthz"})
+        public = {"/healthz", "/", LOGIN_PATH}
+        return frozenset(public | {"/metrics"} if self.metrics_public else public)
 
 
 def caller(request: Request) -> Identity:
@@ -63,6 +77,30 @@ def _is_predict(path: str) -> bool:
     return path.startswith("/v1/models/") and path.endswith("/predict")
 
 
+def _is_public_asset(path: str) -> bool:
+    return path.startswith(f"{CONSOLE}/static/")
+
+
+def _is_console(path: str) -> bool:
+    return path == CONSOLE or path.startswith(f"{CONSOLE}/")
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def session_id(scope: Scope) -> str | None:
+    """The console session cookie's value, if the request sent one."""
+    raw = _header(scope, b"cookie")
+    if not raw:
+        return None
+    morsel = SimpleCookie(raw).get(SESSION_COOKIE)
+    return morsel.value if morsel is not None else None
+
+
 def _bearer(scope: Scope) -> str | None:
     for key, value in scope["headers"]:
         if key == b"authorization":
@@ -80,7 +118,8 @@ class Authenticate:
         self._public = auth.public_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self._public:
+        path = scope["path"]
+        if scope["type"] != "http" or path in self._public or _is_public_asset(path):
             await self._app(scope, receive, send)
             return
         presented = _bearer(scope)
@@ -88,7 +127,20 @@ class Authenticate:
         if presented is not None:
             tokens = self._auth.tokens
             identity = tokens.cached(presented) or await asyncio.to_thread(tokens.verify, presented)
-        audited = scope["method"] in MUTATING and not _is_predict(scope["path"])
+        mutating = scope["method"] in MUTATING
+        csrf_refused = False
+        if presented is None and _is_console(path):
+            session = session_id(scope)
+            identity = self._auth.sessions.identity(session) if session else None
+            if identity is None and not mutating:
+                await _redirect(send, LOGIN_PATH)
+                return
+            if identity is not None and session is not None:
+                scope.setdefault("state", {})["console_session"] = session
+                csrf_refused = mutating and not self._auth.sessions.check_csrf(
+                    session, _header(scope, CSRF_HEADER.encode())
+                )
+        audited = mutating and not _is_predict(path)
         if not audited:
             if identity is None:
                 await _unauthorized(send, presented is not None)
@@ -124,6 +176,8 @@ class Authenticate:
         try:
             if identity is None:
                 await _unauthorized(send_recorded, presented is not None)
+            elif csrf_refused:
+                await _refuse_csrf(send_recorded)
             else:
                 state["identity"] = identity
                 await self._app(scope, receive, send_recorded)
@@ -148,6 +202,34 @@ async def _unauthorized(send: Send, presented: bool) -> None:
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
                 (b"www-authenticate", challenge),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _redirect(send: Send, location: str) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 303,
+            "headers": [(b"location", location.encode()), (b"content-length", b"0")],
+        }
+    )
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def _refuse_csrf(send: Send) -> None:
+    body = json.dumps(
+        {"detail": "the console's CSRF token is missing or wrong: reload the page"}
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 403,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
             ],
         }
     )

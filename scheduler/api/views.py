@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from scheduler.batch.predictions import JobPrediction
 from scheduler.batch.store import JobEvent, JobRecord
+from scheduler.core.model import Holding
 from scheduler.realtime.store import DeploymentRecord
 from workers.interface.executor import Assignment, Progress
 from workers.interface.telemetry import NodeReading
@@ -162,6 +163,7 @@ class ReplicaOut(BaseModel):
     retiring: bool
     node: str
     gpu_indices: list[int]
+    gpu_memory_bytes: int | None = None  # held on each of its GPUs
     model_version: str | None
     model_uri: str
     error: str | None
@@ -221,20 +223,51 @@ class QueueEntryOut(BaseModel):
     prediction_basis: str | None = None
 
 
-def cluster_table(nodes: Sequence[NodeReading], active: Iterable[JobRecord]) -> dict[str, Any]:
-    """``GET /cluster``: every node's telemetry, each GPU with the ``active`` jobs on it."""
-    on_gpu: dict[str, list[str]] = {}
+def cluster_table(
+    nodes: Sequence[NodeReading],
+    active: Iterable[JobRecord],
+    replicas: Iterable[tuple[str, Holding]] = (),
+) -> dict[str, Any]:
+    """``GET /cluster``: every node's telemetry, each GPU with what holds a share of it.
+
+    A GPU entry keeps ``jobs`` (the ``active`` jobs' ids on it) and gains ``replicas``
+    (the deployments whose replicas hold a share of it, from ``replicas``: (deployment,
+    holding) pairs) and ``holders``: one ``{"kind", "id", "memory_bytes"}`` per job
+    (``"job"``, its per-GPU memory), per replica (``"replica"``, the deployment's name,
+    its holding) and, when the GPU uses more than these, ``"outside"`` (id None) with
+    the rest. The node entry's ``jobs`` lists the jobs on any of its GPUs.
+    """
+    holders: dict[str, list[dict[str, Any]]] = {}
     on_node: dict[str, list[str]] = {}
     for job in active:
         for placed in job.assignment.nodes if job.assignment else ():
             on_node.setdefault(placed.node_id, []).append(job.id)
+            held = placed.held_gpu_memory_bytes(job.spec)
             for uuid in placed.gpu_uuids:
-                on_gpu.setdefault(uuid, []).append(job.id)
+                holders.setdefault(uuid, []).append(
+                    {"kind": "job", "id": job.id, "memory_bytes": held}
+                )
+    for deployment, holding in replicas:
+        for uuid in holding.gpu_uuids:
+            holders.setdefault(uuid, []).append(
+                {"kind": "replica", "id": deployment, "memory_bytes": holding.gpu_memory_bytes}
+            )
     out = []
     for node in nodes:
         entry = asdict(node)
         entry["jobs"] = on_node.get(node.node_id, [])
         for gpu in entry["gpus"]:
-            gpu["jobs"] = on_gpu.get(gpu["uuid"], [])
+            known = holders.get(gpu["uuid"], [])
+            gpu["jobs"] = [h["id"] for h in known if h["kind"] == "job"]
+            gpu["replicas"] = sorted({h["id"] for h in known if h["kind"] == "replica"})
+            gpu["holders"] = known + _outside(gpu["memory_used_bytes"], known)
         out.append(entry)
     return {"nodes": out}
+
+
+def _outside(used_bytes: int | None, known: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The share of a GPU's used memory no job or replica accounts for (none if none)."""
+    if used_bytes is None:
+        return []
+    rest = used_bytes - sum(h["memory_bytes"] or 0 for h in known)
+    return [{"kind": "outside", "id": None, "memory_bytes": rest}] if rest > 0 else []

@@ -143,6 +143,12 @@ class DeploymentController:
         """What the replicas hold, for the batch lane's placement."""
         return tuple(r.holding for d in list(self._deps.values()) for r in d.replicas.values())
 
+    def replica_holdings(self) -> tuple[tuple[str, Holding], ...]:
+        """What each replica holds, with its deployment's name (``GET /cluster``'s shares)."""
+        return tuple(
+            (d.name, r.holding) for d in list(self._deps.values()) for r in d.replicas.values()
+        )
+
     def close(self) -> None:
         """Stop every replica (the control plane is shutting down)."""
         for name in list(self._deps):
@@ -509,6 +515,7 @@ def _view(rep: _Replica, routed: bool) -> dict[str, Any]:
         "retiring": rep.retiring_since is not None,
         "node": rep.hostname,
         "gpu_indices": list(rep.gpu_indices),
+        "gpu_memory_bytes": rep.holding.gpu_memory_bytes,
         "model_version": rep.resolved.version,
         "model_uri": rep.resolved.uri,
         "error": rep.status.error,
