@@ -23,9 +23,10 @@ from tests.integration.serving_helpers import deploy, deploy_yaml, log_model, wa
 
 GIB = 2**30
 MODEL = "browser-mlp"
-BLOCKER_GB = 20  # on one A100 of 40 GB: what is left there is less than WAITING_GB
+BLOCKER_GB = 20  # of an A100 of 40 GB (32 free on the other): what is left < WAITING_GB
 REPLICA_GB = 2
-WAITING_GB = 25  # per GPU, on 2 GPUs: fits once the blocker is gone (40 and 32 GB free)
+WAITING_GB = 25
+MLFLOW_UI = "http://127.0.0.1:5000"  # only linked to: no MLflow server runs
 SCREENSHOTS_ENV = "JOBWORKER_SCREENSHOTS"  # a folder: the GPU map and queue PNGs go there too
 README_SHOTS = ("gpus", "queue")
 _SHOTS = pytest.StashKey[list[Path]]()
@@ -36,10 +37,10 @@ class Stack:
     """The control plane the console is served by, and what runs on it.
 
     On the simulated node "local" (2 A100s of 40 GB, 8 GB of the second held outside
-    jobworker): ``blocker`` holds ``BLOCKER_GB`` on one GPU; ``tailed`` (no GPU) prints
-    ``step N`` at each step; ``waiting`` asks ``WAITING_GB`` on each of 2 GPUs, more than is free
-    while the blocker runs; the deployment ``MODEL`` has a ready replica holding
-    ``REPLICA_GB``.
+    jobworker): ``blocker`` holds ``BLOCKER_GB`` of one GPU; ``tailed`` (no GPU) prints
+    ``step N`` at each step; the deployment ``MODEL`` has a ready replica holding
+    ``REPLICA_GB`` of one GPU, which batch jobs then leave to it; ``waiting`` asks one GPU
+    with ``WAITING_GB`` free, which neither GPU has until the blocker is gone.
     """
 
     api: Api
@@ -61,7 +62,7 @@ def submit(api: Api, text: str) -> str:
 @pytest.fixture(scope="module")
 def stack(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     home = tmp_path_factory.mktemp("console-home")
-    api, stop = start_api(home, f"jw-browser-{uuid.uuid4().hex[:8]}")
+    api, stop = start_api(home, f"jw-browser-{uuid.uuid4().hex[:8]}", mlflow_ui_url=MLFLOW_UI)
     try:
         log_model(api.tracking_uri, MODEL, torch.nn.Sequential(torch.nn.Linear(64, 10)))
         deploy(
@@ -81,7 +82,7 @@ def stack(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         for job_id in (blocker, tailed):
             api.wait_for(job_id, {JobState.RUNNING})
         waiting = submit(
-            api, entrypoint_yaml("waiting", "run_until_stopped", gpus=2, gpu_memory_gb=WAITING_GB)
+            api, entrypoint_yaml("waiting", "run_until_stopped", gpus=1, gpu_memory_gb=WAITING_GB)
         )
         wait_until(
             lambda: any(

@@ -15,7 +15,7 @@ import pytest
 from playwright.sync_api import Dialog, Page, expect
 
 from scheduler.core.states import JobState
-from tests.browser.conftest import BLOCKER_GB, GIB, MODEL, REPLICA_GB, Stack
+from tests.browser.conftest import BLOCKER_GB, GIB, MLFLOW_UI, MODEL, REPLICA_GB, Stack
 from tests.integration.serving_helpers import rows
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(600)]
@@ -86,7 +86,10 @@ def test_job_page_log_follows_new_lines(page: Page, stack: Stack, screenshot: Sc
     shown = max(int(n) for n in re.findall(r"step (\d+)", log.inner_text()))
     expect(log).to_contain_text(re.compile(rf"\bstep {shown + 3}\b"), timeout=LIVE_S)
     assert_same_document(page)
-    expect(page.locator("a#mlflow-run")).to_have_attribute("href", re.compile(r"^https?://"))
+    expect(page.locator("a#mlflow-run")).to_have_attribute(
+        "href",
+        re.compile(rf"^{re.escape(MLFLOW_UI)}/.*{stack.api.plane.store.get(stack.tailed).run_id}"),
+    )
     screenshot("job")
 
 
@@ -112,7 +115,9 @@ def test_queue_lists_the_waiting_job_and_updates_when_it_starts(
     page.goto(f"{stack.base_url}/ui/queue")
     waiting = page.locator(f'#queue tr[data-job-id="{stack.waiting}"]')
     expect(waiting).to_have_count(1)
-    expect(waiting.locator("td.reason")).not_to_be_empty()
+    reasons = stack.api.http.get(f"/jobs/{stack.waiting}").json()["pending_reasons"]
+    on_local = next(r for r in reasons if r.startswith("local"))  # the API's, for the node
+    expect(waiting.locator("td.reason")).to_contain_text(on_local)
     expect(page.locator("#quotas")).to_be_visible()
     screenshot("queue")
     mark_document(page)

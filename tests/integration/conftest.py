@@ -112,10 +112,15 @@ def serve(plane: ControlPlane) -> tuple[uvicorn.Server, threading.Thread, str]:
 
 
 def start_api(
-    home: Path, namespace: str, cluster: str = "local_sim.yaml", db_url: str | None = None
+    home: Path,
+    namespace: str,
+    cluster: str = "local_sim.yaml",
+    db_url: str | None = None,
+    mlflow_ui_url: str | None = None,
 ) -> tuple[Api, Callable[[], None]]:
     """A control plane on ``home`` served over HTTP, and the function that stops it (and
-    releases what its executor still runs)."""
+    releases what its executor still runs). ``mlflow_ui_url``: where links to MLflow point
+    (none by default: the tracking URI is a SQLite file)."""
     tracking_uri = f"sqlite:///{home / 'mlflow.db'}"
     MlflowClient(tracking_uri).search_experiments()  # create MLflow's tables once, here
     settings = Settings(
@@ -126,6 +131,7 @@ def start_api(
         gpu_backend="simulated",
         namespace=namespace,
         loop_interval_s=0.2,
+        mlflow_ui_url=mlflow_ui_url,
     )
     plane = build(settings)
     plane.start()
