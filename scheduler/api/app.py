@@ -39,7 +39,13 @@ from scheduler.realtime.metrics import ServingMetrics
 from scheduler.realtime.payload import parse_inputs, render
 from scheduler.realtime.router import Router
 from scheduler.realtime.service import DeploymentService
-from workers.interface.errors import ConfigError, DeploymentNotFound, JobNotFound, PredictError
+from workers.interface.errors import (
+    ConfigError,
+    DeploymentNotFound,
+    JobNotFound,
+    NothingToRollBack,
+    PredictError,
+)
 
 _CONFIG_BODY = {
     "requestBody": {
@@ -120,6 +126,10 @@ def create_app(
     @app.exception_handler(TokenNotFound)
     async def _not_found(_request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(status_code=404, content={"detail": str(exc)})
+
+    @app.exception_handler(NothingToRollBack)
+    async def _conflict(_request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(status_code=409, content={"detail": str(exc)})
 
     @app.exception_handler(PredictError)
     async def _predict_error(_request: Request, exc: PredictError) -> JSONResponse:
@@ -261,6 +271,17 @@ def _serving_routes(app: FastAPI, serving: Serving) -> None:
         audit_target(request, f"deployment {name}")
         deployments.undeploy(name, who)
         return Response(status_code=204)
+
+    @app.post(
+        "/deployments/{name}/rollback",
+        response_model=DeploymentOut,
+        responses={**NOT_FOUND, 409: {"model": Refusal}},
+    )
+    def rollback(name: str, request: Request, who: Caller) -> DeploymentOut:
+        """Serve the model version the deployment served before its current one, pinned
+        (``models:/NAME/<version>``); 409 when it has served no other version."""
+        audit_target(request, f"deployment {name}")
+        return out(deployments.rollback(name, who).name)
 
     async def predict(request: Request) -> Response:
         """Predict: ``{"inputs": [[...]]}`` → outputs, model name, version and run id."""

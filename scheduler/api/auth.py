@@ -118,8 +118,11 @@ class Authenticate:
         self._public = auth.public_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
         path = scope["path"]
-        if scope["type"] != "http" or path in self._public or _is_public_asset(path):
+        if path in self._public or _is_public_asset(path):
             await self._app(scope, receive, send)
             return
         presented = _bearer(scope)

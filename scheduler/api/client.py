@@ -167,6 +167,11 @@ class Client:
         )
         return result
 
+    def rollback(self, name: str) -> dict[str, Any]:
+        """Serve the version the deployment served before its current one; 409 if none."""
+        result: dict[str, Any] = self._call("POST", f"/deployments/{name}/rollback")
+        return result
+
 
 def _api_error(response: httpx.Response) -> ApiError:
     try:

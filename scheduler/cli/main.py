@@ -30,6 +30,7 @@ for command in (
     serving.deploy,
     serving.deployments,
     serving.undeploy,
+    serving.rollback,
     serving.predict,
     simulate.simulate,
     identity.audit,

@@ -1,4 +1,4 @@
-"""Commands of the real-time lane: deploy, deployments, undeploy, predict."""
+"""Commands of the real-time lane: deploy, deployments, undeploy, rollback, predict."""
 
 from __future__ import annotations
 
@@ -43,8 +43,11 @@ def deploy(
         raise typer.Exit(0 if final["state"] == "READY" else 1)
 
 
-def wait_ready(client: Client, name: str, timeout_s: float) -> dict[str, Any]:
-    """Show the deployment's progress until READY or FAILED (or the timeout)."""
+def wait_ready(
+    client: Client, name: str, timeout_s: float, version: str | None = None
+) -> dict[str, Any]:
+    """Show the deployment's progress until READY (serving ``version``, when given) or
+    FAILED (or the timeout)."""
     deadline = time.monotonic() + timeout_s
     with Progress(
         SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=out
@@ -57,12 +60,16 @@ def wait_ready(client: Client, name: str, timeout_s: float) -> dict[str, Any]:
             progress.update(
                 task, description=detail + (f" — {dep['message']}" if dep["message"] else "")
             )
-            if dep["state"] in ("READY", "FAILED") or time.monotonic() > deadline:
+            serving = version is None or dep["model_version"] == version
+            ready = dep["state"] == "READY" and serving
+            if ready or dep["state"] == "FAILED" or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
     _print_deployment(dep)
     if dep["state"] not in ("READY", "FAILED"):
         err.print(f"[yellow]still {dep['state']} after {timeout_s:g} s[/]")
+    elif dep["state"] == "READY" and version is not None and dep["model_version"] != version:
+        err.print(f"[yellow]still serving version {dep['model_version']} after {timeout_s:g} s[/]")
     return dep
 
 
@@ -123,6 +130,28 @@ def undeploy(
     """Stop serving a deployment and free its replicas."""
     guard(lambda: connect(api, token, home).undeploy(name))
     out.print(f"undeployed [bold]{name}[/]")
+
+
+def rollback(
+    name: str,
+    wait: Annotated[
+        bool, typer.Option(help="Show progress until it serves the earlier version.")
+    ] = True,
+    timeout_s: Annotated[float, typer.Option("--timeout", help="Seconds to wait.")] = 300,
+    api: ApiOpt = "http://127.0.0.1:8000",
+    token: TokenOpt = None,
+    home: HomeOpt = Path(".jobworker"),
+) -> None:
+    """Serve the model version a deployment served before its current one (pinned)."""
+    client = connect(api, token, home)
+    dep = guard(lambda: client.rollback(name))
+    out.print(f"rolling [bold]{name}[/] back to {dep['model']}")
+    if wait:
+        version = dep["model"].rsplit("/", 1)[-1]
+        final = wait_ready(client, name, timeout_s, version)
+        raise typer.Exit(
+            0 if final["state"] == "READY" and final["model_version"] == version else 1
+        )
 
 
 def predict(

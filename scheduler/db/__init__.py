@@ -101,6 +101,16 @@ deployments = sa.Table(
     sa.Column("updated_at", sa.Float, nullable=False),
 )
 
+# The model versions a deployment has served, in order: what a rollback returns to.
+deployment_versions = sa.Table(
+    "deployment_versions",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(64), nullable=False, index=True),
+    sa.Column("model_version", sa.String(32), nullable=False),
+    sa.Column("served_at", sa.Float, nullable=False),
+)
+
 
 leases = sa.Table(
     "leases",

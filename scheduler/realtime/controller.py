@@ -83,6 +83,7 @@ class _Deployment:
     spec: DeploymentSpec
     generation: str
     resolved: ResolvedModel | None = None
+    resolved_from: str | None = None  # the spec's model URI that `resolved` answers
     resolved_at: float = float("-inf")
     resolve_error: str | None = None
     resolving: tuple[str, Future[ResolvedModel]] | None = None  # (model URI, MLflow's answer)
@@ -213,7 +214,11 @@ class DeploymentController:
         answer to come, or None when nothing was asked."""
         if dep.resolving is not None:
             return None
-        if dep.resolved is not None and not dep.spec.tracks_alias:
+        if (
+            dep.resolved is not None
+            and not dep.spec.tracks_alias
+            and dep.resolved_from == dep.spec.model  # redeployed to another model: ask
+        ):
             return None
         if now - dep.resolved_at < self._settings.resolve_every_s:
             return None
@@ -241,7 +246,7 @@ class DeploymentController:
         except Exception as exc:  # keep serving what runs; say why in the status
             dep.resolve_error = str(exc)
             return
-        dep.resolve_error = None
+        dep.resolve_error, dep.resolved_from = None, model
         if dep.resolved is None or resolved.uri != dep.resolved.uri:
             log.info("deployment %s: model %s -> %s", dep.name, dep.spec.model, resolved.uri)
             dep.resolved = resolved

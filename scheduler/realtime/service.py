@@ -21,7 +21,12 @@ from scheduler.auth.identity import (
 from scheduler.auth.model_names import ModelNames
 from scheduler.realtime.spec import DeploymentSpec, load_deployment
 from scheduler.realtime.store import DeploymentRecord, DeploymentStore
-from workers.interface.errors import ConfigError, DeploymentNotFound, ModelUnavailable
+from workers.interface.errors import (
+    ConfigError,
+    DeploymentNotFound,
+    ModelUnavailable,
+    NothingToRollBack,
+)
 from workers.interface.replicas import ResolvedModel
 
 
@@ -115,3 +120,37 @@ class DeploymentService:
         check_owner(caller, self._store.get(name).spec.team, f"deployment {name!r}", "undeploy")
         self._store.delete(name)
         self._wake()
+
+    def rollback(self, name: str, caller: Identity) -> DeploymentRecord:
+        """Pin the deployment to the registered model version it served before its
+        current one (``models:/NAME/<previous>``); its replicas roll on the next pass.
+
+        Only its team's members (or an admin) may. :class:`NothingToRollBack` when it
+        follows a run rather than a registered model, or has served one version only.
+        Rolling back twice returns to the version rolled back from.
+        """
+        record = self._store.get(name)
+        check_owner(caller, record.spec.team, f"deployment {name!r}", "roll back")
+        model_name = record.spec.model_ref().name
+        if model_name is None:
+            raise NothingToRollBack(
+                f"deployment {name!r} serves a run's model ({record.spec.model}), "
+                "not a registered model: there is no earlier version to return to"
+            )
+        previous = self._store.previous_version(name)
+        if previous is None:
+            served = f"version {record.model_version}" if record.model_version else "no version"
+            raise NothingToRollBack(
+                f"deployment {name!r} has served {served} of {model_name!r} and none before "
+                "it: nothing to roll back to"
+            )
+        spec = record.spec.model_copy(update={"model": f"models:/{model_name}/{previous}"})
+        try:
+            self._resolver(spec.model)
+        except ModelUnavailable as exc:
+            raise NothingToRollBack(
+                f"deployment {name!r}: its previous version {previous} cannot be loaded: {exc}"
+            ) from exc
+        record, _created = self._store.put(spec, spec.model_dump_json(indent=2))
+        self._wake()
+        return record

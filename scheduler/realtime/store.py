@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from scheduler.core.states import DeploymentState, check_deployment_transition
-from scheduler.db import deployments
+from scheduler.db import deployment_versions, deployments
 from scheduler.realtime.spec import DeploymentSpec
 from workers.interface.errors import DeploymentNotFound
 
@@ -110,8 +110,10 @@ class DeploymentStore:
         return [_record(r) for r in rows]
 
     def delete(self, name: str) -> None:
+        """Forget the deployment and the versions it served."""
         with self._engine.begin() as conn:
             result = conn.execute(deployments.delete().where(deployments.c.name == name))
+            conn.execute(deployment_versions.delete().where(deployment_versions.c.name == name))
         if result.rowcount == 0:
             raise DeploymentNotFound(f"no deployment named {name!r}")
 
@@ -126,9 +128,10 @@ class DeploymentStore:
         """Record what the controller sees: a new state goes through the state machine.
 
         The same state with a new message, version or run id is an update, not
-        a transition. Raises :class:`IllegalTransition` for a move the machine
-        forbids, leaving the row untouched; a deployment deleted meanwhile is
-        left deleted.
+        a transition. A version other than the last one served is added to the
+        versions served (:meth:`previous_version`). Raises
+        :class:`IllegalTransition` for a move the machine forbids, leaving the row
+        untouched; a deployment deleted meanwhile is left deleted.
         """
         with self._engine.begin() as conn:
             row = conn.execute(
@@ -150,3 +153,32 @@ class DeploymentStore:
                     updated_at=self._clock(),
                 )
             )
+            if model_version is not None and model_version != _last_served(conn, name):
+                conn.execute(
+                    deployment_versions.insert().values(
+                        name=name, model_version=model_version, served_at=self._clock()
+                    )
+                )
+
+    def previous_version(self, name: str) -> str | None:
+        """The model version the deployment served before the one it serves now (None: none).
+
+        After a rollback the version rolled back from is the previous one again.
+        """
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(deployment_versions.c.model_version)
+                .where(deployment_versions.c.name == name)
+                .order_by(deployment_versions.c.id.desc())
+            ).all()
+        current = rows[0].model_version if rows else None
+        return next((r.model_version for r in rows if r.model_version != current), None)
+
+
+def _last_served(conn: sa.Connection, name: str) -> str | None:
+    return conn.execute(
+        sa.select(deployment_versions.c.model_version)
+        .where(deployment_versions.c.name == name)
+        .order_by(deployment_versions.c.id.desc())
+        .limit(1)
+    ).scalar_one_or_none()

@@ -279,3 +279,36 @@ def test_killed_replica_is_replaced_and_only_documented_503s_are_seen(make_api: 
         assert status == 200 or (status == 503 and "died while serving" in body), (status, body)
     assert all(s == 200 for s, _, _ in results[n_at_recovery:])
     assert len(results) > n_at_recovery
+
+
+def test_rollback_returns_to_the_version_served_before(make_api: Any) -> None:
+    api: Api = make_api()
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        log_model(api.tracking_uri, "rb-mlp", torch.nn.Sequential(torch.nn.Linear(64, 10)))
+    deploy(api, deploy_yaml("rb-mlp", "models:/rb-mlp/1"))
+    wait_deployment(api, "rb-mlp", lambda d: d["model_version"] == "1" and d["state"] == "READY")
+    refused = api.http.post("/deployments/rb-mlp/rollback")
+    assert refused.status_code == 409, refused.text
+    assert "has served version 1 of 'rb-mlp' and none before it" in refused.json()["detail"]
+
+    deploy(api, deploy_yaml("rb-mlp", "models:/rb-mlp/2"))
+    wait_deployment(api, "rb-mlp", lambda d: d["model_version"] == "2" and d["state"] == "READY")
+    runner = CliRunner(env={"JOBWORKER_TOKEN": api.admin_token})
+    url = str(api.http.base_url)
+    result = runner.invoke(cli, ["rollback", "rb-mlp", "--api", url])
+    assert result.exit_code == 0, result.output
+    assert "rolling rb-mlp back to models:/rb-mlp/1" in result.output
+    dep = api.http.get("/deployments/rb-mlp").json()
+    assert (dep["model"], dep["model_version"], dep["state"]) == ("models:/rb-mlp/1", "1", "READY")
+    r = api.http.post("/v1/models/rb-mlp/predict", json={"inputs": rows(2)})
+    assert r.status_code == 200 and r.json()["version"] == "1", r.text
+    audit = api.http.get("/audit", params={"limit": 5}).json()
+    assert any(e["path"] == "/deployments/rb-mlp/rollback" for e in audit), audit
+
+    # Rolling back again returns to the version rolled back from.
+    again = api.http.post("/deployments/rb-mlp/rollback")
+    assert again.status_code == 200 and again.json()["model"] == "models:/rb-mlp/2", again.text
+    wait_deployment(api, "rb-mlp", lambda d: d["model_version"] == "2" and d["state"] == "READY")
+    missing = api.http.post("/deployments/nope/rollback")
+    assert missing.status_code == 404, missing.text

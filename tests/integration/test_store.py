@@ -202,7 +202,7 @@ def test_reopen_keeps_everything_and_migrations_are_versioned(store_url: str) ->
     with second.engine.connect() as conn:
         version = conn.execute(sa.text("select version_num from alembic_version")).scalar()
     second.engine.dispose()
-    assert version == "0008"  # the newest migration
+    assert version == "0009"  # the newest migration
 
 
 def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:

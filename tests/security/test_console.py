@@ -8,7 +8,7 @@ import httpx
 
 from scheduler.auth.audit import AuditStore
 from tests.security.conftest import SecureApi
-from tests.security.test_tenancy import job_yaml, submit
+from tests.security.test_tenancy import YAML, deployment_yaml, job_yaml, submit
 
 
 def logged_in(secure_api: SecureApi, http: httpx.Client) -> tuple[httpx.Client, str]:
@@ -114,3 +114,30 @@ def test_another_teams_job_cannot_be_cancelled_from_the_console(secure_api: Secu
     refused = browser.post(f"/ui/jobs/{job_id}/cancel", headers={"X-CSRF-Token": csrf})
     assert refused.status_code == 403 and "team 'b'" in refused.json()["detail"]
     assert secure_api.jobs.get(job_id).cancel_requested is False
+
+
+def test_rollback_and_undeploy_from_the_console_have_the_apis_permissions(
+    secure_api: SecureApi,
+) -> None:
+    secure_api.register("c-model")
+    made = secure_api.admin.post(
+        "/deployments",
+        content=deployment_yaml("c-dep", "models:/c-model/1", "team: b"),
+        headers=YAML,
+    )
+    assert made.status_code == 201, made.text
+    stranger, stranger_csrf = logged_in(secure_api, secure_api.as_("a"))
+    for action in ("rollback", "undeploy"):
+        refused = stranger.post(
+            f"/ui/deployments/c-dep/{action}", headers={"X-CSRF-Token": stranger_csrf}
+        )
+        assert refused.status_code == 403 and "team 'b'" in refused.json()["detail"], action
+    owner, csrf = logged_in(secure_api, secure_api.as_("b"))
+    page = owner.get("/ui/deployments/c-dep").text
+    assert 'data-action="rollback"' in page and 'data-action="undeploy"' in page
+    assert owner.post("/ui/deployments/c-dep/rollback").status_code == 403  # no CSRF token
+    nothing = owner.post("/ui/deployments/c-dep/rollback", headers={"X-CSRF-Token": csrf})
+    assert nothing.status_code == 409 and "none before it" in nothing.json()["detail"]
+    gone = owner.post("/ui/deployments/c-dep/undeploy", headers={"X-CSRF-Token": csrf})
+    assert gone.status_code == 200, gone.text
+    assert secure_api.admin.get("/deployments/c-dep").status_code == 404

@@ -67,6 +67,10 @@ class DeploymentNotFound(JobworkerError):
     """No deployment with that name."""
 
 
+class NothingToRollBack(JobworkerError):
+    """A rollback of a deployment that has served no other registered model version."""
+
+
 class IllegalTransition(JobworkerError):
     """A job or deployment state change that its state machine does not allow."""
 

@@ -200,6 +200,12 @@ def serving_routes(
         deployments.undeploy(name, who)
         return {"undeployed": name}
 
+    @app.post("/ui/deployments/{name}/rollback", include_in_schema=False)
+    def rollback(name: str, request: Request, who: Caller) -> dict[str, str | None]:
+        audit_target(request, f"deployment {name}")
+        record = deployments.rollback(name, who)
+        return {"name": record.name, "model_version": record.model_version}
+
 
 def _with_fragment(request: Request) -> str:
     params = [(k, v) for k, v in request.query_params.multi_items() if k != "fragment"]
