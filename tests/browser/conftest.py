@@ -37,10 +37,10 @@ class Stack:
     """The control plane the console is served by, and what runs on it.
 
     On the simulated node "local" (2 A100s of 40 GB, 8 GB of the second held outside
-    jobworker): ``blocker`` holds ``BLOCKER_GB`` of one GPU; ``tailed`` (no GPU) prints
-    ``step N`` at each step; the deployment ``MODEL`` has a ready replica holding
-    ``REPLICA_GB`` of one GPU, which batch jobs then leave to it; ``waiting`` asks one GPU
-    with ``WAITING_GB`` free, which neither GPU has until the blocker is gone.
+    jobworker): the deployment ``MODEL`` has a ready replica holding ``REPLICA_GB`` of one
+    GPU, which batch jobs then leave to it; ``blocker`` holds ``BLOCKER_GB`` of the other;
+    ``tailed`` (no GPU) prints ``step N`` at each step; ``waiting`` asks one GPU with
+    ``WAITING_GB`` free, which no GPU has for it until the blocker is gone.
     """
 
     api: Api
@@ -72,13 +72,16 @@ def stack(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             ),
         )
         steps = {"step_s": 0.5, "print_steps": True}
+        tailed = submit(api, entrypoint_yaml("tailed", "run_until_stopped", **steps))
+        # The replica first: the blocker then takes the other GPU (batch jobs leave a
+        # replica's GPU to it), and the waiting job has no GPU until the blocker is gone.
+        wait_deployment(api, MODEL)
         blocker = submit(
             api,
             entrypoint_yaml(
                 "blocker", "run_until_stopped", gpus=1, gpu_memory_gb=BLOCKER_GB, **steps
             ),
         )
-        tailed = submit(api, entrypoint_yaml("tailed", "run_until_stopped", **steps))
         for job_id in (blocker, tailed):
             api.wait_for(job_id, {JobState.RUNNING})
         waiting = submit(
@@ -90,7 +93,6 @@ def stack(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             ),
             "the waiting job is queued with a reason",
         )
-        wait_deployment(api, MODEL)
         yield Stack(api, blocker, tailed, waiting)
     finally:
         stop()
