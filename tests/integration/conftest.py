@@ -111,6 +111,44 @@ def serve(plane: ControlPlane) -> tuple[uvicorn.Server, threading.Thread, str]:
     return server, thread, f"http://127.0.0.1:{port}"
 
 
+def start_api(
+    home: Path,
+    namespace: str,
+    cluster: str = "local_sim.yaml",
+    db_url: str | None = None,
+    mlflow_ui_url: str | None = None,
+) -> tuple[Api, Callable[[], None]]:
+    """A control plane on ``home`` served over HTTP, and the function that stops it (and
+    releases what its executor still runs). ``mlflow_ui_url``: where links to MLflow point
+    (none by default: the tracking URI is a SQLite file)."""
+    tracking_uri = f"sqlite:///{home / 'mlflow.db'}"
+    MlflowClient(tracking_uri).search_experiments()  # create MLflow's tables once, here
+    settings = Settings(
+        home=home,
+        db_url=db_url,
+        tracking_uri=tracking_uri,
+        cluster_config=REPO / "configs" / "cluster" / cluster,
+        gpu_backend="simulated",
+        namespace=namespace,
+        loop_interval_s=0.2,
+        mlflow_ui_url=mlflow_ui_url,
+    )
+    plane = build(settings)
+    plane.start()
+    server, thread, url = serve(plane)
+    token = settings.admin_token_file.read_text().strip()
+    http = httpx.Client(base_url=url, timeout=30, headers=bearer(token))
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=10)
+        plane.stop()
+        for job_id in plane.executor.active():
+            plane.executor.release(job_id)
+
+    return Api(plane, http, home, tracking_uri, namespace, token), stop
+
+
 @pytest.fixture
 def make_api(ray_session: None, tmp_path: Path) -> Iterator[Callable[..., Api]]:
     """Build (and later stop) control planes; each call may reuse the same home.
@@ -119,38 +157,19 @@ def make_api(ray_session: None, tmp_path: Path) -> Iterator[Callable[..., Api]]:
     PostgreSQL requests ``store_url`` or ``postgres_url`` before ``make_api``, so its
     control planes stop before the database is dropped).
     """
-    started: list[tuple[ControlPlane, uvicorn.Server, threading.Thread]] = []
+    stops: list[Callable[[], None]] = []
     namespace = f"jw-test-{uuid.uuid4().hex[:8]}"
 
     def make(
         home: Path = tmp_path, cluster: str = "local_sim.yaml", db_url: str | None = None
     ) -> Api:
-        tracking_uri = f"sqlite:///{home / 'mlflow.db'}"
-        MlflowClient(tracking_uri).search_experiments()  # create MLflow's tables once, here
-        settings = Settings(
-            home=home,
-            db_url=db_url,
-            tracking_uri=tracking_uri,
-            cluster_config=REPO / "configs" / "cluster" / cluster,
-            gpu_backend="simulated",
-            namespace=namespace,
-            loop_interval_s=0.2,
-        )
-        plane = build(settings)
-        plane.start()
-        server, thread, url = serve(plane)
-        started.append((plane, server, thread))
-        token = settings.admin_token_file.read_text().strip()
-        http = httpx.Client(base_url=url, timeout=30, headers=bearer(token))
-        return Api(plane, http, home, tracking_uri, namespace, token)
+        api, stop = start_api(home, namespace, cluster, db_url)
+        stops.append(stop)
+        return api
 
     yield make
-    for plane, server, thread in started:
-        server.should_exit = True
-        thread.join(timeout=10)
-        plane.stop()
-        for job_id in plane.executor.active():
-            plane.executor.release(job_id)
+    for stop in stops:
+        stop()
 
 
 @pytest.fixture

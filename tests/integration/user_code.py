@@ -62,11 +62,14 @@ def hold_until_system_metrics(ctx: JobContext, config: dict[str, Any]) -> None:
 
 
 def run_until_stopped(ctx: JobContext, config: dict[str, Any]) -> None:
-    """Train "forever", checkpointing and stopping when asked (cooperative)."""
+    """Train "forever", checkpointing and stopping when asked (cooperative); with
+    ``print_steps`` it prints ``step N`` to its log at each step."""
     step = 0
     while True:
         step += 1
         ctx.log_metrics({"loss": 1.0 / step}, step=step)
+        if config.get("print_steps"):
+            print(f"step {step}", flush=True)
         if ctx.should_stop():
             ctx.save_checkpoint({"step": step}, step=step)
             raise StopRequested
