@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
 from scheduler.api.auth import Auth, Authenticate, Caller, audit_target, document_security
+from scheduler.api.docs import docs_routes
 from scheduler.api.guards import BodyLimits, RequestGuard
 from scheduler.api.identity_routes import identity_routes
 from scheduler.api.views import (
@@ -106,6 +107,8 @@ def create_app(
         version="0.1.0",
         lifespan=lifespan,
         responses=_GUARDED,
+        docs_url=None,  # served with no CDN by docs_routes
+        redoc_url=None,  # likewise
     )
 
     @app.exception_handler(ConfigError)
@@ -208,6 +211,7 @@ def create_app(
         return cluster_view()
 
     identity_routes(app, auth)
+    docs_routes(app)
     if serving is not None:
         _serving_routes(app, serving)
     document_security(app, auth.public_paths)

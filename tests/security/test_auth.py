@@ -1,4 +1,5 @@
-"""Authentication: every route but /healthz needs a valid token; tokens are stored hashed."""
+"""Authentication: every route but /healthz and the docs needs a valid token; tokens are stored
+hashed."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def _routes(api: SecureApi) -> list[tuple[str, str]]:
     return sorted(found)
 
 
-def test_every_route_but_healthz_refuses_a_request_without_a_valid_token(
+def test_every_route_but_healthz_and_the_docs_refuses_a_request_without_a_valid_token(
     secure_api: SecureApi,
 ) -> None:
     routes = _routes(secure_api)
@@ -40,13 +41,35 @@ def test_every_route_but_healthz_refuses_a_request_without_a_valid_token(
         http = secure_api.client(token)
         for method, path in routes:
             answer = http.request(method, path)
-            if path == "/healthz":
+            if path in ("/healthz", "/docs", "/redoc", "/openapi.json"):  # scheduler.api.docs
                 assert answer.status_code == 200
                 continue
             assert answer.status_code == 401, (token, method, path, answer.text)
             assert answer.headers["www-authenticate"].startswith("Bearer"), (method, path)
     assert anonymous.get("/no/such/path").status_code == 401  # nothing learnt without a token
     assert secure_api.admin.get("/jobs").status_code == 200
+
+
+def test_the_docs_pages_render_offline_from_local_assets_without_a_token(
+    secure_api: SecureApi,
+) -> None:
+    anonymous = secure_api.client(None)
+    for page in ("/docs", "/redoc"):
+        html = anonymous.get(page)
+        assert html.status_code == 200 and html.headers["content-type"].startswith("text/html")
+        urls = re.findall(r'(?:src|href)="([^"]*)"', html.text)
+        urls += re.findall(r"""(?:url: |spec-url=)['"]([^'"]*)['"]""", html.text)
+        assert "/openapi.json" in urls, (page, urls)
+        assert "//" not in "".join(urls) and all(u.startswith("/") for u in urls), (page, urls)
+        for url in urls:
+            answer = anonymous.get(url)
+            assert answer.status_code == 200, (url, answer.text[:200])
+            if url != "/openapi.json":
+                kind = {"js": "text/javascript", "css": "text/css", "png": "image/png"}
+                assert answer.headers["content-type"].startswith(kind[url.rsplit(".", 1)[1]])
+    for other in ("core.py", "..%2F__init__.py"):  # only the pages' files, nothing beside them
+        assert anonymous.get(f"/docs/assets/{other}").status_code == 401
+        assert secure_api.admin.get(f"/docs/assets/{other}").status_code == 404
 
 
 def test_metrics_is_public_only_when_configured(
