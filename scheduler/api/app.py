@@ -147,10 +147,13 @@ def create_app(
         responses={422: {"model": ConfigRejected}},
         openapi_extra=_CONFIG_BODY,
     )
-    async def submit(request: Request, who: Caller) -> JobOut:
-        """Queue a training config, sent as YAML or JSON, for the token's team."""
+    async def submit(request: Request, who: Caller, queue_anyway: bool = False) -> JobOut:
+        """Queue a training config, sent as YAML or JSON, for the token's team.
+
+        A job no node of the cluster could ever hold is refused (422, each node's
+        reason) unless ``queue_anyway``: then it waits for nodes yet to join."""
         text = await _body_text(request)
-        job = await asyncio.to_thread(service.submit, text, who)
+        job = await asyncio.to_thread(service.submit, text, who, queue_anyway)
         audit_target(request, f"job {job.id}")
         return job_out(job, mlflow_ui_url, service.history(job.id))
 
