@@ -223,6 +223,8 @@ def build(settings: Settings) -> ControlPlane:
         model_names=model_names,
         python_path=loop_settings.python_path,
         priority_caps=queue.priority_limits(),
+        nodes=cluster.nodes,
+        placement_policy=loop_settings.policy,
     )
     deployments = DeploymentService(
         deployment_store,

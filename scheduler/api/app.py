@@ -15,6 +15,7 @@ from starlette.routing import Route
 from scheduler.api.auth import Auth, Authenticate, Caller, audit_target, document_security
 from scheduler.api.console.data import ConsoleSources
 from scheduler.api.console.routes import console_routes
+from scheduler.api.docs import docs_routes
 from scheduler.api.guards import BodyLimits, RequestGuard
 from scheduler.api.identity_routes import identity_routes
 from scheduler.api.views import (
@@ -112,6 +113,8 @@ def create_app(
         version="0.1.0",
         lifespan=lifespan,
         responses=_GUARDED,
+        docs_url=None,  # served with no CDN by docs_routes
+        redoc_url=None,  # likewise
     )
 
     @app.exception_handler(ConfigError)
@@ -150,10 +153,13 @@ def create_app(
         responses={422: {"model": ConfigRejected}},
         openapi_extra=_CONFIG_BODY,
     )
-    async def submit(request: Request, who: Caller) -> JobOut:
-        """Queue a training config, sent as YAML or JSON, for the token's team."""
+    async def submit(request: Request, who: Caller, queue_anyway: bool = False) -> JobOut:
+        """Queue a training config, sent as YAML or JSON, for the token's team.
+
+        A job no node of the cluster could ever hold is refused (422, each node's
+        reason) unless ``queue_anyway``: then it waits for nodes yet to join."""
         text = await _body_text(request)
-        job = await asyncio.to_thread(service.submit, text, who)
+        job = await asyncio.to_thread(service.submit, text, who, queue_anyway)
         audit_target(request, f"job {job.id}")
         return job_out(job, mlflow_ui_url, service.history(job.id))
 
@@ -214,6 +220,7 @@ def create_app(
         return cluster_view()
 
     identity_routes(app, auth)
+    docs_routes(app)
     if serving is not None:
         _serving_routes(app, serving)
     console_routes(

@@ -1,15 +1,17 @@
 """Authentication and the audit trail, as a pure ASGI middleware around the whole app.
 
-Every request but those to ``public_paths`` (``/healthz``; ``/metrics`` when
-configured) must carry ``Authorization: Bearer <token>``: without one, or with a
-bad or revoked one, it is answered 401 with ``WWW-Authenticate: Bearer`` before
-any route runs (an unknown path too, so nothing is learnt without a token). The
-verified :class:`Identity` is put in the request's state for the routes, which
-decide 403s through ``scheduler.auth.identity``. Pure ASGI (not Starlette's
-``BaseHTTPMiddleware``) so that it wraps the plain predict route as cheaply as
-the rest: a token verified in the last few seconds costs one SHA-256 and a dict
-lookup. Every mutating request (POST, PUT, PATCH, DELETE; predict excepted) is
-recorded in the audit trail with its final status, refusals included.
+Every request but those to ``public_paths`` (``/healthz``; the documentation pages
+``/docs`` and ``/redoc``, their assets and ``/openapi.json``, see
+``scheduler.api.docs``; ``/metrics`` when configured) must carry ``Authorization:
+Bearer <token>``: without one, or with a bad or revoked one, it is answered 401
+with ``WWW-Authenticate: Bearer`` before any route runs (an unknown path too, so
+nothing is learnt without a token). The verified :class:`Identity` is put in the
+request's state for the routes, which decide 403s through
+``scheduler.auth.identity``. Pure ASGI (not Starlette's ``BaseHTTPMiddleware``) so
+that it wraps the plain predict route as cheaply as the rest: a token verified in
+the last few seconds costs one SHA-256 and a dict lookup. Every mutating request
+(POST, PUT, PATCH, DELETE; predict excepted) is recorded in the audit trail with
+its final status, refusals included.
 
 The console (``/ui/*``) also takes the ``jobworker_session`` cookie of a browser
 session (:mod:`scheduler.api.console.sessions`) where no bearer token is sent:
@@ -32,6 +34,7 @@ from fastapi import Depends, FastAPI, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scheduler.api.console.sessions import Sessions
+from scheduler.api.docs import PUBLIC_PATHS as DOCS_PATHS
 from scheduler.auth.audit import AuditEvent, AuditStore
 from scheduler.auth.identity import Identity
 from scheduler.auth.tokens import TokenNotFound, TokenStore
@@ -55,8 +58,8 @@ class Auth:
 
     @property
     def public_paths(self) -> frozenset[str]:
-        public = {"/healthz", "/", LOGIN_PATH}
-        return frozenset(public | {"/metrics"} if self.metrics_public else public)
+        metrics = {"/metrics"} if self.metrics_public else set()
+        return frozenset({"/healthz", "/", LOGIN_PATH, *metrics, *DOCS_PATHS})
 
 
 def caller(request: Request) -> Identity:

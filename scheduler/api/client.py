@@ -75,9 +75,15 @@ class Client:
         result: dict[str, Any] = self._call("GET", "/healthz")
         return result
 
-    def submit(self, text: str) -> dict[str, Any]:
+    def submit(self, text: str, queue_anyway: bool = False) -> dict[str, Any]:
+        """The job queued; ``queue_anyway``: even if no node of the cluster could hold it."""
+        params = {"queue_anyway": "true"} if queue_anyway else None
         result: dict[str, Any] = self._call(
-            "POST", "/jobs", content=text, headers={"content-type": "application/yaml"}
+            "POST",
+            "/jobs",
+            content=text,
+            params=params,
+            headers={"content-type": "application/yaml"},
         )
         return result
 

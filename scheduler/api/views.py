@@ -70,7 +70,10 @@ class JobOut(BaseModel):
 
 
 class FieldError(BaseModel):
-    loc: str
+    """One problem: ``loc`` a config's dotted field path (``resources.gpus``), or for a
+    malformed query parameter FastAPI's path to it (``["query", "queue_anyway"]``)."""
+
+    loc: str | list[str | int]
     msg: str
 
 

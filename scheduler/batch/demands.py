@@ -27,6 +27,7 @@ from scheduler.core.model import (
 from scheduler.core.predictor import Prediction
 from scheduler.core.states import JobState
 from workers.interface.executor import Assignment, NodeAssignment
+from workers.interface.spec import TrainingSpec
 from workers.interface.telemetry import NodeReading
 
 
@@ -44,12 +45,18 @@ def demand_of(job: JobRecord, auto: AutoGpuMemory | None = None) -> Demand:
     ``auto`` is :func:`auto_gpu_memory_of` for an ``auto`` job (without it, such a
     job asks for the whole GPU); it is ignored for a job that wrote a number.
     """
-    res = job.spec.resources
+    return spec_demand(job.id, job.spec, auto)
+
+
+def spec_demand(job_id: str, spec: TrainingSpec, auto: AutoGpuMemory | None = None) -> Demand:
+    """What a job of ``spec`` asks of placement (see :func:`demand_of`); a job to be
+    submitted too."""
+    res = spec.resources
     gpu_memory_bytes = res.gpu_memory_bytes
     if gpu_memory_bytes is None:
         gpu_memory_bytes = (auto or auto_gpu_memory(None)).gpu_memory_bytes
     return Demand(
-        job_id=job.id,
+        job_id=job_id,
         gpus=res.gpus,
         gpu_memory_bytes=gpu_memory_bytes,
         cpus=res.cpus,

@@ -43,7 +43,7 @@ from scheduler.core.model import (
     QueuePolicy,
     RunningJob,
 )
-from scheduler.core.placement import place
+from scheduler.core.placement import node_labels, place
 from scheduler.core.predictor import Prediction, predict
 from scheduler.core.preemption import choose_victims, without_jobs
 from scheduler.core.queue_policy import place_plan, plan
@@ -663,6 +663,7 @@ class Scheduler:
             {n.node_id: len(n.gpus) for n in snapshot.nodes},
             self._settings.queue,
             now,
+            node_labels(snapshot.nodes),
         )
         self._next_change_at = queue_plan.next_change_at
         by_id = {j.id: j for j in [*ready, *active]}

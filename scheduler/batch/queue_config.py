@@ -82,6 +82,6 @@ def read_queue_config(path: Path) -> QueueConfig:
         config.policy()
         return config
     except ValidationError as exc:
-        raise ConfigError(validation_errors(exc)) from exc
+        raise ConfigError(validation_errors(exc, QueueConfig)) from exc
     except ValueError as exc:  # QueuePolicy's own checks (weights > 0, quotas >= 0)
         raise ConfigError([("", str(exc))]) from exc

@@ -57,13 +57,17 @@ def validate(file: Path, as_json: JsonOpt = False) -> None:
 def submit(
     file: Path,
     wait: Annotated[bool, typer.Option(help="Show progress until the job ends.")] = False,
+    queue_anyway: Annotated[
+        bool,
+        typer.Option(help="Queue it even if no node of the cluster could hold it (nodes to join)."),
+    ] = False,
     api: ApiOpt = "http://127.0.0.1:8000",
     token: TokenOpt = None,
     home: HomeOpt = Path(".jobworker"),
 ) -> None:
     """Submit a training config (YAML or JSON)."""
     client = connect(api, token, home)
-    job = guard(lambda: client.submit(read_text(file)))
+    job = guard(lambda: client.submit(read_text(file), queue_anyway))
     out.print(f"submitted [bold]{job['id']}[/] ({job['name']})")
     if wait:
         final = wait_for_job(client, job["id"])

@@ -256,6 +256,16 @@ def _node_state(pos: int, reading: NodeReading, label: str) -> NodeState:
     )
 
 
+def node_labels(readings: Sequence[NodeReading]) -> dict[str, str]:
+    """How reasons name each node, by node id: its hostname (what ``jobworker cluster``
+    shows), or ``hostname/<id prefix>`` where hostnames repeat."""
+    hostnames = Counter(r.hostname for r in readings)
+    return {
+        r.node_id: r.hostname if hostnames[r.hostname] == 1 else f"{r.hostname}/{r.node_id[:8]}"
+        for r in readings
+    }
+
+
 def build_nodes(
     readings: Sequence[NodeReading],
     holdings: Sequence[Holding],
@@ -269,13 +279,8 @@ def build_nodes(
     its usage unknown: the safe side). Holdings on unknown nodes/GPUs are ignored.
     """
     ordered = sorted(readings, key=lambda n: n.node_id)
-    hostnames = Counter(r.hostname for r in ordered)
-    nodes = [
-        _node_state(
-            pos, r, r.hostname if hostnames[r.hostname] == 1 else f"{r.hostname}/{r.node_id[:8]}"
-        )
-        for pos, r in enumerate(ordered)
-    ]
+    labels = node_labels(ordered)
+    nodes = [_node_state(pos, r, labels[r.node_id]) for pos, r in enumerate(ordered)]
     by_id = {n.node_id: n for n in nodes}
     if len(by_id) != len(nodes):
         raise ValueError("cluster snapshot lists a node id twice")

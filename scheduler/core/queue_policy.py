@@ -458,8 +458,10 @@ class Walk:
         node_gpus: Mapping[str, int],
         policy: QueuePolicy,
         now: float,
+        node_labels: Mapping[str, str] | None = None,
     ) -> None:
         self.policy, self.running, self.node_gpus, self.now = policy, running, node_gpus, now
+        self.node_labels = node_labels or {}
         self.cap = Capacity(node_gpus, (held_of(r, policy, now) for r in running))
         self.order: list[str] = []
         self.preempt: list[str] = []
@@ -540,9 +542,10 @@ class Walk:
             )
             return
         self.head, self.hold = job, hold
+        where = ", ".join(self.node_labels.get(n, n) for n in hold.node_ids)
         self.written[job.job_id] = (
             f"{self._wait_text(job)}; head of the queue, reserved to start at "
-            f"{_at(hold.start_at)} on {', '.join(hold.node_ids)}"
+            f"{_at(hold.start_at)} on {where}"
         )
         if not self.policy.backfill:
             text = f"priority: waits behind {job.job_id} (strict order, no backfill)"
@@ -766,12 +769,14 @@ def plan(
     node_gpus: Mapping[str, int],
     policy: QueuePolicy,
     now: float,
+    node_labels: Mapping[str, str] | None = None,
 ) -> QueuePlan:
     """Order the queue and decide preemptions for one pass (rules in the module docstring).
 
     ``node_gpus``: the schedulable GPUs of each node. Running jobs on nodes not
     listed still count toward their team's quota. Every pending job is either
-    in ``order`` or has a reason.
+    in ``order`` or has a reason. ``node_labels`` names nodes in reasons, by node
+    id (:func:`scheduler.core.placement.node_labels`; a node not in it: its id).
     """
     if math.isnan(now):
         raise ValueError("now must be a number")
@@ -781,7 +786,7 @@ def plan(
     for r in running:
         usage[r.team] = usage.get(r.team, 0) + r.gpus * len(r.node_ids)
     queue = _order(pending, policy, now, usage)
-    w = Walk(running, node_gpus, policy, now).run(queue)
+    w = Walk(running, node_gpus, policy, now, node_labels).run(queue)
     reservation = None
     if w.head is not None and w.hold is not None:
         h = w.hold

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from pathlib import Path
 
+from typer.testing import CliRunner
+
+from scheduler.cli.main import app as cli
 from scheduler.core.states import JobState
 from tests.conftest import wait_until
 from tests.integration.conftest import Api, entrypoint_yaml
@@ -86,12 +90,35 @@ def test_jobs_land_where_the_policy_predicts(make_api: Callable[..., Api]) -> No
         assert api.wait_for(job_id, DONE).state in {JobState.CANCELLED, JobState.SUCCEEDED}
 
 
-def test_job_too_big_for_any_node_stays_pending_with_reasons(make_api: Callable[..., Api]) -> None:
+def test_job_too_big_for_any_node_is_refused_or_queued_anyway_with_reasons(
+    make_api: Callable[..., Api], tmp_path: Path
+) -> None:
     api = make_api(cluster="two_nodes_sim.yaml")
     text = entrypoint_yaml("huge", "report_and_hold", gpus=4, gpu_memory_gb=70)
-    job_id = api.http.post(
-        "/jobs", content=text, headers={"content-type": "application/yaml"}
-    ).json()["id"]
+    wait_until(lambda: len(api.plane.cluster.nodes()) == 3, "the 3 nodes report")
+    refused = api.http.post("/jobs", content=text, headers={"content-type": "application/yaml"})
+    assert refused.status_code == 422, refused.text
+    detail = {(d["loc"], d["msg"]) for d in refused.json()["detail"]}
+    # Each field that alone keeps it off: 1 GPU of 70 GB would fit node-a, 4 GPUs of
+    # less memory node-b. Then each node's reason, by hostname.
+    named = {loc for loc, msg in detail if "queue it anyway" in msg}
+    assert named == {"resources.gpus", "resources.gpu_memory_gb"}, detail
+    node_lines = [msg for loc, msg in detail if msg.startswith(("node-a:", "node-b:"))]
+    assert any(m.startswith("node-a: needs 4 GPUs with ≥ 70.0 GiB free; has 2") for m in node_lines)
+    assert any(m.startswith("node-b: needs 4 GPUs") for m in node_lines), detail
+    assert api.http.get("/jobs").json() == []
+
+    # The CLI says the same and, asked to, queues it for nodes yet to join.
+    config = tmp_path / "huge.yaml"
+    config.write_text(text)
+    runner = CliRunner(env={"JOBWORKER_TOKEN": api.admin_token})
+    cli_args = ["submit", str(config), "--api", str(api.http.base_url)]
+    said = runner.invoke(cli, cli_args)
+    assert said.exit_code != 0 and "node-a: needs 4 GPUs" in said.output, said.output
+    queued = runner.invoke(cli, [*cli_args, "--queue-anyway"])
+    assert queued.exit_code == 0, queued.output
+    (job,) = api.http.get("/jobs").json()
+    job_id = job["id"]
     wait_until(lambda: api.plane.store.get(job_id).pending_reasons, f"{job_id} has reasons")
     body = api.http.get(f"/jobs/{job_id}").json()
     assert body["state"] == "PENDING"

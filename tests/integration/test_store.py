@@ -308,6 +308,24 @@ def test_deployment_state_changes_are_checked(engine: sa.Engine) -> None:
         deployments.get("mlp")
 
 
+def test_a_deployment_remembers_the_version_it_served_before(engine: sa.Engine) -> None:
+    deployments = DeploymentStore(engine, clock=FakeClock())
+    deployments.put(load_deployment(DEPLOYMENT), DEPLOYMENT)
+    ready, deploying = DeploymentState.READY, DeploymentState.DEPLOYING
+    deployments.transition("mlp", ready, None, "1", "run-1")
+    assert deployments.previous_version("mlp") is None  # one version served so far
+    deployments.transition("mlp", deploying, "rolling", None, None)  # a gap: no version
+    deployments.transition("mlp", ready, None, "2", "run-2")
+    deployments.transition("mlp", ready, "a note", "2", "run-2")  # the same version again
+    assert deployments.previous_version("mlp") == "1"
+    deployments.transition("mlp", ready, None, "1", "run-1")  # rolled back
+    assert deployments.previous_version("mlp") == "2"
+    assert DeploymentStore(engine).previous_version("mlp") == "2"  # kept across restarts
+    deployments.delete("mlp")
+    deployments.put(load_deployment(DEPLOYMENT), DEPLOYMENT)
+    assert deployments.previous_version("mlp") is None  # undeploying forgot them
+
+
 def test_text_with_a_nul_reads_back_alike_on_every_backend(store: JobStore) -> None:
     """User code may raise with a NUL in its message, and PostgreSQL text cannot hold one:
     the store keeps U+FFFD in its place (on SQLite too), so the job still ends."""

@@ -177,7 +177,14 @@ def test_cancel_running_job_stops_it_and_frees_its_gpu(api: Api, fn: str) -> Non
 
 def test_cancel_pending_job_never_runs(api: Api) -> None:
     too_big = train_yaml(name="too-big", gpus=1).replace("gpu_memory_gb: 2", "gpu_memory_gb: 500")
-    job_id = submit(api, too_big)
+    response = api.http.post(
+        "/jobs",
+        content=too_big,
+        params={"queue_anyway": "true"},  # no node could hold it: queued for one to join
+        headers={"content-type": "application/yaml"},
+    )
+    assert response.status_code == 201, response.text
+    job_id = response.json()["id"]
     wait_until(lambda: api.plane.store.get(job_id).pending_reasons, f"{job_id} has reasons")
     reasons = api.http.get(f"/jobs/{job_id}").json()["pending_reasons"]
     assert any("500.0 GiB" in r for r in reasons), reasons

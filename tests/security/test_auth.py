@@ -1,5 +1,5 @@
-"""Authentication: every route but /healthz (and the console's way in) needs a valid token;
-tokens are stored hashed."""
+"""Authentication: every route but /healthz, the docs and the console's way in needs a valid
+token; tokens are stored hashed."""
 
 from __future__ import annotations
 
@@ -16,10 +16,13 @@ from scheduler.auth.identity import Role
 from scheduler.auth.tokens import TokenStore
 from tests.security.conftest import SecureApi
 
-# What answers without a token: health, the redirect to the console, and the console's
-# login page (its POST takes a token in the body: none here, so 422).
+# What answers without a token: health, the docs (scheduler.api.docs), the redirect to the
+# console, and the console's login page (its POST takes a token in the body: none here, so 422).
 PUBLIC = {
     ("GET", "/healthz"): 200,
+    ("GET", "/docs"): 200,
+    ("GET", "/redoc"): 200,
+    ("GET", "/openapi.json"): 200,
     ("GET", "/"): 303,
     ("GET", "/ui/login"): 200,
     ("POST", "/ui/login"): 422,
@@ -36,7 +39,7 @@ def _routes(api: SecureApi) -> list[tuple[str, str]]:
     return sorted(found)
 
 
-def test_every_route_but_healthz_refuses_a_request_without_a_valid_token(
+def test_every_route_but_healthz_and_the_docs_refuses_a_request_without_a_valid_token(
     secure_api: SecureApi,
 ) -> None:
     routes = _routes(secure_api)
@@ -62,6 +65,28 @@ def test_every_route_but_healthz_refuses_a_request_without_a_valid_token(
             assert answer.headers["www-authenticate"].startswith("Bearer"), (method, path)
     assert anonymous.get("/no/such/path").status_code == 401  # nothing learnt without a token
     assert secure_api.admin.get("/jobs").status_code == 200
+
+
+def test_the_docs_pages_render_offline_from_local_assets_without_a_token(
+    secure_api: SecureApi,
+) -> None:
+    anonymous = secure_api.client(None)
+    for page in ("/docs", "/redoc"):
+        html = anonymous.get(page)
+        assert html.status_code == 200 and html.headers["content-type"].startswith("text/html")
+        urls = re.findall(r'(?:src|href)="([^"]*)"', html.text)
+        urls += re.findall(r"""(?:url: |spec-url=)['"]([^'"]*)['"]""", html.text)
+        assert "/openapi.json" in urls, (page, urls)
+        assert "//" not in "".join(urls) and all(u.startswith("/") for u in urls), (page, urls)
+        for url in urls:
+            answer = anonymous.get(url)
+            assert answer.status_code == 200, (url, answer.text[:200])
+            if url != "/openapi.json":
+                kind = {"js": "text/javascript", "css": "text/css", "png": "image/png"}
+                assert answer.headers["content-type"].startswith(kind[url.rsplit(".", 1)[1]])
+    for other in ("core.py", "..%2F__init__.py"):  # only the pages' files, nothing beside them
+        assert anonymous.get(f"/docs/assets/{other}").status_code == 401
+        assert secure_api.admin.get(f"/docs/assets/{other}").status_code == 404
 
 
 def test_metrics_is_public_only_when_configured(

@@ -70,6 +70,7 @@ def test_a_viewer_may_not_mutate_anything(secure_api: SecureApi) -> None:
             "/deployments", content=deployment_yaml("v-dep", "models:/v-model/1"), headers=YAML
         ),
         viewer.delete("/deployments/v-dep"),
+        viewer.post("/deployments/v-dep/rollback"),
         viewer.post("/tokens", json={"team": "v", "role": "member"}),
         viewer.delete("/tokens/x"),
     ]
@@ -142,6 +143,9 @@ def test_a_deployment_follows_only_its_team_models_and_only_its_team_changes_it(
     )
     assert overwrite.status_code == 403 and "belongs to team 'b'" in overwrite.json()["detail"]
     assert a.delete("/deployments/b-dep").status_code == 403
+    assert a.post("/deployments/b-dep/rollback").status_code == 403
+    # Its team may, once it has served an earlier version; here it has served none.
+    assert b.post("/deployments/b-dep/rollback").status_code == 409
     assert secure_api.deployments.get("b-dep").spec.team == "b"
 
     # Predict: a token of the deployment's team, any role, or an admin. The controller

@@ -7,13 +7,14 @@ from tests/unit/placement_factories.py and the ``make_*`` fixtures in conftest.p
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from scheduler.core.model import ClusterSnapshot, Demand, Holding, NodePlacement, PlacementPolicy
-from scheduler.core.placement import explain, place
+from scheduler.core.placement import explain, node_labels, place
 from tests.unit.placement_factories import (
     GIB,
     NO_HEADROOM,
@@ -389,3 +390,16 @@ def test_explain_placed(make_node: Callable[..., NodeReading]) -> None:
 def test_duplicate_node_ids_are_refused(make_node: Callable[..., NodeReading]) -> None:
     with pytest.raises(ValueError, match="twice"):
         place(ClusterSnapshot((make_node(), make_node())), [], PlacementPolicy())
+
+
+def test_nodes_are_labelled_by_hostname_with_an_id_prefix_where_hostnames_repeat() -> None:
+    twins = [
+        dataclasses.replace(_node("aaaaaaaaaa01"), hostname="box"),
+        dataclasses.replace(_node("bbbbbbbbbb02"), hostname="box"),
+        dataclasses.replace(_node("cccccccccc03"), hostname="solo"),
+    ]
+    assert node_labels(twins) == {
+        "aaaaaaaaaa01": "box/aaaaaaaa",
+        "bbbbbbbbbb02": "box/bbbbbbbb",
+        "cccccccccc03": "solo",
+    }

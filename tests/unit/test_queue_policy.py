@@ -378,6 +378,15 @@ def test_backfill_short_jobs_yes_long_jobs_no() -> None:
     assert p.reasons["unknown"].startswith("reservation:")
 
 
+def test_the_reserved_start_names_nodes_by_their_labels() -> None:
+    policy = QueuePolicy(mode="fifo", aging_s_per_priority=None)
+    running = [r("busy", "raylet-7f3a", 4, est_end=100.0)]
+    p = plan(
+        [q("head", 8, at=0.0)], running, {"raylet-7f3a": 8}, policy, 10.0, {"raylet-7f3a": "gpu-a"}
+    )
+    assert p.reasons["head"].endswith("reserved to start at t=100 on gpu-a")
+
+
 def test_backfill_may_use_the_spare_gpus_and_other_nodes() -> None:
     policy = QueuePolicy(mode="fifo", aging_s_per_priority=None)
     running = [r("busy", "n1", 6, est_end=100.0), r("other", "n2", 7, est_end=1000.0)]

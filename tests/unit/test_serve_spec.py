@@ -150,7 +150,12 @@ def test_max_replicas_defaults_to_min() -> None:
         ({"priority": 101}, "priority", "less than or equal to 100"),
         ({"tags": {"a": 1}}, "tags.a", "valid string"),
         ({"surprise": 1}, "surprise", "unknown key 'surprise'"),
-        ({"batching": {"max_batch": 8}}, "batching.max_batch", "unknown key 'max_batch'"),
+        (
+            {"batching": {"max_batch": 8}},
+            "batching.max_batch",
+            "unknown key 'max_batch' (did you mean 'max_batch_size'?)",
+        ),
+        ({"slo": {"p99": 50}}, "slo.p99", "unknown key 'p99' (did you mean 'p99_ms'?)"),
     ],
 )
 def test_bad_fields_are_named(change: dict[str, object], loc: str, words: str) -> None:

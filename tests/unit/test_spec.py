@@ -23,6 +23,12 @@ def test_example_configs_are_valid(path: Path) -> None:
     assert spec.train_params().batch_size >= 1
 
 
+def test_an_unknown_key_with_no_close_field_gets_no_guess() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_spec(MINIMAL + "surprise: 1\n")
+    assert info.value.errors == [("surprise", "unknown key 'surprise'")]
+
+
 @pytest.mark.parametrize(
     ("extra", "loc", "words"),
     [
@@ -31,6 +37,9 @@ def test_example_configs_are_valid(path: Path) -> None:
         ("priority: 1000", "priority", "less than or equal to 100"),
         ("resources: {nodes: 65}", "resources.nodes", "less than or equal to 64"),
         ("surprise: 1", "surprise", "unknown key 'surprise'"),
+        ("resources: {gpu: 1}", "resources.gpu", "unknown key 'gpu' (did you mean 'gpus'?)"),
+        ("prority: 5", "prority", "unknown key 'prority' (did you mean 'priority'?)"),
+        ("train: {max_step: 3}", "train.max_step", "(did you mean 'max_steps'?)"),
         ("train: {batch_size: 8}", "train", "set train.epochs or train.max_steps"),
         ("data: {name: imagenet}", "data", "imagenet"),
         ("model: {name: mlp, options: {depth: 3}}", "model", "depth"),

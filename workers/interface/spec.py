@@ -13,13 +13,14 @@ entrypoint is checked without running any of its code (:func:`check_entrypoint`)
 from __future__ import annotations
 
 import ast
+import difflib
 import functools
 import math
 import sys
 from collections.abc import Iterator, Sequence
 from importlib.machinery import PathFinder
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self, TypeVar
+from typing import Annotated, Any, Literal, Self, TypeVar, get_args
 
 import yaml
 from pydantic import (
@@ -290,16 +291,42 @@ def _non_finite(data: Any, path: tuple[str, ...]) -> Iterator[tuple[str, str]]:
             yield from _non_finite(value, (*path, str(i)))
 
 
-def validation_errors(exc: ValidationError) -> list[tuple[str, str]]:
-    """Pydantic errors as ``(dotted.field.path, message)`` pairs."""
+def validation_errors(exc: ValidationError, model: type[BaseModel]) -> list[tuple[str, str]]:
+    """Pydantic errors of validating ``model`` as ``(dotted.field.path, message)`` pairs.
+
+    An unknown key gets the nearest field name of the model at its place, if one is
+    close: ``("resources.gpu", "unknown key 'gpu' (did you mean 'gpus'?)")``.
+    """
     out: list[tuple[str, str]] = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = f"unknown key {str(err['loc'][-1])!r}"
+            key = str(err["loc"][-1])
+            close = difflib.get_close_matches(key, _field_names_at(model, err["loc"][:-1]), n=1)
+            msg = f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
         out.append((loc, msg.removeprefix("Value error, ")))
     return out
+
+
+def _field_names_at(model: type[BaseModel], path: tuple[int | str, ...]) -> list[str]:
+    """The keys the models at ``path`` (an error's location) accept.
+
+    A list index, a mapping's key or a union's tag on the path keeps the models found so
+    far: those nested in the field's type are already among them.
+    """
+    models = [model]
+    for part in path:
+        fields = [m.model_fields[part] for m in models if part in m.model_fields]
+        models = [n for f in fields for n in _models_in(f.annotation)] if fields else models
+    return sorted({f.alias or name for m in models for name, f in m.model_fields.items()})
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models a field's type holds: itself, or inside Optional, list, dict, …"""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]
 
 
 Model = TypeVar("Model", bound=BaseModel)
@@ -316,7 +343,7 @@ def validate_config(model: type[Model], data: Any, kind: str) -> Model:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(validation_errors(exc)) from exc
+        raise ConfigError(validation_errors(exc, model)) from exc
 
 
 def load_spec(text: str, search_path: Sequence[str] | None = None) -> TrainingSpec:
