@@ -39,7 +39,7 @@ def _routes(api: SecureApi) -> list[tuple[str, str]]:
     return sorted(found)
 
 
-def test_every_route_but_healthz_and_the_docs_refuses_a_request_without_a_valid_token(
+def test_every_route_but_the_public_ones_refuses_a_request_without_a_valid_token(
     secure_api: SecureApi,
 ) -> None:
     routes = _routes(secure_api)
