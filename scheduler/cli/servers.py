@@ -20,6 +20,7 @@ from rich.markup import escape
 
 from scheduler.api.client import ApiUnreachable, Client
 from scheduler.api.guards import MIB
+from scheduler.batch.queue_config import DEFAULT_MODE
 from scheduler.cli import daemons, serving
 from scheduler.cli.common import ApiOpt, HomeOpt, TokenOpt, connect, err, guard, out, read_text
 from scheduler.cli.jobs import wait_for_job
@@ -55,7 +56,8 @@ def up(
         str | None,
         typer.Option(
             envvar="JOBWORKER_QUEUE_MODE",
-            help=f"Queue order, over the queue config's: {' | '.join(MODES)} (default las).",
+            help=f"Queue order, over the queue config's: {' | '.join(MODES)} "
+            f"(default {DEFAULT_MODE}).",
         ),
     ] = None,
     allowed_hosts: Annotated[
