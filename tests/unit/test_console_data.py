@@ -78,6 +78,11 @@ def test_quotas_show_what_teams_over_theirs_borrow_from_teams_under() -> None:
     assert rows["c"] == data.QuotaRow("c", 0, 0, 0, 0)
 
 
+def test_without_quotas_nobody_borrows() -> None:
+    active = [running("b-1", "b", [uuid("node-a", 0), uuid("node-a", 1)], GIB)]
+    assert data.quota_rows({}, active) == [data.QuotaRow("b", None, 2, 0, 0)]
+
+
 def test_lending_is_no_more_than_what_is_borrowed() -> None:
     active = [running("b-1", "b", [uuid("node-a", 0), uuid("node-a", 1)], GIB)]
     rows = {r.team: r for r in data.quota_rows({"a": 4, "b": 1}, active)}

@@ -128,7 +128,7 @@ def queue_rows(entries: Iterable[Mapping[str, Any]], now: float) -> list[QueueRo
 @dataclass(frozen=True)
 class QuotaRow:
     team: str
-    quota_gpus: int
+    quota_gpus: int | None  # None: no quotas are configured (nobody borrows)
     used_gpus: int
     lent_gpus: int  # of its quota, idle and used by teams over theirs
     borrowed_gpus: int  # used beyond its quota
@@ -136,12 +136,15 @@ class QuotaRow:
 
 def quota_rows(quotas: Mapping[str, int], active: Iterable[JobRecord]) -> list[QuotaRow]:
     """Per team (with a quota or GPUs in use): GPUs used, lent and borrowed. What teams
-    over quota borrow is lent by the teams under theirs, in team-name order."""
+    over quota borrow is lent by the teams under theirs, in team-name order. With no
+    quotas at all nobody borrows (the queue policy's rule): each team's GPUs in use only."""
     used: dict[str, int] = {}
     for job in active:
         if job.assignment is not None:
             used[job.team] = used.get(job.team, 0) + job.assignment.gpus
     teams = sorted(set(quotas) | set(used))
+    if not quotas:
+        return [QuotaRow(team, None, used[team], 0, 0) for team in teams]
     borrowed = {t: max(0, used.get(t, 0) - quotas.get(t, 0)) for t in teams}
     to_lend = sum(borrowed.values())
     rows = []
