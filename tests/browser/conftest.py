@@ -98,13 +98,16 @@ def stack(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         stop()
 
 
-@pytest.fixture(scope="session")
+# Module-scoped, not session-scoped: Playwright's sync API runs an asyncio loop in this
+# thread while it is started, and every later test that calls asyncio.run() would fail
+# with "cannot be called from a running event loop". It is stopped when the module ends.
+@pytest.fixture(scope="module")
 def playwright() -> Iterator[Playwright]:
     with sync_playwright() as driver:
         yield driver
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(playwright: Playwright, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
     with headless_chromium(tmp_path_factory.mktemp("chromium-profile")) as endpoint:
         connected = playwright.chromium.connect_over_cdp(endpoint)
