@@ -11,25 +11,40 @@ simulated backend (``workers.sim_backend``, a tenth of the GPUs with memory held
 outside), twelve deployments with two replicas and traffic each, and a queue
 view of every pending job in order with its reasons. Each page is asked for
 through Starlette's TestClient with an admin token, ``--rounds`` times (7) after
-one warm-up; the figure is the median wall time. Last line: ``RESULT console
-gpus_ms=… queue_ms=… jobs_ms=… job_ms=… deployments_ms=…``. No assertions.
+one warm-up; the figure is the median wall time of the server's answer.
+
+Then the same app is served over real HTTP (uvicorn on 127.0.0.1) and each page is
+opened ``--rounds`` times in Debian's headless chromium (driven by Playwright over
+CDP, as ``tests/browser`` does; ``--no-browser`` skips it): the figure is the median
+first contentful paint (``performance``'s ``first-contentful-paint``, from the start
+of navigation: request, answer, parse, style, paint).
+
+Last line: ``RESULT console gpus_ms=… … deployments_ms=… browser_gpus_ms=… …``
+(server answer, then browser first paint). No assertions.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import socket
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+import uvicorn  # noqa: E402
+from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
+from playwright.sync_api import sync_playwright  # noqa: E402
 
 from scheduler import db  # noqa: E402
 from scheduler.api.app import Serving, create_app  # noqa: E402
@@ -49,6 +64,7 @@ from scheduler.realtime.router import Router  # noqa: E402
 from scheduler.realtime.service import DeploymentService  # noqa: E402
 from scheduler.realtime.spec import load_deployment  # noqa: E402
 from scheduler.realtime.store import DeploymentStore  # noqa: E402
+from tests.browser.chromium import headless_chromium  # noqa: E402
 from workers.interface.executor import Assignment, NodeAssignment  # noqa: E402
 from workers.interface.replicas import ResolvedModel  # noqa: E402
 from workers.interface.spec import load_spec  # noqa: E402
@@ -149,6 +165,61 @@ def deployments(
     return views, holdings
 
 
+@contextmanager
+def served(app: FastAPI) -> Iterator[str]:
+    """``app`` on a free 127.0.0.1 port in a thread; yields its base URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join()
+
+
+FIRST_PAINT_MS = """() => {
+  const paint = performance.getEntriesByName("first-contentful-paint")[0];
+  return paint ? paint.startTime : null;
+}"""
+
+
+def browser_paints(
+    base: str, login_path: str, paths: dict[str, str], rounds: int
+) -> dict[str, float]:
+    """Median first contentful paint of each page in headless chromium, after a warm-up."""
+    figures: dict[str, float] = {}
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-console-chromium-") as profile,
+        headless_chromium(Path(profile)) as endpoint,
+        sync_playwright() as driver,
+    ):
+        browser = driver.chromium.connect_over_cdp(endpoint)
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        page = context.new_page()
+        page.goto(base + login_path)  # the session cookie, as a user logs in
+        print(f"{'page':<12} {'paint ms':>10} {'min ms':>8}")
+        for name in PAGES:
+            page.goto(base + paths[name])  # warm-up: the browser's caches, the server's
+            times = []
+            for _ in range(rounds):
+                page.goto(base + paths[name], wait_until="load")
+                page.wait_for_function(FIRST_PAINT_MS, timeout=10_000)  # recorded after load
+                painted = page.evaluate(FIRST_PAINT_MS)
+                if painted is None:
+                    raise SystemExit(f"{paths[name]}: chromium reported no first paint")
+                times.append(float(painted))
+            figures[name] = statistics.median(times)
+            print(f"{name:<12} {figures[name]:>10.1f} {min(times):>8.1f}")
+        browser.close()
+    return figures
+
+
 def unresolvable(uri: str) -> ResolvedModel:
     raise RuntimeError(f"the bench resolves no model ({uri}): it only renders pages")
 
@@ -158,6 +229,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--nodes", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--no-browser", action="store_true", help="server answers only")
     args = parser.parse_args()
     rng = random.Random(14)
     home = Path(tempfile.mkdtemp(prefix="bench-console-"))
@@ -219,11 +291,15 @@ def main() -> None:
                 size = len(answer.content)
             figures[page] = statistics.median(times)
             print(f"{page:<12} {figures[page]:>10.1f} {min(times):>8.1f} {size / 1024:>8.0f}")
+    result = " ".join(f"{p}_ms={figures[p]:.0f}" for p in PAGES)
+    if not args.no_browser:
+        with served(app) as base:
+            login = TestClient(app).post("/ui/links", headers={"Authorization": f"Bearer {token}"})
+            login.raise_for_status()
+            paints = browser_paints(base, login.json()["path"], paths, args.rounds)
+        result += " " + " ".join(f"browser_{p}_ms={paints[p]:.0f}" for p in PAGES)
     engine.dispose()
-    print(
-        f"RESULT console jobs={args.jobs} nodes={args.nodes} "
-        + " ".join(f"{p}_ms={figures[p]:.0f}" for p in PAGES)
-    )
+    print(f"RESULT console jobs={args.jobs} nodes={args.nodes} {result}")
 
 
 if __name__ == "__main__":
