@@ -150,6 +150,7 @@ def build(settings: Settings) -> ControlPlane:
     )
     usage_dir = home / "simgpu"
     usage_dir.mkdir(exist_ok=True)
+    node_dir = home / "node"
     engine = db.connect(settings.store_url)
     store = JobStore(engine)
     tokens = TokenStore(engine, cache_ttl_s=settings.token_cache_ttl_s)
@@ -162,7 +163,11 @@ def build(settings: Settings) -> ControlPlane:
         # Create MLflow's tables here, once: job processes starting together would race.
         MlflowClient(settings.tracking_uri).search_experiments(max_results=1)
     cluster = RayCluster(
-        namespace=settings.namespace, mode=settings.gpu_backend, sim=sim, usage_dir=usage_dir
+        namespace=settings.namespace,
+        mode=settings.gpu_backend,
+        sim=sim,
+        usage_dir=usage_dir,
+        node_dir=node_dir,
     )
     executor = RayExecutor(namespace=settings.namespace, work_root=home / "work")
     loop_settings = LoopSettings(
@@ -171,6 +176,7 @@ def build(settings: Settings) -> ControlPlane:
         interval_s=settings.loop_interval_s,
         python_path=(os.getcwd(),),
         simulated_usage_dir=str(usage_dir),
+        node_dir=str(node_dir),
         public_url=settings.user_url,
         queue=queue.policy(),
     )
@@ -191,6 +197,7 @@ def build(settings: Settings) -> ControlPlane:
             tracking_uri=settings.tracking_uri,
             python_path=loop_settings.python_path,
             simulated_usage_dir=str(usage_dir),
+            node_dir=str(node_dir),
         ),
     )
     lease = Lease(engine, Lease.holder_id(), ttl_s=settings.lease_ttl_s)

@@ -43,6 +43,7 @@ class NodeAgent:
         sim_node: dict[str, Any] | None,
         usage_dir: str | None,
         interval_s: float,
+        node_dir: str | None = None,
     ) -> None:
         spec = SimNodeSpec.model_validate(sim_node) if sim_node else None
         self._backend: GpuBackend = select_backend(
@@ -52,6 +53,7 @@ class NodeAgent:
         self._hostname = hostname
         self._cpus = cpus
         self._memory_total_bytes = memory_total_bytes
+        self._node_dir = Path(node_dir) if node_dir else None
         self._lock = threading.Lock()
         self._latest = self._sample()
         self._interval_s = interval_s
@@ -105,12 +107,14 @@ class RayCluster:
         sim: SimClusterSpec | None = None,
         usage_dir: Path | None = None,
         interval_s: float = 2.0,
+        node_dir: Path | None = None,
         call_timeout_s: float = 5.0,
     ) -> None:
         self._namespace = namespace
         self._mode = mode
         self._sim = sim
         self._usage_dir = usage_dir
+        self._node_dir = node_dir
         self._interval_s = interval_s
         self._call_timeout_s = call_timeout_s
         self._agents: dict[str, Any] = {}
@@ -156,6 +160,7 @@ class RayCluster:
                 sim.model_dump() if sim else None,
                 str(self._usage_dir) if self._usage_dir else None,
                 self._interval_s,
+                str(self._node_dir) if self._node_dir else None,
             )
             log.info("node %s joined (%s)", node_id, hostname)
 

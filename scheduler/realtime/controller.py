@@ -55,6 +55,7 @@ class ServeSettings:
     tracking_uri: str
     python_path: tuple[str, ...] = ()
     simulated_usage_dir: str | None = None
+    node_dir: str | None = None  # the nodes' state directory (workers/node_dir.py)
     resolve_every_s: float = 2.0
     resolve_wait_s: float = 1.0  # what a pass waits for MLflow, for all deployments together
     resolve_slow_s: float = 10.0  # no answer this long: the deployment's status says so
@@ -375,6 +376,7 @@ class DeploymentController:
                 max_batch_size=dep.spec.batching.max_batch_size,
                 python_path=self._settings.python_path,
                 simulated_usage_dir=self._settings.simulated_usage_dir,
+                node_dir=self._settings.node_dir,
                 allow_pickled_model=dep.spec.allow_pickled_model,
             )
             holding = Holding(

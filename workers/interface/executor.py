@@ -99,6 +99,9 @@ class LaunchRequest(_Value):
     tags: dict[str, str] = Field(default_factory=dict)
     python_path: tuple[str, ...] = ()
     simulated_usage_dir: str | None = None
+    # The node's own state directory (the same path on every node, like the usage dir):
+    # what the node agent and the processes it watches share (see workers/node_dir.py).
+    node_dir: str | None = None
     # A multi-node job is a gang: one worker per node, rank 0 on the first node.
     master_node_id: str | None = None  # rank 0's node: the executor resolves its address
     master_addr: str | None = None

@@ -37,6 +37,7 @@ class ReplicaRequest:
     max_batch_size: int
     python_path: tuple[str, ...] = ()
     simulated_usage_dir: str | None = None
+    node_dir: str | None = None  # the node's state directory (workers/node_dir.py)
     allow_pickled_model: bool = False  # the deployment's: load a pickled model (runs its code)
 
 
