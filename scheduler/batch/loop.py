@@ -22,14 +22,18 @@ from scheduler.batch.demands import (
     assignment_of,
     auto_gpu_memory_of,
     demand_of,
-    holdings_of,
-    queued_job,
-    running_job,
     running_since,
 )
 from scheduler.batch.history import JobHistory, elapsed_s, family_keys
 from scheduler.batch.lease import Lease
 from scheduler.batch.metrics import SchedulerMetrics
+from scheduler.batch.placement_pass import (
+    Estimate,
+    plan_pass,
+    queued_of,
+    running_of,
+    snapshot_of,
+)
 from scheduler.batch.predictions import Forecaster, ForecastInputs, JobPrediction
 from scheduler.batch.store import JobFields, JobRecord, JobStore
 from scheduler.core.backoff import backoff_s
@@ -39,14 +43,11 @@ from scheduler.core.model import (
     Demand,
     Holding,
     PlacementPolicy,
-    QueuedJob,
     QueuePolicy,
-    RunningJob,
 )
-from scheduler.core.placement import node_labels, place
-from scheduler.core.predictor import Prediction, predict
+from scheduler.core.placement import place
+from scheduler.core.predictor import predict
 from scheduler.core.preemption import choose_victims, without_jobs
-from scheduler.core.queue_policy import place_plan, plan
 from scheduler.core.states import JobState
 from workers.interface.errors import NotLeader
 from workers.interface.executor import (
@@ -122,14 +123,6 @@ class QueueEntry:
     predicted_duration_s: float | None = None
     predicted_spread_s: float | None = None
     prediction_basis: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _Estimate:
-    """A job's prediction, and its run time left after what it has run so far."""
-
-    prediction: Prediction
-    remaining_s: float
 
 
 def rendezvous_port(job_id: str, attempt: int) -> int:
@@ -287,10 +280,9 @@ class Scheduler:
     def _snapshot(self, fresh: bool = False) -> ClusterSnapshot:
         """Telemetry (``fresh``: sampled now) plus every holding: jobs' and replicas'."""
         active = self._active()
-        holdings = tuple(h for j in active for h in self._holdings(j))
-        if self._realtime is not None:
-            holdings += self._realtime.holdings()
-        return ClusterSnapshot(nodes=self._cluster.nodes(fresh=fresh), holdings=holdings)
+        realtime = () if self._realtime is None else self._realtime.holdings()
+        nodes = self._cluster.nodes(fresh=fresh)
+        return snapshot_of(nodes, active, realtime, self._job_problem)
 
     def held_gpus(self) -> set[GpuUuid]:
         """The UUIDs of the GPUs that active jobs and real-time replicas hold now."""
@@ -300,24 +292,8 @@ class Scheduler:
             held.update(uuid for h in self._realtime.holdings() for uuid in h.gpu_uuids)
         return held
 
-    def _holdings(self, job: JobRecord) -> list[Holding]:
-        try:
-            return holdings_of(job)
-        except Exception as exc:
-            self._job_problem(job.id, "cannot count what it holds", exc)
-            return []
-
-    def _running(self, job: JobRecord, est: _Estimate | None, now: float) -> RunningJob | None:
-        try:
-            if est is None:
-                return running_job(job)
-            return running_job(job, now + est.remaining_s, est.prediction.error)
-        except Exception as exc:
-            self._job_problem(job.id, "cannot count what it holds", exc)
-            return None
-
     def _plannable(
-        self, ready: list[JobRecord], estimates: dict[str, _Estimate]
+        self, ready: list[JobRecord], estimates: dict[str, Estimate]
     ) -> dict[str, Demand]:
         """What each job the planner can take demands; one it cannot (say, numbers that
         overflow) fails with the reason, instead of stopping every pass for every other."""
@@ -551,13 +527,13 @@ class Scheduler:
         """The latest forecast of a pending or running job (None: not forecast yet)."""
         return None if self._forecaster is None else self._forecaster.prediction(job_id)
 
-    def _estimates(self, jobs: Iterable[JobRecord], now: float) -> dict[str, _Estimate]:
+    def _estimates(self, jobs: Iterable[JobRecord], now: float) -> dict[str, Estimate]:
         """The jobs whose family has history: their predictions from the latest history."""
         if self._history is None:
             return {}
         history = self._history.latest
-        out: dict[str, _Estimate] = {}
-        alike: dict[tuple[tuple[str, ...], float], _Estimate | None] = {}  # a family's jobs
+        out: dict[str, Estimate] = {}
+        alike: dict[tuple[tuple[str, ...], float], Estimate | None] = {}  # a family's jobs
         for job in jobs:
             keys = self._families.get(job.id)
             if keys is None:
@@ -565,7 +541,7 @@ class Scheduler:
             ran_s = elapsed_s(job, now)
             if (keys, ran_s) not in alike:
                 p = predict(history, keys)
-                alike[keys, ran_s] = None if p is None else _Estimate(p, p.remaining_s(ran_s))
+                alike[keys, ran_s] = None if p is None else Estimate(p, p.remaining_s(ran_s))
             est = alike[keys, ran_s]
             if est is not None:
                 out[job.id] = est
@@ -600,7 +576,7 @@ class Scheduler:
             )
 
     def _forecast(
-        self, waiting: list[JobRecord], estimates: dict[str, _Estimate], now: float
+        self, waiting: list[JobRecord], estimates: dict[str, Estimate], now: float
     ) -> None:
         """Hand the forecaster the queue as this pass left it (the jobs it placed running)."""
         assert self._forecaster is not None
@@ -611,8 +587,12 @@ class Scheduler:
         jobs = [*waiting, *active]
         self._forecaster.submit(
             ForecastInputs(
-                pending=[self._queued(j, estimates) for j in waiting],
-                running=[r for j in active if (r := self._running(j, estimates.get(j.id), now))],
+                pending=[queued_of(j, estimates.get(j.id)) for j in waiting],
+                running=[
+                    r
+                    for j in active
+                    if (r := running_of(j, estimates.get(j.id), now, self._job_problem))
+                ],
                 node_gpus={n.node_id: len(n.gpus) for n in self._cluster.nodes()},
                 policy=self._settings.queue,
                 now=now,
@@ -631,17 +611,10 @@ class Scheduler:
         return None if p is None else p.duration_s
 
     @staticmethod
-    def _auto(job: JobRecord, estimates: dict[str, _Estimate]) -> AutoGpuMemory | None:
+    def _auto(job: JobRecord, estimates: dict[str, Estimate]) -> AutoGpuMemory | None:
         """What a ``gpu_memory_gb: auto`` job asks for now (None: it wrote a number)."""
         est = estimates.get(job.id)
         return auto_gpu_memory_of(job, None if est is None else est.prediction)
-
-    @staticmethod
-    def _queued(job: JobRecord, estimates: dict[str, _Estimate]) -> QueuedJob:
-        est = estimates.get(job.id)
-        if est is None:
-            return queued_job(job)
-        return queued_job(job, est.remaining_s, est.prediction.error)
 
     def _place_ready(
         self,
@@ -649,7 +622,7 @@ class Scheduler:
         demands: dict[str, Demand],
         now: float,
         reasons: dict[str, list[str]],
-        estimates: dict[str, _Estimate],
+        estimates: dict[str, Estimate],
     ) -> tuple[list[str], set[str]]:
         """Plan with the queue policy, preempt what it says, place what may start.
 
@@ -658,13 +631,17 @@ class Scheduler:
         """
         snapshot = self._snapshot()
         active = self._active()
-        queue_plan = plan(
-            [self._queued(j, estimates) for j in ready],
-            [r for j in active if (r := self._running(j, estimates.get(j.id), now)) is not None],
-            {n.node_id: len(n.gpus) for n in snapshot.nodes},
-            self._settings.queue,
+        settings = self._settings
+        queue_plan, decisions = plan_pass(
+            snapshot,
+            ready,
+            active,
+            demands,
+            estimates,
+            settings.queue,
+            settings.policy,
             now,
-            node_labels(snapshot.nodes),
+            self._job_problem,
         )
         self._next_change_at = queue_plan.next_change_at
         by_id = {j.id: j for j in [*ready, *active]}
@@ -680,8 +657,6 @@ class Scheduler:
             ]
         for job_id, why in queue_plan.reasons.items():
             reasons[job_id] = [why]
-        startable = {j: demands[j] for j in queue_plan.order if j not in queue_plan.victims_of}
-        decisions = place_plan(snapshot, queue_plan, startable, self._settings.policy)
         nodes_by_id: dict[str, NodeReading] = {n.node_id: n for n in snapshot.nodes}
         placed: set[str] = set()
         for decision in decisions:
@@ -708,7 +683,7 @@ class Scheduler:
         self,
         job: JobRecord,
         assignment: Assignment,
-        est: _Estimate | None,
+        est: Estimate | None,
         auto: AutoGpuMemory | None,
     ) -> None:
         where = "; ".join(
@@ -770,7 +745,7 @@ class Scheduler:
         else:
             self._stop(job.id, self._settings.preempt_grace_s)
 
-    def _launch(self, job: JobRecord, assignment: Assignment, est: _Estimate | None) -> None:
+    def _launch(self, job: JobRecord, assignment: Assignment, est: Estimate | None) -> None:
         leader = assignment.leader
         tags = {
             "jobworker.job_id": job.id,
