@@ -16,6 +16,7 @@ What the stores keep (``JobRecord``, ``DeploymentRecord``) lives with each store
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -29,8 +30,12 @@ Mode = Literal["fifo", "sjf", "las", "srpt", "predictive"]
 MODES: tuple[Mode, ...] = ("fifo", "sjf", "las", "srpt", "predictive")
 
 
+@functools.lru_cache(maxsize=1024)
 def type_alternatives(gpu_type: str | None) -> tuple[str, ...]:
-    """Split ``"H100|A100"`` into lower-case alternatives; ``()`` means any type."""
+    """Split ``"H100|A100"`` into lower-case alternatives; ``()`` means any type.
+
+    Memoised: every demand's validation asks, and a queue names few types.
+    """
     if gpu_type is None:
         return ()
     return tuple(alt.strip().lower() for alt in gpu_type.split("|") if alt.strip())

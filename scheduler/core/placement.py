@@ -136,6 +136,16 @@ class GpuState:
         return self.free_note
 
 
+_Key = tuple[float, float, float, str]
+"""A node's score for a shape; smaller is better; the node id makes it unique."""
+_Scored = tuple[_Key, tuple[GpuState, ...]]
+"""A node's score for a shape and the GPUs it would get there."""
+_Entry = tuple[_Key, int, int, tuple[GpuState, ...]]
+"""A heap entry: (score, node position, node version when scored, chosen GPUs)."""
+_GpuKey = tuple[int, int, tuple[str, ...], bool]
+"""What the GPU half of a node's score depends on: GPUs, memory per GPU, types, shared."""
+
+
 @dataclass(slots=True, eq=False)
 class NodeState:
     """One node during a pass, with summaries for cheap rejection (see :meth:`summarize`)."""
@@ -157,6 +167,12 @@ class NodeState:
     typed_gpus: dict[tuple[str, ...], list[GpuState]] = field(default_factory=dict)
     # (gpu memory, gpu type, shared) -> (version, usable GPUs, why-not text)
     reason_cache: dict[tuple[int, str | None, bool], tuple[int, int, str]] = field(
+        default_factory=dict
+    )
+    # _Shape.gpu_key -> (version, the GPU half of _Pass._score's answer)
+    score_cache: dict[_GpuKey, tuple[int, _Scored | None]] = field(default_factory=dict)
+    # (GPUs, gpu memory, gpu type, shared) -> (version, node_reason's line when the host fits)
+    line_cache: dict[tuple[int, int, str | None, bool], tuple[int, str]] = field(
         default_factory=dict
     )
 
@@ -184,12 +200,6 @@ class NodeState:
         return found
 
 
-_Key = tuple[float, float, float, str]
-"""A node's score for a shape; smaller is better; the node id makes it unique."""
-_Entry = tuple[_Key, int, int, tuple[GpuState, ...]]
-"""A heap entry: (score, node position, node version when scored, chosen GPUs)."""
-
-
 @dataclass(slots=True, eq=False)
 class _Shape:
     """A demand's resources without its job id, with its per-pass search memo."""
@@ -203,6 +213,7 @@ class _Shape:
     nodes: int
     shared: bool
     need_texts: tuple[str, str, str]
+    gpu_key: _GpuKey
     dead: bool = False  # fits on fewer than `nodes` nodes, for the rest of the pass
     heap: list[_Entry] = field(default_factory=list)
     seen: list[int] = field(default_factory=list)  # node versions the heap was scored at
@@ -411,8 +422,25 @@ def node_reason(node: NodeState, shape: _Shape) -> str:
 
     Clauses (GPUs, CPUs, host memory) are joined by ``"; "``; every number a
     user needs to act on is in the text. The node-side half of the GPU clause
-    is memoised (see ``_gpu_status``), so this is mostly string joining.
+    is memoised (see ``_gpu_status``), and so is the line of a node whose CPUs
+    and host memory suffice, for the shapes that differ only in those.
     """
+    host_fits = (
+        node.cpus_free + CPU_EPSILON >= shape.cpus and node.memory_free_bytes >= shape.memory_bytes
+    )
+    if host_fits:
+        key = (shape.gpus, shape.gpu_memory_bytes, shape.gpu_type, shape.shared)
+        hit = node.line_cache.get(key)
+        if hit is not None and hit[0] == node.version:
+            return hit[1]
+        line = _node_line(node, shape)
+        node.line_cache[key] = (node.version, line)
+        return line
+    return _node_line(node, shape)
+
+
+def _node_line(node: NodeState, shape: _Shape) -> str:
+    """:func:`node_reason`, unmemoised."""
     gpu_need, cpu_need, memory_need = shape.need_texts
     clauses: list[str] = []
     if shape.gpus > 0:
@@ -500,20 +528,30 @@ class _Pass:
             d.nodes,
             d.shared,
             need_texts(d.gpus, d.gpu_memory_bytes, d.cpus, d.memory_bytes, d.shared),
+            (d.gpus, d.gpu_memory_bytes, type_alternatives(d.gpu_type), d.shared),
         )
         shape.log_pos = len(self.log)
-        for node in self.nodes:
-            shape.seen.append(node.version)
+        nodes, heap = self.nodes, shape.heap
+        shape.seen = [node.version for node in nodes]
+        fits = shape.fits = [False] * len(nodes)
+        # A node without a FREE or SHARED GPU of >= 0 bytes free fits no shape with GPUs.
+        if d.gpus > 0:
+            nodes = [node for node in nodes if node.max_shareable >= 0]
+        cpus, memory_bytes = d.cpus, d.memory_bytes
+        for node in nodes:
+            if node.cpus_free + CPU_EPSILON < cpus or node.memory_free_bytes < memory_bytes:
+                continue  # what _score and _spread_bound check first
             if self.pack:
                 found = self._score(node, shape)
+                if found is not None:
+                    fits[node.pos] = True
+                    heap.append((found[0], node.pos, node.version, found[1]))
             else:  # a lower bound, marked stale: only nodes that surface get scored
                 bound = self._spread_bound(node, shape)
-                found = None if bound is None else (bound, ())
-            shape.fits.append(found is not None)
-            if found is not None:
-                version = node.version if self.pack else -1
-                shape.heap.append((found[0], node.pos, version, found[1]))
-        heapq.heapify(shape.heap)
+                if bound is not None:
+                    fits[node.pos] = True
+                    heap.append((bound, node.pos, -1, ()))
+        heapq.heapify(heap)
         return shape
 
     def _spread_bound(self, node: NodeState, shape: _Shape) -> _Key | None:
@@ -586,21 +624,32 @@ class _Pass:
                 heapq.heappush(heap, entry)
         return picked
 
-    def _score(self, node: NodeState, shape: _Shape) -> tuple[_Key, tuple[GpuState, ...]] | None:
+    def _score(self, node: NodeState, shape: _Shape) -> _Scored | None:
         """The node's score and chosen GPUs for the shape, or None when it does not fit.
 
         Must agree with :func:`node_reason`: a node scores iff its
-        reason text would be "fits".
+        reason text would be "fits". A shape with GPUs is scored by them alone
+        once its host needs fit; that half is memoised per node version, shared
+        by the shapes that differ only in CPUs or host memory.
         """
         if node.cpus_free + CPU_EPSILON < shape.cpus or node.memory_free_bytes < shape.memory_bytes:
             return None
-        k, need, nid = shape.gpus, shape.gpu_memory_bytes, node.node_id
-        if k == 0:
+        if shape.gpus == 0:
             cpus_after = node.cpus_free - shape.cpus
             memory_after = node.memory_free_bytes - shape.memory_bytes
             if self.pack:  # keep CPU work off nodes whose GPUs are free
-                return (node.n_free, cpus_after, memory_after, nid), ()
-            return (-cpus_after, -memory_after, 0, nid), ()
+                return (node.n_free, cpus_after, memory_after, node.node_id), ()
+            return (-cpus_after, -memory_after, 0, node.node_id), ()
+        hit = node.score_cache.get(shape.gpu_key)
+        if hit is not None and hit[0] == node.version:
+            return hit[1]
+        found = self._gpu_score(node, shape)
+        node.score_cache[shape.gpu_key] = (node.version, found)
+        return found
+
+    def _gpu_score(self, node: NodeState, shape: _Shape) -> _Scored | None:
+        """:meth:`_score` for a shape with GPUs on a node whose host needs fit."""
+        k, need, nid = shape.gpus, shape.gpu_memory_bytes, node.node_id
         if shape.shared:
             if node.max_shareable < need:
                 return None
@@ -621,7 +670,10 @@ class _Pass:
         if node.n_free < k or node.max_free < need:
             return None
         # Both free lists are already in preference order (pack: tightest first).
-        if shape.alternatives:
+        typed = node.typed(shape.alternatives) if shape.alternatives else node.gpus
+        if not typed:
+            return None
+        if len(typed) < len(node.gpus):  # some GPUs here are of other types
             alts = shape.alternatives
             in_order = node.free_asc if self.pack else node.free_desc
             ranked = [g for g in in_order if g.effective_free_bytes >= need and g.matches(alts)]

@@ -699,14 +699,19 @@ def _order(
 ) -> list[tuple[QueuedJob, int]]:
     """Pending jobs by rules 1-4, each with its rank."""
     aging, mode = policy.aging_s_per_priority, policy.mode
-    thresholds, by_est = policy.las_thresholds_gpu_s, mode != "fifo"
+    thresholds = policy.las_thresholds_gpu_s
     keyed: list[tuple[int, float, float, str, int]] = []  # sorts as rules 1 and 4 say
     for i, job in enumerate(pending):
         level = job.priority
         if aging is not None:
             since = job.submitted_at if job.queued_at is None else job.queued_at
-            level += max(0, int((now - since) // aging))
+            steps = int((now - since) // aging)
+            if steps > 0:
+                level += steps
         rank = level * RANK_STEP
+        if mode == "fifo":
+            keyed.append((-rank, job.submitted_at, 0.0, job.job_id, i))
+            continue
         est_s = job.est_duration_s
         if mode == "las":
             rank -= las_queue(job.attained_gpu_s, thresholds)
@@ -718,35 +723,52 @@ def _order(
             )
             if not trusted(est_s, job.est_error, policy):
                 est_s = None  # by submit time within its queue, as LAS
-        if by_est:
-            est = INF if est_s is None else est_s
-            keyed.append((-rank, est, job.submitted_at, job.job_id, i))
-        else:
-            keyed.append((-rank, job.submitted_at, 0.0, job.job_id, i))
+        est = INF if est_s is None else est_s
+        keyed.append((-rank, est, job.submitted_at, job.job_id, i))
     quotas = policy.quotas
     if not quotas and len({job.team for job in pending}) <= 1:
         keyed.sort()
         return [(pending[k[4]], -k[0]) for k in keyed]
     levels: dict[int, dict[str, list[tuple[int, float, float, str, int]]]] = {}
     for k in keyed:
-        levels.setdefault(-k[0], {}).setdefault(pending[k[4]].team, []).append(k)
+        teams = levels.get(-k[0])
+        if teams is None:
+            teams = levels[-k[0]] = {}
+        team = pending[k[4]].team
+        ks = teams.get(team)
+        if ks is None:
+            teams[team] = [k]
+        else:
+            ks.append(k)
     share = dict(usage)  # GPUs held plus GPUs of jobs ordered so far, per team
+    weights = policy.weights
     out: list[tuple[QueuedJob, int]] = []
     for rank in sorted(levels, reverse=True):
         teams = levels[rank]
         for ks in teams.values():
             ks.sort(reverse=True)  # pop() gives the next by rule 4
-        # Only the team that goes next changes its key: a heap of the teams' keys.
+        # Only the team that goes next changes its key: a heap of the teams' keys; while
+        # that team's new key is still the smallest, heappushpop hands it back at once.
         heap = [(_team_key(t, ks[-1], pending, share, policy), t) for t, ks in teams.items()]
         heapq.heapify(heap)
-        while heap:
-            _, team = heapq.heappop(heap)
+        entry = heapq.heappop(heap)
+        while True:
+            team = entry[1]
             ks = teams[team]
             job = pending[ks.pop()[4]]
             out.append((job, rank))
-            share[team] = share.get(team, 0) + job.total_gpus
+            held = share[team] = share.get(team, 0) + job.gpus * job.nodes
             if ks:
-                heapq.heappush(heap, (_team_key(team, ks[-1], pending, share, policy), team))
+                k = ks[-1]
+                if quotas:
+                    key = _team_key(team, k, pending, share, policy)
+                else:  # _team_key without quotas: nobody borrows
+                    key = (False, held / weights.get(team, 1.0), k)
+                entry = heapq.heappushpop(heap, (key, team))
+            elif heap:
+                entry = heapq.heappop(heap)
+            else:
+                break
     return out
 
 

@@ -12,8 +12,15 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scheduler.core.model import ClusterSnapshot, Demand, Holding, NodePlacement, PlacementPolicy
-from scheduler.core.placement import place
+from scheduler.core.model import (
+    ClusterSnapshot,
+    Decision,
+    Demand,
+    Holding,
+    NodePlacement,
+    PlacementPolicy,
+)
+from scheduler.core.placement import place, with_placements
 from tests.unit.placement_factories import GIB, _demand, _gpu, _node, hold
 from workers.interface.telemetry import GpuProcess, GpuReading, GpuUuid, NodeReading
 
@@ -243,3 +250,27 @@ def test_node_order_does_not_matter(
     rnd.shuffle(nodes)
     shuffled = ClusterSnapshot(tuple(nodes), snapshot.holdings)
     assert place(shuffled, demands, policy) == place(snapshot, demands, policy)
+
+
+def one_by_one(
+    snapshot: ClusterSnapshot, demands: list[Demand], policy: PlacementPolicy
+) -> list[Decision]:
+    """The reference for a pass's memos: each demand decided by a pass of its own, on the
+    snapshot plus the earlier decisions' holdings (nothing kept from one demand to the next)."""
+    current, out = snapshot, []
+    for demand in demands:
+        decision = place(current, [demand], policy)[0]
+        current = with_placements(current, [demand], [decision])
+        out.append(decision)
+    return out
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(clusters())
+def test_one_pass_decides_as_a_pass_per_demand(
+    case: tuple[ClusterSnapshot, list[Demand], PlacementPolicy],
+) -> None:
+    # the per-shape heaps, the per-node score and reason memos and the skipped full nodes
+    # change no choice and no text
+    snapshot, demands, policy = case
+    assert place(snapshot, demands, policy) == one_by_one(snapshot, demands, policy)
