@@ -190,6 +190,16 @@ def test_invariants(case: tuple[ClusterSnapshot, list[Demand], PlacementPolicy])
     snapshot, demands, policy = case
     decisions = place(snapshot, demands, policy)
     assert place(snapshot, demands, policy) == decisions  # deterministic
+    check_invariants(snapshot, demands, policy, decisions)
+
+
+def check_invariants(
+    snapshot: ClusterSnapshot,
+    demands: list[Demand],
+    policy: PlacementPolicy,
+    decisions: list[Decision],
+) -> None:
+    """Every decision agrees with ``Model``; nothing is over-committed."""
     assert [d.job_id for d in decisions] == [d.job_id for d in demands]
     model = Model(snapshot, policy)
     node_ids = [n.node_id for n in snapshot.nodes]
@@ -274,3 +284,70 @@ def test_one_pass_decides_as_a_pass_per_demand(
     # change no choice and no text
     snapshot, demands, policy = case
     assert place(snapshot, demands, policy) == one_by_one(snapshot, demands, policy)
+
+
+def seeded_case(seed: int) -> tuple[ClusterSnapshot, list[Demand], PlacementPolicy]:
+    """A bigger case than hypothesis draws: 16 nodes of 8 GPUs, mostly of one type per
+    node, some GPUs held, shared, busy or short of memory; 300 demands of 36 shapes in
+    threes that differ only in CPUs and host memory (what the per-node memos share)."""
+    rng = random.Random(seed)
+    nodes: list[NodeReading] = []
+    holdings: list[Holding] = []
+    for n in range(16):
+        node_id = f"node-{n:02d}"
+        name = rng.choice(NAMES)
+        gpus = []
+        for i in range(8):
+            gpus.append(
+                _gpu(
+                    i,
+                    name=rng.choice(NAMES) if rng.random() < 0.1 else name,
+                    free_gib=rng.choice([40, 40, 40, 30, 12, 0]),
+                    util=rng.choice([0.0, 0.0, 0.0, 0.0, 0.0, 95.0, None]),
+                    peers=tuple(j for j in range(8) if j != i and rng.random() < 0.7),
+                )
+            )
+            roll = rng.random()
+            if roll < 0.15:
+                holdings.append(
+                    hold(
+                        f"h{n}-{i}",
+                        node_id,
+                        i,
+                        gib=rng.randint(0, 16),
+                        shared=roll < 0.05,
+                        cpus=float(rng.randint(0, 8)),
+                    )
+                )
+        cpus, memory_gib = rng.choice([32, 64]), rng.choice([128, 256])
+        nodes.append(_node(node_id, gpus=gpus, cpus=cpus, memory_gib=memory_gib))
+    shapes: list[dict[str, Any]] = []
+    for _ in range(12):
+        shared = rng.random() < 0.15
+        g = 1 if shared else rng.choice([0, 1, 1, 2, 4, 8])
+        gpu_shape = {
+            "gpus": g,
+            "gpu_gib": rng.choice([0, 8, 16, 30, 39]) if g else 0,
+            "gpu_type": rng.choice([None, None, "H100", "a100|t4", "A100"]),
+            "nodes": 1 if shared else rng.choice([1, 1, 1, 2]),
+            "shared": shared,
+        }
+        for _ in range(3):
+            host = {"cpus": float(rng.randint(0, 16)), "memory_bytes": rng.randint(0, 64) * GIB}
+            shapes.append({**gpu_shape, **host})
+    demands = [_demand(job_id=f"j{i}", **rng.choice(shapes)) for i in range(300)]
+    policy = PlacementPolicy(
+        strategy=rng.choice(["pack", "spread"]),
+        memory_headroom_bytes=rng.choice([0, 512 * 2**20]),
+        max_util_pct=rng.choice([40.0, 90.0]),
+    )
+    return ClusterSnapshot(tuple(nodes), tuple(holdings)), demands, policy
+
+
+def test_one_pass_decides_as_a_pass_per_demand_at_size() -> None:
+    for seed in range(12):
+        snapshot, demands, policy = seeded_case(seed)
+        decisions = place(snapshot, demands, policy)
+        assert decisions == one_by_one(snapshot, demands, policy), f"seed {seed}"
+        check_invariants(snapshot, demands, policy, decisions)
+        assert any(d.placed for d in decisions) and not all(d.placed for d in decisions)
