@@ -8,6 +8,7 @@ property test at the end places each plan with the real placement
 from __future__ import annotations
 
 import math
+import random
 from typing import Any
 
 import pytest
@@ -588,3 +589,70 @@ def test_predictive_names_the_demotion_of_an_untrusted_running_job() -> None:
     before = plan(pending, running, {"n1": 1}, PREDICTIVE, now=960.0)
     assert before.preempt == () and before.next_change_at == pytest.approx(1000.0)
     assert plan(pending, running, {"n1": 1}, PREDICTIVE, now=1000.0).preempt == ("old",)
+
+
+def ranked_reference(
+    pending: list[QueuedJob], usage: dict[str, int], policy: QueuePolicy, now: float
+) -> list[str]:
+    """Rules 1-4 for ``fifo``/``sjf`` the slow way: the highest rank left, then the team
+    within quota and with the fewest GPUs per weight, then its first job by rule 4."""
+    aging = policy.aging_s_per_priority
+
+    def rank(job: QueuedJob) -> int:
+        since = job.submitted_at if job.queued_at is None else job.queued_at
+        steps = 0 if aging is None else max(0, math.floor((now - since) / aging))
+        return job.priority + steps
+
+    def within_team(job: QueuedJob) -> tuple[float, float, str]:
+        est = math.inf if job.est_duration_s is None else job.est_duration_s
+        if policy.mode == "fifo":
+            return (job.submitted_at, 0.0, job.job_id)
+        return (est, job.submitted_at, job.job_id)
+
+    share, left, out = dict(usage), list(pending), []
+    while left:
+        top = max(rank(j) for j in left)
+        firsts = {}
+        for job in sorted((j for j in left if rank(j) == top), key=within_team):
+            firsts.setdefault(job.team, job)
+
+        def team_key(job: QueuedJob) -> tuple[bool, float, tuple[float, float, str]]:
+            held = share.get(job.team, 0)
+            quota = policy.quotas.get(job.team, 0)
+            borrowing = bool(policy.quotas) and held + job.total_gpus > quota
+            return (borrowing, held / policy.weights.get(job.team, 1.0), within_team(job))
+
+        job = min(firsts.values(), key=team_key)
+        out.append(job.job_id)
+        share[job.team] = share.get(job.team, 0) + job.total_gpus
+        left.remove(job)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_ranked_matches_the_rules_the_slow_way(seed: int) -> None:
+    rng = random.Random(seed)
+    teams = ["a", "b", "c", "d"]
+    policy = QueuePolicy(
+        mode=rng.choice(["fifo", "sjf"]),
+        aging_s_per_priority=rng.choice([None, 600.0]),
+        quotas=rng.choice([{}, {"a": 4, "b": 2, "c": 8}]),
+        weights=rng.choice([{}, {"a": 2.0, "c": 0.5}]),
+    )
+    pending = [
+        q(
+            f"j{i}",
+            rng.choice([1, 1, 2, 4]),
+            at=float(rng.randint(0, 3000)),
+            team=rng.choice(teams[: rng.randint(1, 4)]),
+            prio=rng.choice([0, 0, 1, 2]),
+            nodes=rng.choice([1, 1, 2]),
+            est_duration_s=rng.choice([None, 60.0, 600.0]),
+            queued_at=rng.choice([None, float(rng.randint(0, 3000))]),
+        )
+        for i in range(120)
+    ]
+    running = [r(f"r{t}", "n1", rng.randint(0, 4), team=t) for t in teams]
+    usage = {x.team: x.gpus for x in running}
+    p = plan(pending, running, {"n1": 64}, policy, now=3600.0)
+    assert list(p.ranked) == ranked_reference(pending, usage, policy, 3600.0)
