@@ -27,13 +27,8 @@ from scheduler.batch.demands import (
 from scheduler.batch.history import JobHistory, elapsed_s, family_keys
 from scheduler.batch.lease import Lease
 from scheduler.batch.metrics import SchedulerMetrics
-from scheduler.batch.placement_pass import (
-    Estimate,
-    plan_pass,
-    queued_of,
-    running_of,
-    snapshot_of,
-)
+from scheduler.batch.placement_pass import Estimate as _Estimate
+from scheduler.batch.placement_pass import plan_pass, queued_of, running_of, snapshot_of
 from scheduler.batch.predictions import Forecaster, ForecastInputs, JobPrediction
 from scheduler.batch.store import JobFields, JobRecord, JobStore
 from scheduler.core.backoff import backoff_s
@@ -293,7 +288,7 @@ class Scheduler:
         return held
 
     def _plannable(
-        self, ready: list[JobRecord], estimates: dict[str, Estimate]
+        self, ready: list[JobRecord], estimates: dict[str, _Estimate]
     ) -> dict[str, Demand]:
         """What each job the planner can take demands; one it cannot (say, numbers that
         overflow) fails with the reason, instead of stopping every pass for every other."""
@@ -527,13 +522,13 @@ class Scheduler:
         """The latest forecast of a pending or running job (None: not forecast yet)."""
         return None if self._forecaster is None else self._forecaster.prediction(job_id)
 
-    def _estimates(self, jobs: Iterable[JobRecord], now: float) -> dict[str, Estimate]:
+    def _estimates(self, jobs: Iterable[JobRecord], now: float) -> dict[str, _Estimate]:
         """The jobs whose family has history: their predictions from the latest history."""
         if self._history is None:
             return {}
         history = self._history.latest
-        out: dict[str, Estimate] = {}
-        alike: dict[tuple[tuple[str, ...], float], Estimate | None] = {}  # a family's jobs
+        out: dict[str, _Estimate] = {}
+        alike: dict[tuple[tuple[str, ...], float], _Estimate | None] = {}  # a family's jobs
         for job in jobs:
             keys = self._families.get(job.id)
             if keys is None:
@@ -541,7 +536,7 @@ class Scheduler:
             ran_s = elapsed_s(job, now)
             if (keys, ran_s) not in alike:
                 p = predict(history, keys)
-                alike[keys, ran_s] = None if p is None else Estimate(p, p.remaining_s(ran_s))
+                alike[keys, ran_s] = None if p is None else _Estimate(p, p.remaining_s(ran_s))
             est = alike[keys, ran_s]
             if est is not None:
                 out[job.id] = est
@@ -576,7 +571,7 @@ class Scheduler:
             )
 
     def _forecast(
-        self, waiting: list[JobRecord], estimates: dict[str, Estimate], now: float
+        self, waiting: list[JobRecord], estimates: dict[str, _Estimate], now: float
     ) -> None:
         """Hand the forecaster the queue as this pass left it (the jobs it placed running)."""
         assert self._forecaster is not None
@@ -611,7 +606,7 @@ class Scheduler:
         return None if p is None else p.duration_s
 
     @staticmethod
-    def _auto(job: JobRecord, estimates: dict[str, Estimate]) -> AutoGpuMemory | None:
+    def _auto(job: JobRecord, estimates: dict[str, _Estimate]) -> AutoGpuMemory | None:
         """What a ``gpu_memory_gb: auto`` job asks for now (None: it wrote a number)."""
         est = estimates.get(job.id)
         return auto_gpu_memory_of(job, None if est is None else est.prediction)
@@ -622,7 +617,7 @@ class Scheduler:
         demands: dict[str, Demand],
         now: float,
         reasons: dict[str, list[str]],
-        estimates: dict[str, Estimate],
+        estimates: dict[str, _Estimate],
     ) -> tuple[list[str], set[str]]:
         """Plan with the queue policy, preempt what it says, place what may start.
 
@@ -683,7 +678,7 @@ class Scheduler:
         self,
         job: JobRecord,
         assignment: Assignment,
-        est: Estimate | None,
+        est: _Estimate | None,
         auto: AutoGpuMemory | None,
     ) -> None:
         where = "; ".join(
@@ -745,7 +740,7 @@ class Scheduler:
         else:
             self._stop(job.id, self._settings.preempt_grace_s)
 
-    def _launch(self, job: JobRecord, assignment: Assignment, est: Estimate | None) -> None:
+    def _launch(self, job: JobRecord, assignment: Assignment, est: _Estimate | None) -> None:
         leader = assignment.leader
         tags = {
             "jobworker.job_id": job.id,

@@ -144,6 +144,8 @@ _Entry = tuple[_Key, int, int, tuple[GpuState, ...]]
 """A heap entry: (score, node position, node version when scored, chosen GPUs)."""
 _GpuKey = tuple[int, int, tuple[str, ...], bool]
 """What the GPU half of a node's score depends on: GPUs, memory per GPU, types, shared."""
+_LineKey = tuple[int, int, str | None, bool]
+"""What a host-fitting node's reason line depends on: GPUs, memory per GPU, type, shared."""
 
 
 @dataclass(slots=True, eq=False)
@@ -171,10 +173,8 @@ class NodeState:
     )
     # _Shape.gpu_key -> (version, the GPU half of _Pass._score's answer)
     score_cache: dict[_GpuKey, tuple[int, _Scored | None]] = field(default_factory=dict)
-    # (GPUs, gpu memory, gpu type, shared) -> (version, node_reason's line when the host fits)
-    line_cache: dict[tuple[int, int, str | None, bool], tuple[int, str]] = field(
-        default_factory=dict
-    )
+    # _Shape.line_key -> (version, node_reason's line when the host fits)
+    line_cache: dict[_LineKey, tuple[int, str]] = field(default_factory=dict)
 
     def summarize(self) -> None:
         """Recompute the rejection summaries and free lists after the GPUs changed."""
@@ -214,6 +214,7 @@ class _Shape:
     shared: bool
     need_texts: tuple[str, str, str]
     gpu_key: _GpuKey
+    line_key: _LineKey
     dead: bool = False  # fits on fewer than `nodes` nodes, for the rest of the pass
     heap: list[_Entry] = field(default_factory=list)
     seen: list[int] = field(default_factory=list)  # node versions the heap was scored at
@@ -429,12 +430,11 @@ def node_reason(node: NodeState, shape: _Shape) -> str:
         node.cpus_free + CPU_EPSILON >= shape.cpus and node.memory_free_bytes >= shape.memory_bytes
     )
     if host_fits:
-        key = (shape.gpus, shape.gpu_memory_bytes, shape.gpu_type, shape.shared)
-        hit = node.line_cache.get(key)
+        hit = node.line_cache.get(shape.line_key)
         if hit is not None and hit[0] == node.version:
             return hit[1]
         line = _node_line(node, shape)
-        node.line_cache[key] = (node.version, line)
+        node.line_cache[shape.line_key] = (node.version, line)
         return line
     return _node_line(node, shape)
 
@@ -518,17 +518,19 @@ class _Pass:
         return _decision(d.job_id, (), self._reasons(shape))
 
     def _new_shape(self, d: Demand) -> _Shape:
+        alternatives = type_alternatives(d.gpu_type)
         shape = _Shape(
             d.gpus,
             d.gpu_memory_bytes,
             d.cpus,
             d.memory_bytes,
             d.gpu_type,
-            type_alternatives(d.gpu_type),
+            alternatives,
             d.nodes,
             d.shared,
             need_texts(d.gpus, d.gpu_memory_bytes, d.cpus, d.memory_bytes, d.shared),
-            (d.gpus, d.gpu_memory_bytes, type_alternatives(d.gpu_type), d.shared),
+            (d.gpus, d.gpu_memory_bytes, alternatives, d.shared),
+            (d.gpus, d.gpu_memory_bytes, d.gpu_type, d.shared),
         )
         shape.log_pos = len(self.log)
         nodes, heap = self.nodes, shape.heap
