@@ -3,7 +3,7 @@
 Run from the repository root::
 
     .venv/bin/python bench/placement.py [--trace PATH] [--jobs N] [--nodes N] [--reps N]
-        [--seed N] [--large-nodes N] [--large-jobs N]
+        [--seed N] [--large-nodes N] [--large-jobs N] [--large-reps N]
 
 The *live pass* is what ``scheduler.batch.loop`` runs each pass, by the same
 functions: the demands of the pending job records (``demand_of``), the
@@ -12,9 +12,10 @@ replicas' holdings (``snapshot_of``), then the queue policy's plan and its
 placement (``plan_pass``: ``plan()`` and ``place_plan()``). It is timed at
 ``--nodes`` x 8 GPUs with ``--jobs`` pending (``live_pass_ms``, target 100 ms)
 and at ``--large-nodes`` x 8 with ``--large-jobs`` pending
-(``large_live_pass_ms``); the job records (:func:`make_records`) mix GPU
-counts, memory per GPU, CPUs, host memory, GPU types, teams, priorities and
-gangs. The *full pass* is ``place()`` alone on :func:`make_jobs`' demands, as
+(``large_live_pass_ms``, ``--large-reps`` passes); the job records
+(:func:`live_inputs`) mix GPU counts, memory per GPU, CPUs, host memory, GPU
+types, teams, priorities and gangs, under the default queue policy (fifo,
+aging, backfill, preemption). The *full pass* is ``place()`` alone on :func:`make_jobs`' demands, as
 recorded before (``full_pass_ms``).
 
 Job sizes follow the empirical ``num_gpus`` distribution of the Microsoft
@@ -25,8 +26,8 @@ documented in :func:`make_jobs` and :func:`make_cluster`.
 
 Prints small tables and, last, one line
 ``RESULT placement live_pass_ms=… full_pass_ms=… large_live_pass_ms=… …``
-(each ``*_ms`` is the median CPU time of ``--reps`` passes after a warm-up,
-``pack`` strategy; the tables add the spread (min-max) and wall times;
+(each ``*_ms`` is the median CPU time (``time.process_time``) of the passes
+after a warm-up, ``pack`` strategy; the tables add the spread (min-max) and wall times;
 ``decisions_per_s`` = jobs / ``full_pass_ms``; ``pack_frag``/``spread_frag``
 are the fragmentation each strategy leaves at half load). No timed
 assertions: this only reports.
