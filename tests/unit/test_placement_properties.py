@@ -275,7 +275,7 @@ def one_by_one(
     return out
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(clusters())
 def test_one_pass_decides_as_a_pass_per_demand(
     case: tuple[ClusterSnapshot, list[Demand], PlacementPolicy],
@@ -345,7 +345,7 @@ def seeded_case(seed: int) -> tuple[ClusterSnapshot, list[Demand], PlacementPoli
 
 
 def test_one_pass_decides_as_a_pass_per_demand_at_size() -> None:
-    for seed in range(12):
+    for seed in range(8):
         snapshot, demands, policy = seeded_case(seed)
         decisions = place(snapshot, demands, policy)
         assert decisions == one_by_one(snapshot, demands, policy), f"seed {seed}"
