@@ -21,14 +21,13 @@ from typing import Protocol
 from scheduler.batch.demands import (
     assignment_of,
     auto_gpu_memory_of,
-    demand_of,
     running_since,
 )
 from scheduler.batch.history import JobHistory, elapsed_s, family_keys
 from scheduler.batch.lease import Lease
 from scheduler.batch.metrics import SchedulerMetrics
 from scheduler.batch.placement_pass import Estimate as _Estimate
-from scheduler.batch.placement_pass import plan_pass, queued_of, running_of, snapshot_of
+from scheduler.batch.placement_pass import PendingInputs, plan_pass, running_of, snapshot_of
 from scheduler.batch.predictions import Forecaster, ForecastInputs, JobPrediction
 from scheduler.batch.store import JobFields, JobRecord, JobStore
 from scheduler.core.backoff import backoff_s
@@ -159,6 +158,7 @@ class Scheduler:
         self._history = history
         self._forecaster = forecaster
         self._families: dict[str, tuple[str, ...]] = {}  # each job's family keys, kept
+        self._inputs = PendingInputs()  # each pending job's demand and queue entry, kept
         self._lease = lease
         self._realtime = realtime
         self._executor = executor
@@ -295,7 +295,7 @@ class Scheduler:
         demands: dict[str, Demand] = {}
         for job in ready:
             try:
-                demands[job.id] = demand_of(job, self._auto(job, estimates))
+                demands[job.id] = self._inputs.demand(job, self._auto(job, estimates))
             except Exception as exc:
                 reason = f"the scheduler cannot plan it: {type(exc).__name__}: {exc}"
                 log.warning("job %s: %s", job.id, reason)
@@ -550,6 +550,7 @@ class Scheduler:
 
     def _place(self, pending: list[JobRecord], active: list[JobRecord]) -> None:
         now = self._clock()
+        self._inputs.keep({j.id for j in pending})
         estimates = self._estimates([*pending, *active], now)
         reasons: dict[str, list[str]] = {}
         for job in pending:
@@ -582,7 +583,7 @@ class Scheduler:
         jobs = [*waiting, *active]
         self._forecaster.submit(
             ForecastInputs(
-                pending=[queued_of(j, estimates.get(j.id)) for j in waiting],
+                pending=[self._inputs.queued(j, estimates.get(j.id)) for j in waiting],
                 running=[
                     r
                     for j in active
@@ -629,7 +630,7 @@ class Scheduler:
         settings = self._settings
         queue_plan, decisions = plan_pass(
             snapshot,
-            ready,
+            [self._inputs.queued(j, estimates.get(j.id)) for j in ready],
             active,
             demands,
             estimates,

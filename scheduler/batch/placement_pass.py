@@ -11,11 +11,12 @@ callback and the pass goes on without that job.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from scheduler.batch.demands import holdings_of, queued_job, running_job
+from scheduler.batch.demands import demand_of, holdings_of, queued_job, running_job
 from scheduler.batch.store import JobRecord
+from scheduler.core.gpu_memory import AutoGpuMemory
 from scheduler.core.model import (
     ClusterSnapshot,
     Decision,
@@ -67,6 +68,66 @@ def queued_of(job: JobRecord, est: Estimate | None) -> QueuedJob:
     return queued_job(job, est.remaining_s, est.prediction.error)
 
 
+class PendingInputs:
+    """Each pending job's Demand and QueuedJob, kept from one pass to the next.
+
+    Almost no pending job changes between two passes, so the loop builds these
+    once per job and again only when what they derive from changes. The key is
+    that: for the demand, the ``auto`` GPU memory asked; for the queued job, the
+    record's ``queued_at`` and ``attained_gpu_s`` (which the store changes on a
+    transition) and the estimate's run time left and error. What the store
+    never changes after submission (spec, team, priority) is keyed by the job
+    id with its ``submitted_at``, which a record of another submission cannot
+    share. :meth:`keep` forgets the jobs no longer pending.
+    """
+
+    def __init__(self) -> None:
+        self._demands: dict[str, tuple[tuple[object, ...], Demand]] = {}
+        self._queued: dict[str, tuple[tuple[object, ...], QueuedJob]] = {}
+
+    def demand(self, job: JobRecord, auto: AutoGpuMemory | None) -> Demand:
+        """:func:`~scheduler.batch.demands.demand_of` ``(job, auto)``, built when it changed."""
+        key = (job.submitted_at, auto)
+        hit = self._demands.get(job.id)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        demand = demand_of(job, auto)
+        self._demands[job.id] = (key, demand)
+        return demand
+
+    def queued(self, job: JobRecord, est: Estimate | None) -> QueuedJob:
+        """:func:`queued_of` ``(job, est)``, built when it changed."""
+        if est is None:
+            key: tuple[object, ...] = (
+                job.submitted_at,
+                job.team,
+                job.priority,
+                job.queued_at,
+                job.attained_gpu_s,
+            )
+        else:
+            key = (
+                job.submitted_at,
+                job.team,
+                job.priority,
+                job.queued_at,
+                job.attained_gpu_s,
+                est.remaining_s,
+                est.prediction.error,
+            )
+        hit = self._queued.get(job.id)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        queued = queued_of(job, est)
+        self._queued[job.id] = (key, queued)
+        return queued
+
+    def keep(self, job_ids: Container[str]) -> None:
+        """Forget every job not in ``job_ids`` (those no longer pending)."""
+        self._demands = {k: v for k, v in self._demands.items() if k in job_ids}
+        self._queued = {k: v for k, v in self._queued.items() if k in job_ids}
+
+
 def running_of(
     job: JobRecord, est: Estimate | None, now: float, problem: Problem
 ) -> RunningJob | None:
@@ -83,7 +144,7 @@ def running_of(
 
 def plan_pass(
     snapshot: ClusterSnapshot,
-    ready: Sequence[JobRecord],
+    queued: Sequence[QueuedJob],
     active: Sequence[JobRecord],
     demands: Mapping[str, Demand],
     estimates: Mapping[str, Estimate],
@@ -92,14 +153,14 @@ def plan_pass(
     now: float,
     problem: Problem,
 ) -> tuple[QueuePlan, list[Decision]]:
-    """Plan the queue of ``ready`` jobs against ``active`` ones, then place what may start.
+    """Plan the ``queued`` jobs against ``active`` ones, then place what may start.
 
     The jobs the plan preempts for (``victims_of``) are left out of placement
     until their victims have stopped; the caller asks those to stop.
     """
     running = [r for j in active if (r := running_of(j, estimates.get(j.id), now, problem))]
     queue_plan = plan(
-        [queued_of(j, estimates.get(j.id)) for j in ready],
+        queued,
         running,
         {n.node_id: len(n.gpus) for n in snapshot.nodes},
         queue,
