@@ -16,7 +16,9 @@ demand and queue entry built, as after a restart: ``cold_pass_ms``), and the
 *steady* pass right after it, the one the live loop runs pass after pass: the
 cold pass's placements are running by then, 2% of the running jobs ended, and
 1% of the pending jobs are new or back in the queue (``live_pass_ms``, target
-100 ms). Both at ``--nodes`` x 8 GPUs with ``--jobs`` pending and at
+100 ms). The cold pass has started what fits, so the steady one places few
+jobs and mostly says why the others wait, as a loop with a backlog does (the
+table shows how many each placed). Both at ``--nodes`` x 8 GPUs with ``--jobs`` pending and at
 ``--large-nodes`` x 8 with ``--large-jobs`` pending (``large_live_pass_ms``,
 ``large_cold_pass_ms``, ``--large-reps`` pairs of passes); the job records
 (``live_inputs``) mix GPU counts, memory per GPU, CPUs, host memory, GPU types,
@@ -346,7 +348,7 @@ def main() -> None:
         "cold = a fresh cache, steady = the pass after it"
     )
     print(
-        f"{'nodes':>6} {'pending':>8} {'running':>8} {'cold cpu ms':>22} "
+        f"{'nodes':>6} {'pending':>8} {'running':>8} {'cold cpu ms':>22} {'placed':>7} "
         f"{'steady cpu ms':>22} {'steady wall ms':>22} {'order':>6} {'placed':>7} "
         f"{'preempt':>8}"
     )
@@ -359,14 +361,15 @@ def main() -> None:
         live_rng = random.Random(args.seed)
         cluster = make_cluster(live_rng, n_nodes)
         active, pending, replicas = live_inputs(live_rng, cluster, sizes, n_jobs)
-        colds, cpus, walls, (queue_plan, decisions) = steady_passes(
+        colds, cpus, walls, cold_placed, (queue_plan, decisions) = steady_passes(
             live_rng, cluster.nodes, active, pending, replicas, base, reps
         )
         live.append(statistics.median(cpus))
         cold.append(statistics.median(colds))
         print(
             f"{n_nodes:>6} {n_jobs:>8} {len(active):>8} {spread_text(colds):>22} "
-            f"{spread_text(cpus):>22} {spread_text(walls):>22} {len(queue_plan.order):>6} "
+            f"{cold_placed:>7} {spread_text(cpus):>22} {spread_text(walls):>22} "
+            f"{len(queue_plan.order):>6} "
             f"{sum(d.placed for d in decisions):>7} {len(queue_plan.preempt):>8}"
         )
     print(

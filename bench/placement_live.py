@@ -246,9 +246,10 @@ def steady_passes(
     replicas: tuple[Holding, ...],
     policy: PlacementPolicy,
     reps: int,
-) -> tuple[list[float], list[float], list[float], tuple[QueuePlan, list[Decision]]]:
+) -> tuple[list[float], list[float], list[float], int, tuple[QueuePlan, list[Decision]]]:
     """CPU ms of ``reps`` cold passes, CPU and wall ms of the steady pass after each
-    (a warm-up pair first), and the last steady pass's result."""
+    (a warm-up pair first), how many jobs the cold pass placed, and the last steady
+    pass's result."""
     _, decisions = live_pass(nodes, active, pending, replicas, policy, PendingInputs())
     after = next_inputs(rng, nodes, active, pending, decisions)
     cold: list[float] = []
@@ -269,4 +270,4 @@ def steady_passes(
             cpu.append((time.process_time() - start_cpu) * 1000)
             wall.append((time.perf_counter() - start_wall) * 1000)
     assert result is not None
-    return cold, cpu, wall, result
+    return cold, cpu, wall, sum(d.placed for d in decisions), result
