@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from scheduler import db
-from scheduler.batch import loop as loop_module
+from scheduler.batch import placement_pass
 from scheduler.batch.loop import LoopSettings, Scheduler
 from scheduler.batch.store import JobRecord, JobStore
 from scheduler.core.gpu_memory import AutoGpuMemory
@@ -101,14 +101,14 @@ def test_a_job_the_planner_cannot_convert_fails_alone(
     # version stored, must fail alone: the conversion is made to fail for that job only.
     poison = submit(store, "poison")
     normal = submit(store, "normal")
-    convert = loop_module.demand_of
+    convert = placement_pass.demand_of
 
     def demand_of(job: JobRecord, auto: AutoGpuMemory | None = None) -> Demand:
         if job.id == poison:
             raise OverflowError("cannot convert float infinity to integer")
         return convert(job, auto)
 
-    monkeypatch.setattr(loop_module, "demand_of", demand_of)
+    monkeypatch.setattr(placement_pass, "demand_of", demand_of)  # the loop converts there
     workers = Workers()
 
     loop_over(store, workers, tmp_path).run_once()
