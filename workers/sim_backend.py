@@ -198,7 +198,7 @@ class UsageRecord(BaseModel):
     pid_start_ticks: int | None = None
 
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
+def proc_stat(pid: int) -> tuple[str, int] | None:
     """(state, start time in clock ticks) from Linux ``/proc/<pid>/stat``; ``None`` elsewhere."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -209,7 +209,7 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
         return None
 
 
-def _pid_alive(pid: int, start_ticks: int | None) -> bool:
+def pid_alive(pid: int, start_ticks: int | None) -> bool:
     """Whether ``pid`` is the live process that wrote the record (not a zombie, not recycled)."""
     try:
         os.kill(pid, 0)
@@ -217,7 +217,7 @@ def _pid_alive(pid: int, start_ticks: int | None) -> bool:
         return False
     except PermissionError:
         pass  # it exists, owned by another user
-    stat = _proc_stat(pid)
+    stat = proc_stat(pid)
     if stat is None:
         return True
     state, ticks = stat
@@ -225,7 +225,7 @@ def _pid_alive(pid: int, start_ticks: int | None) -> bool:
     return state not in ("Z", "X") and (start_ticks is None or ticks == start_ticks)
 
 
-def _check_job_id(job_id: str) -> None:
+def check_job_id(job_id: str) -> None:
     if not _JOB_ID.fullmatch(job_id):
         raise ValueError(f"job id {job_id!r} must match {_JOB_ID.pattern} to name a usage file")
 
@@ -243,8 +243,8 @@ def write_usage(
     lists). Rewriting replaces the previous declaration of the same job process.
     Returns the file written.
     """
-    _check_job_id(job_id)
-    stat = _proc_stat(pid)
+    check_job_id(job_id)
+    stat = proc_stat(pid)
     record = UsageRecord(
         job_id=job_id,
         pid=pid,
@@ -264,7 +264,7 @@ def write_usage(
 
 def remove_usage(usage_dir: str | Path, job_id: str) -> int:
     """Forget every declaration of ``job_id`` (all its processes). Returns how many were removed."""
-    _check_job_id(job_id)
+    check_job_id(job_id)
     removed = 0
     for path in Path(usage_dir).glob("*.json"):
         if path.name.rsplit("@", 1)[0] == job_id:
@@ -288,7 +288,7 @@ def _live_records(usage_dir: Path | None, warned: set[str]) -> list[UsageRecord]
                 warned.add(path.name)
                 logger.warning("ignoring unreadable GPU usage file %s: %s", path, exc)
             continue
-        if _pid_alive(record.pid, record.pid_start_ticks):
+        if pid_alive(record.pid, record.pid_start_ticks):
             records.append(record)
     return records
 
