@@ -22,7 +22,8 @@ successor. A job's process leads its own process group (the training worker
 starts it in a new session): the whole group is killed. A replica's process is
 killed alone.
 
-Stdlib and pydantic only: cheap to import in an actor.
+Stdlib only: cheap to import in an actor, and ``bench/gpu_check.py`` runs it on a GPU
+machine that has nothing but torch and nvidia-ml-py.
 """
 
 from __future__ import annotations
@@ -33,17 +34,17 @@ import logging
 import os
 import signal
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from typing import TYPE_CHECKING, Literal
 
 from workers.files import write_json_atomic
-from workers.interface.executor import LaunchRequest
 from workers.interface.telemetry import GIB, GpuReading
 from workers.node_dir import MEMORY_CAPS, subdir
-from workers.sim_backend import check_job_id, pid_alive, proc_stat
+from workers.procs import check_job_id, pid_alive, proc_stat
+
+if TYPE_CHECKING:
+    from workers.interface.executor import LaunchRequest
 
 log = logging.getLogger(__name__)
 
@@ -63,24 +64,48 @@ _VERDICT_SUFFIX = ".verdict.json"
 Kind = Literal["job", "replica"]
 
 
-class CapRecord(BaseModel):
+@dataclass(frozen=True)
+class CapRecord:
     """One capped process (a registry file)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    format: Literal[1] = 1
     kind: Kind
     owner_id: str
-    pid: Annotated[int, Field(gt=0)]
-    pid_start_ticks: int | None = None
-    gpu_indices: list[Annotated[int, Field(ge=0)]]
-    cap_bytes_per_gpu: Annotated[int, Field(gt=0)]
+    pid: int
+    gpu_indices: tuple[int, ...]
+    cap_bytes_per_gpu: int
     verdict_path: str
+    pid_start_ticks: int | None = None
 
     @property
     def key(self) -> str:
         """Names this process of this owner (the registry file's stem)."""
         return f"{self.owner_id}@{self.pid}"
+
+    def to_json(self) -> dict[str, object]:
+        return {"format": 1, **asdict(self), "gpu_indices": list(self.gpu_indices)}
+
+    @classmethod
+    def from_json(cls, data: object) -> CapRecord:
+        """The record of a registry file's JSON; ``ValueError`` saying what is wrong."""
+        if not isinstance(data, dict) or data.get("format") != 1:
+            raise ValueError("not a format 1 GPU memory cap record")
+        try:
+            record = cls(
+                kind=data["kind"],
+                owner_id=str(data["owner_id"]),
+                pid=int(data["pid"]),
+                gpu_indices=tuple(int(i) for i in data["gpu_indices"]),
+                cap_bytes_per_gpu=int(data["cap_bytes_per_gpu"]),
+                verdict_path=str(data["verdict_path"]),
+                pid_start_ticks=data.get("pid_start_ticks"),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"bad GPU memory cap record: {exc!r}") from None
+        if record.kind not in ("job", "replica") or record.pid <= 0:
+            raise ValueError(f"bad GPU memory cap record: kind {record.kind!r}, pid {record.pid}")
+        if record.cap_bytes_per_gpu <= 0 or min(record.gpu_indices, default=0) < 0:
+            raise ValueError("bad GPU memory cap record: cap and GPU indices must be positive")
+        return record
 
 
 @dataclass(frozen=True)
@@ -120,7 +145,7 @@ def judge(
     it back under its cap forgets that. ``over_since_s`` (by :attr:`CapRecord.key`)
     is what the previous call returned; the clock is the caller's.
 
-    >>> cap = CapRecord(kind="job", owner_id="j", pid=7, gpu_indices=[0],
+    >>> cap = CapRecord(kind="job", owner_id="j", pid=7, gpu_indices=(0,),
     ...                 cap_bytes_per_gpu=GIB, verdict_path="v")
     >>> judge([cap], [], 0.0, {})
     ([], {})
@@ -172,12 +197,12 @@ def register_cap(
         owner_id=owner_id,
         pid=pid,
         pid_start_ticks=None if stat is None else stat[1],
-        gpu_indices=list(gpu_indices),
+        gpu_indices=tuple(gpu_indices),
         cap_bytes_per_gpu=cap_bytes_per_gpu,
         verdict_path=str(verdict_path),
     )
     target = registry / f"{record.key}{_CAP_SUFFIX}"
-    write_json_atomic(target, record.model_dump(mode="json"))
+    write_json_atomic(target, record.to_json())
     return target
 
 
@@ -196,10 +221,10 @@ def live_caps(registry: Path) -> list[CapRecord]:
     records = []
     for path in sorted(registry.glob(f"*{_CAP_SUFFIX}")):
         try:
-            record = CapRecord.model_validate(json.loads(path.read_text(encoding="utf-8")))
+            record = CapRecord.from_json(json.loads(path.read_text(encoding="utf-8")))
         except FileNotFoundError:
             continue  # removed between listing and reading
-        except (OSError, ValueError, ValidationError) as exc:
+        except (OSError, ValueError) as exc:
             log.warning("removing unreadable GPU memory cap %s: %s", path, exc)
             path.unlink(missing_ok=True)
             continue

@@ -3,6 +3,7 @@ watchdog stopping real processes on simulated and (fake) NVML readings."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -38,7 +39,7 @@ def _cap(pid: int = 7, gpus: tuple[int, ...] = (1,), cap_gib: float = 8) -> CapR
         kind="job",
         owner_id="j-1",
         pid=pid,
-        gpu_indices=list(gpus),
+        gpu_indices=gpus,
         cap_bytes_per_gpu=int(cap_gib * GIB),
         verdict_path="unused",
     )
@@ -151,18 +152,30 @@ def test_a_recycled_pid_is_never_held_to_the_old_processs_cap(
 ) -> None:
     registry = caps_dir(tmp_path)
     path = register_cap(registry, "job", "j-1", sleeper.pid, [1], GIB, tmp_path / "v.json")
-    record = CapRecord.model_validate_json(path.read_text())
+    record = CapRecord.from_json(json.loads(path.read_text()))
     assert record.pid_start_ticks is not None  # Linux: /proc/<pid>/stat
-    path.write_text(record.model_copy(update={"pid_start_ticks": 1}).model_dump_json())
+    path.write_text(json.dumps(replace(record, pid_start_ticks=1).to_json()))
     assert live_caps(registry) == [] and not path.exists()
     watchdog = CapWatchdog(registry, grace_s=0.0)
     assert watchdog.check([_gpu(1, (sleeper.pid, 30.0))], 0.0) == []
     assert sleeper.poll() is None
 
 
-def test_an_unreadable_cap_file_is_dropped(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{not json",
+        "[]",
+        '{"format": 1, "kind": "job"}',
+        '{"format": 1, "kind": "nobody", "owner_id": "j-1", "pid": 1, "gpu_indices": [0], '
+        '"cap_bytes_per_gpu": 1, "verdict_path": "v"}',
+        '{"format": 1, "kind": "job", "owner_id": "j-1", "pid": 1, "gpu_indices": [0], '
+        '"cap_bytes_per_gpu": 0, "verdict_path": "v"}',
+    ],
+)
+def test_an_unreadable_cap_file_is_dropped(tmp_path: Path, text: str) -> None:
     registry = caps_dir(tmp_path)
-    (registry / "j-1@1.cap.json").write_text("{not json")
+    (registry / "j-1@1.cap.json").write_text(text)
     assert live_caps(registry) == [] and list(registry.iterdir()) == []
 
 
