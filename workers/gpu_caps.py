@@ -11,10 +11,12 @@ long as nothing was allocated beyond the cap before the call.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
-from workers.interface.executor import LaunchRequest
+if TYPE_CHECKING:  # pydantic stays out of bench/gpu_check.py's child process
+    from workers.interface.executor import LaunchRequest
 
 SIM_USAGE_DIR_ENV = "JOBWORKER_SIM_USAGE_DIR"
 """Where a job process on simulated GPUs may declare what it really holds
