@@ -37,6 +37,7 @@ from scheduler.realtime.service import DeploymentService
 from scheduler.realtime.store import DeploymentStore
 from workers.interface.replicas import ResolvedModel
 from workers.interface.telemetry import GIB
+from workers.memory_caps import DEFAULT_GRACE_S
 from workers.mlflow_history import MlflowRunFacts
 from workers.mlflow_loss import LossHistory
 from workers.mlflow_models import resolve
@@ -74,6 +75,9 @@ class Settings:
     max_config_bytes: int = 1 * MIB  # bodies of every route but predict (configs, tokens)
     token_cache_ttl_s: float = 5.0  # a verified token is trusted this long without the KDF
     metrics_public: bool = False  # serve /metrics without a token
+    # A process over its GPU memory cap this long is stopped by its node agent; None: the
+    # watchdog is off (torch's per-process fraction still caps the job's allocator).
+    memory_cap_grace_s: float | None = DEFAULT_GRACE_S
 
     @property
     def admin_token_file(self) -> Path:
@@ -168,6 +172,7 @@ def build(settings: Settings) -> ControlPlane:
         sim=sim,
         usage_dir=usage_dir,
         node_dir=node_dir,
+        cap_grace_s=settings.memory_cap_grace_s,
     )
     executor = RayExecutor(namespace=settings.namespace, work_root=home / "work")
     loop_settings = LoopSettings(

@@ -50,6 +50,7 @@ from mlflow.tracking import MlflowClient
 from jobs.context import StopRequested
 from jobs.train import TrainResult, train
 from workers.files import write_json_atomic
+from workers.gpu_caps import cap_job_process
 from workers.interface.errors import MlflowRefused
 from workers.interface.executor import LaunchRequest
 from workers.interface.history import ACTUAL_DURATION_TAG, PEAK_GPU_MEMORY_TAG
@@ -343,6 +344,7 @@ def main(work_dir: Path) -> int:
     started_s = time.monotonic()
     _exit_with_parent()
     launch = LaunchRequest.model_validate_json((work_dir / "launch.json").read_text())
+    cap_job_process(launch)  # before the program allocates anything
     spec = launch.spec
     cpus = spec.resources.cpus
     torch.set_num_threads(cpus)

@@ -20,6 +20,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from workers.interface.telemetry import GIB, GpuBackend, NodeId, NodeReading
+from workers.memory_caps import DEFAULT_GRACE_S, CapWatchdog, caps_dir
 from workers.ray_calls import gather
 from workers.sim_backend import SimClusterSpec, SimNodeSpec, select_backend
 
@@ -31,7 +32,12 @@ _AGENT_PREFIX = "jobworker-agent-"
 
 @ray.remote(num_cpus=0, max_concurrency=4)  # type: ignore[call-overload]
 class NodeAgent:
-    """Samples its node's GPUs every ``interval_s`` and serves the latest reading."""
+    """Samples its node's GPUs every ``interval_s`` and serves the latest reading.
+
+    With a ``node_dir``, each sample also enforces the GPU memory caps registered there
+    (:class:`~workers.memory_caps.CapWatchdog`: a process over its cap for
+    ``cap_grace_s`` is stopped, with the reason; ``cap_grace_s=None`` turns it off).
+    """
 
     def __init__(
         self,
@@ -44,6 +50,7 @@ class NodeAgent:
         usage_dir: str | None,
         interval_s: float,
         node_dir: str | None = None,
+        cap_grace_s: float | None = DEFAULT_GRACE_S,
     ) -> None:
         spec = SimNodeSpec.model_validate(sim_node) if sim_node else None
         self._backend: GpuBackend = select_backend(
@@ -54,6 +61,12 @@ class NodeAgent:
         self._cpus = cpus
         self._memory_total_bytes = memory_total_bytes
         self._node_dir = Path(node_dir) if node_dir else None
+        # GPU memory caps are enforced on each sample (None: the watchdog is off).
+        self._watchdog = (
+            CapWatchdog(caps_dir(node_dir), cap_grace_s)
+            if node_dir and cap_grace_s is not None
+            else None
+        )
         self._lock = threading.Lock()
         self._latest = self._sample()
         self._interval_s = interval_s
@@ -80,6 +93,11 @@ class NodeAgent:
                 continue
             with self._lock:
                 self._latest = reading
+            if self._watchdog is not None:
+                try:
+                    self._watchdog.check(reading.gpus, time.monotonic())
+                except Exception:  # as for the sample: log, and try again at the next one
+                    log.exception("GPU memory cap check failed")
 
     def reading(self, fresh: bool = False) -> NodeReading:
         """The latest reading; ``fresh`` samples now (after a launch, say)."""
@@ -109,12 +127,14 @@ class RayCluster:
         interval_s: float = 2.0,
         node_dir: Path | None = None,
         call_timeout_s: float = 5.0,
+        cap_grace_s: float | None = DEFAULT_GRACE_S,
     ) -> None:
         self._namespace = namespace
         self._mode = mode
         self._sim = sim
         self._usage_dir = usage_dir
         self._node_dir = node_dir
+        self._cap_grace_s = cap_grace_s
         self._interval_s = interval_s
         self._call_timeout_s = call_timeout_s
         self._agents: dict[str, Any] = {}
@@ -161,6 +181,7 @@ class RayCluster:
                 str(self._usage_dir) if self._usage_dir else None,
                 self._interval_s,
                 str(self._node_dir) if self._node_dir else None,
+                self._cap_grace_s,
             )
             log.info("node %s joined (%s)", node_id, hostname)
 

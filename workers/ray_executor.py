@@ -40,6 +40,7 @@ from workers.interface.executor import (
     WorkerReport,
     combine_ranks,
 )
+from workers.memory_caps import job_verdict, register_job, release_job
 from workers.pinning import pinned_env
 from workers.ray_calls import gather
 from workers.sim_backend import remove_usage, write_usage
@@ -134,6 +135,7 @@ class TrainingWorker:
                 list(launch.node.gpu_indices),
                 launch.node.held_gpu_memory_bytes(launch.spec),
             )
+        register_job(launch, self._proc.pid, self._work_dir)
         return self._proc.pid
 
     def poll(self, log_offset: int | None = None) -> dict[str, Any]:
@@ -167,6 +169,7 @@ class TrainingWorker:
             if self._stop_timer:
                 self._stop_timer.cancel()
             report["result"] = _read_json(self._work_dir / "result.json")
+            report["cap_verdict"] = job_verdict(self._work_dir)
             self._release_usage()
         return report
 
@@ -188,6 +191,7 @@ class TrainingWorker:
         self._release_usage()
 
     def _release_usage(self) -> None:
+        release_job(self._launch)
         if self._launch.simulated_usage_dir:
             remove_usage(Path(self._launch.simulated_usage_dir), self._launch.job_id)
 
@@ -309,6 +313,10 @@ class RayExecutor:
             return WorkerReport(job_id, WorkerPhase.STARTING, **common)
         if raw["exit_code"] is None:
             return WorkerReport(job_id, WorkerPhase.RUNNING, **common)
+        if raw.get("cap_verdict"):  # stopped by the node's watchdog: a retry would be too
+            return WorkerReport(
+                job_id, WorkerPhase.FAILED, error=raw["cap_verdict"], retryable=False, **common
+            )
         if result is None:
             code = raw["exit_code"]
             return WorkerReport(

@@ -41,6 +41,7 @@ from workers.interface.channel import (
     new_secret,
 )
 from workers.interface.replicas import ReplicaPhase, ReplicaRequest, ReplicaStatus
+from workers.memory_caps import register_replica, release_replica, replica_verdict
 from workers.pinning import pinned_env
 from workers.sim_backend import remove_usage, write_usage
 
@@ -69,10 +70,12 @@ class InferenceReplica:
     def start(self) -> dict[str, Any]:
         import torch
 
+        from workers.gpu_caps import limit_gpu_memory
         from workers.mlflow_models import load
 
         req = self._request
         torch.set_num_threads(max(1, int(req.cpus)))
+        limit_gpu_memory(req.gpu_memory_bytes if req.gpu_indices else None)
         device = "cuda" if req.gpu_indices and torch.cuda.is_available() else "cpu"
         module, schema = load(req.model_uri, req.tracking_uri, device, req.allow_pickled_model)
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -89,6 +92,9 @@ class InferenceReplica:
                 shape = [rows if d == -1 else d for d in schema.shape]
                 predict(np.zeros(shape, dtype=schema.dtype))
         warmup_ms = (time.perf_counter() - started) * 1000
+        register_replica(
+            req.node_dir, req.replica_id, os.getpid(), req.gpu_indices, req.gpu_memory_bytes
+        )
         node_ip = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
         secret = new_secret()
         self._server = ChannelServer(
@@ -186,8 +192,9 @@ class RayReplicaLauncher:
                 try:
                     ray.get(rep.ping)
                 except (RayActorError, RayTaskError) as exc:
+                    why = replica_verdict(rep.request.node_dir, replica_id)
                     rep.status = ReplicaStatus(
-                        replica_id, ReplicaPhase.DEAD, error=f"replica actor died: {exc}"
+                        replica_id, ReplicaPhase.DEAD, error=why or f"replica actor died: {exc}"
                     )
                     return rep.status
                 rep.ping = None
@@ -220,5 +227,6 @@ class RayReplicaLauncher:
         if rep is None:
             return
         ray.kill(rep.actor, no_restart=True)  # the router has drained it already
+        release_replica(rep.request.node_dir, replica_id)
         if rep.request.simulated_usage_dir:
             remove_usage(Path(rep.request.simulated_usage_dir), replica_id)

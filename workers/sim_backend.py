@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import socket
 import uuid
 from collections.abc import Sequence
@@ -38,13 +37,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from workers.interface.errors import ClusterConfigError, NvmlUnavailable
 from workers.interface.telemetry import GIB, GpuBackend, GpuProcess, GpuReading, GpuUuid
 from workers.nvml_backend import NvmlBackend
+from workers.procs import check_job_id, pid_alive, proc_stat
 
 logger = logging.getLogger(__name__)
 
 JOB_UTIL_INCREMENT_PCT = 30.0
 """GPU utilization each live job adds to a simulated GPU (on top of its background)."""
 
-_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "jobworker/simulated-gpu")
 # Rough board power (W) at full load, so simulated power tracks utilization.
 _TDP_W = {"T4": 70.0, "L4": 72.0, "V100": 300.0, "A10": 150.0, "A100": 400.0, "H100": 700.0}
@@ -198,38 +197,6 @@ class UsageRecord(BaseModel):
     pid_start_ticks: int | None = None
 
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time in clock ticks) from Linux ``/proc/<pid>/stat``; ``None`` elsewhere."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        # The command name (field 2) may hold spaces and parentheses: split after the last ")".
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return fields[0], int(fields[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _pid_alive(pid: int, start_ticks: int | None) -> bool:
-    """Whether ``pid`` is the live process that wrote the record (not a zombie, not recycled)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # it exists, owned by another user
-    stat = _proc_stat(pid)
-    if stat is None:
-        return True
-    state, ticks = stat
-    # A zombie has released its GPU context already; NVML would not list it.
-    return state not in ("Z", "X") and (start_ticks is None or ticks == start_ticks)
-
-
-def _check_job_id(job_id: str) -> None:
-    if not _JOB_ID.fullmatch(job_id):
-        raise ValueError(f"job id {job_id!r} must match {_JOB_ID.pattern} to name a usage file")
-
-
 def write_usage(
     usage_dir: str | Path,
     job_id: str,
@@ -243,8 +210,8 @@ def write_usage(
     lists). Rewriting replaces the previous declaration of the same job process.
     Returns the file written.
     """
-    _check_job_id(job_id)
-    stat = _proc_stat(pid)
+    check_job_id(job_id)
+    stat = proc_stat(pid)
     record = UsageRecord(
         job_id=job_id,
         pid=pid,
@@ -264,7 +231,7 @@ def write_usage(
 
 def remove_usage(usage_dir: str | Path, job_id: str) -> int:
     """Forget every declaration of ``job_id`` (all its processes). Returns how many were removed."""
-    _check_job_id(job_id)
+    check_job_id(job_id)
     removed = 0
     for path in Path(usage_dir).glob("*.json"):
         if path.name.rsplit("@", 1)[0] == job_id:
@@ -288,7 +255,7 @@ def _live_records(usage_dir: Path | None, warned: set[str]) -> list[UsageRecord]
                 warned.add(path.name)
                 logger.warning("ignoring unreadable GPU usage file %s: %s", path, exc)
             continue
-        if _pid_alive(record.pid, record.pid_start_ticks):
+        if pid_alive(record.pid, record.pid_start_ticks):
             records.append(record)
     return records
 

@@ -412,7 +412,7 @@ class Scheduler:
                 f"lost: {report.error}",
                 f"requeued (loss {losses}, not counted against max_retries)",
             )
-        elif phase is WorkerPhase.FAILED and job.failures < max_retries:
+        elif phase is WorkerPhase.FAILED and report.retryable and job.failures < max_retries:
             updates["failures"] = failures = job.failures + 1
             self._metrics.retried(job.team, "failed")
             self._retry(

@@ -83,6 +83,20 @@ def up(
             help="The API's address for users (MLflow runs link there); default http://HOST:PORT.",
         ),
     ] = None,
+    memory_caps: Annotated[
+        bool,
+        typer.Option(
+            envvar="JOBWORKER_MEMORY_CAPS",
+            help="Node agents stop a process that uses more GPU memory than it asked for.",
+        ),
+    ] = True,
+    memory_cap_grace_s: Annotated[
+        float,
+        typer.Option(
+            envvar="JOBWORKER_MEMORY_CAP_GRACE_S",
+            help="How long a process may stay over its GPU memory cap before it is stopped.",
+        ),
+    ] = 4.0,  # Settings.memory_cap_grace_s
     detach: Annotated[bool, typer.Option(help="Run in the background; see `down`.")] = False,
 ) -> None:
     """Start the API, with a local Ray and an MLflow server unless addresses are given.
@@ -137,6 +151,7 @@ def up(
         max_body_bytes=max_body_bytes,
         max_config_bytes=max_config_bytes,
         metrics_public=metrics_public,
+        memory_cap_grace_s=memory_cap_grace_s if memory_caps else None,
     )
     daemons.this_process(home, host, port)
     try:

@@ -94,6 +94,7 @@ class _Deployment:
     autoscale: AutoscaleState | None = None
     routed: tuple[str, ...] = ()
     start_error: str | None = None
+    replaced: str | None = None  # why the last replica that had served was replaced
     retry_at: float = float("-inf")
     failures: int = 0
     waiting: str | None = None  # why a needed replica could not be placed
@@ -280,6 +281,7 @@ class DeploymentController:
                 self._stop(dep, rid)
             elif status.phase is ReplicaPhase.DEAD:
                 log.warning("deployment %s: replica %s died: %s", dep.name, rid, status.error)
+                dep.replaced = f"replica {rid} was replaced: {status.error}"
                 self._stop(dep, rid)
 
     def _desired(self, dep: _Deployment, now: float) -> int:
@@ -469,12 +471,16 @@ class DeploymentController:
                 return DeploymentState.FAILED, f"replica failed to start: {dep.start_error}"
             if dep.waiting:
                 return DeploymentState.DEPLOYING, f"waiting for capacity: {dep.waiting}"
+            if dep.replaced:
+                return DeploymentState.DEPLOYING, f"starting replicas; {dep.replaced}"
             return DeploymentState.DEPLOYING, "starting replicas"
         notes = [f"model: {e}" for e in (dep.resolve_slow, dep.resolve_error) if e]
         if dep.waiting:
             notes.append(f"waiting for capacity: {dep.waiting}")
         if dep.start_error:
             notes.append(f"a replica failed to start: {dep.start_error}")
+        if dep.replaced:
+            notes.append(dep.replaced)
         if any(r.key != target for r in routed):
             return DeploymentState.UPDATING, "; ".join(["rolling to a new version", *notes])
         return DeploymentState.READY, "; ".join(notes) or None

@@ -186,3 +186,19 @@ def train_example(ctx: JobContext, config: dict[str, Any]) -> TrainResult:
     )
     gated = _Gated(ctx, config.get("gate"), int(config.get("gate_step", 0)))
     return train(gated, params)
+
+
+def exceed_gpu_memory(ctx: JobContext, config: dict[str, Any]) -> None:
+    """Hold more GPU memory than asked for: on simulated GPUs, declare it (as NVML would
+    show a real allocation), then train on until the node agent stops the process."""
+    from workers.gpu_caps import SIM_USAGE_DIR_ENV
+    from workers.sim_backend import write_usage
+
+    held = int(float(config["hold_gib"]) * 2**30)
+    job_id = os.environ["JOBWORKER_JOB_ID"]
+    write_usage(os.environ[SIM_USAGE_DIR_ENV], job_id, os.getpid(), ctx.gpu_ids, held)
+    step = 0
+    while not ctx.should_stop():
+        step += 1
+        ctx.log_metrics({"loss": 1.0 / step}, step=step)
+        time.sleep(0.2)

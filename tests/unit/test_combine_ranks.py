@@ -48,3 +48,12 @@ def test_a_single_rank_is_its_own_report() -> None:
     (only,) = _reports(P.FAILED)
     combined = combine_ranks("j", [only])
     assert (combined.phase, combined.error, combined.logs) == (P.FAILED, "e0", only.logs)
+
+
+def test_a_rank_stopped_over_its_memory_cap_makes_the_gang_not_retryable() -> None:
+    ranks = _reports(P.RUNNING, P.FAILED)
+    assert combine_ranks("j", ranks).retryable
+    capped = WorkerReport("j.r1", P.FAILED, error="used 9.0 GiB on GPU 0", retryable=False)
+    combined = combine_ranks("j", [ranks[0], capped])
+    assert (combined.phase, combined.retryable) == (P.FAILED, False)
+    assert combined.error == "rank 1: used 9.0 GiB on GPU 0"

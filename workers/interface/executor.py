@@ -150,6 +150,8 @@ class WorkerReport:
     error: str | None = None
     pid: int | None = None
     rank_pids: tuple[int | None, ...] = ()  # a gang's job process per rank
+    # False: a retry would fail the same way (the job went over its GPU memory cap).
+    retryable: bool = True
 
 
 def combine_ranks(job_id: str, reports: Sequence[WorkerReport]) -> WorkerReport:
@@ -199,6 +201,7 @@ def combine_ranks(job_id: str, reports: Sequence[WorkerReport]) -> WorkerReport:
         error=error,
         pid=leader.pid,
         rank_pids=tuple(r.pid for r in reports),
+        retryable=all(r.retryable for r in reports),
     )
 
 
