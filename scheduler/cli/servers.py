@@ -83,6 +83,48 @@ def up(
             help="The API's address for users (MLflow runs link there); default http://HOST:PORT.",
         ),
     ] = None,
+    serving_cores: Annotated[
+        int,
+        typer.Option(
+            envvar="JOBWORKER_SERVING_CORES",
+            help="Each node's first cores serve (this API, replicas); training is pinned to the "
+            "others.",
+        ),
+    ] = 1,
+    slo_guard: Annotated[
+        bool,
+        typer.Option(
+            envvar="JOBWORKER_SLO_GUARD",
+            help="Throttle training co-located with a deployment whose p99 nears its slo.p99_ms.",
+        ),
+    ] = True,
+    guard_throttle_at: Annotated[
+        float,
+        typer.Option(
+            envvar="JOBWORKER_GUARD_THROTTLE_AT", help="Throttle above this x slo.p99_ms."
+        ),
+    ] = 0.8,
+    guard_release_at: Annotated[
+        float,
+        typer.Option(envvar="JOBWORKER_GUARD_RELEASE_AT", help="Release below this x slo.p99_ms."),
+    ] = 0.5,
+    guard_dwell_s: Annotated[
+        float,
+        typer.Option(
+            envvar="JOBWORKER_GUARD_DWELL_S", help="How long p99 must stay over (under) first."
+        ),
+    ] = 2.0,
+    guard_max_throttle_s: Annotated[
+        float,
+        typer.Option(envvar="JOBWORKER_GUARD_MAX_THROTTLE_S", help="The longest one throttle."),
+    ] = 300.0,
+    guard_rest_s: Annotated[
+        float,
+        typer.Option(
+            envvar="JOBWORKER_GUARD_REST_S",
+            help="After the longest throttle, training runs this long before the next.",
+        ),
+    ] = 60.0,
     detach: Annotated[bool, typer.Option(help="Run in the background; see `down`.")] = False,
 ) -> None:
     """Start the API, with a local Ray and an MLflow server unless addresses are given.
@@ -137,6 +179,13 @@ def up(
         max_body_bytes=max_body_bytes,
         max_config_bytes=max_config_bytes,
         metrics_public=metrics_public,
+        serving_cores=serving_cores,
+        slo_guard=slo_guard,
+        guard_throttle_at=guard_throttle_at,
+        guard_release_at=guard_release_at,
+        guard_dwell_s=guard_dwell_s,
+        guard_max_throttle_s=guard_max_throttle_s,
+        guard_rest_s=guard_rest_s,
     )
     daemons.this_process(home, host, port)
     try:
@@ -156,8 +205,10 @@ def _mlflow_login(home: Path) -> str:
 def _serve(settings: Any, host: str, port: int) -> None:
     import uvicorn
 
-    from scheduler.wiring import build
+    from scheduler.wiring import build, pin_to_serving_cores
 
+    cores = pin_to_serving_cores(settings)  # first: the threads build() starts inherit it
+    out.print(f"API pinned to serving cores {', '.join(map(str, cores))}")
     plane = build(settings)
     plane.start()
     out.print(f"jobworker API on http://{host}:{port}  (MLflow UI: {settings.ui_url})")
