@@ -25,6 +25,7 @@ from scheduler.cli import daemons, serving
 from scheduler.cli.common import ApiOpt, HomeOpt, TokenOpt, connect, err, guard, out, read_text
 from scheduler.cli.jobs import wait_for_job
 from scheduler.core.model import MODES
+from scheduler.core.slo_guard import GuardSettings
 from workers.interface.errors import ServiceError
 
 
@@ -86,6 +87,7 @@ def up(
     serving_cores: Annotated[
         int,
         typer.Option(
+            min=0,
             envvar="JOBWORKER_SERVING_CORES",
             help="Each node's first cores serve (this API, replicas); training is pinned to the "
             "others.",
@@ -139,6 +141,13 @@ def up(
     if queue_mode is not None and mode is None:
         err.print(f"[red]error:[/] --queue-mode {queue_mode!r}: expected one of {', '.join(MODES)}")
         raise typer.Exit(2)
+    try:
+        GuardSettings(
+            guard_throttle_at, guard_release_at, guard_dwell_s, guard_max_throttle_s, guard_rest_s
+        )
+    except ValueError as exc:
+        err.print(f"[red]error:[/] --guard-* options: {exc}")
+        raise typer.Exit(2) from exc
     try:
         if detach:
             _detach(home, host, port)
