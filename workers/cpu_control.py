@@ -91,8 +91,11 @@ def set_affinity(pid: int, cores: Sequence[int]) -> None:
 
 
 def pin_serving(serving_cores: int) -> tuple[int, ...]:
-    """Pin this process (every thread of it) to the serving cores; returns them."""
+    """Pin this process (every thread of it) to the serving cores; returns them. With no
+    serving core (``serving_cores`` 0: training may use them all) it keeps every core."""
     serving, _ = split_cores(node_cores(), serving_cores)
+    if not serving:
+        return node_cores()
     set_affinity(os.getpid(), serving)
     return serving
 
