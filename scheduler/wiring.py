@@ -267,6 +267,7 @@ def build(settings: Settings) -> ControlPlane:
             ),
             metrics=scheduler_metrics,
             throttle_log=MlflowThrottleLog(settings.tracking_uri),
+            leading=lambda: scheduler.leading,
         )
         if settings.slo_guard
         else None

@@ -155,7 +155,7 @@ class DeploymentController:
     def placed(self) -> list[tuple[DeploymentSpec, frozenset[str]]]:
         """Each deployment's spec and the nodes its replicas run on (the SLO guard's view)."""
         return [
-            (d.spec, frozenset(r.node_id for r in d.replicas.values()))
+            (d.spec, frozenset(r.node_id for r in list(d.replicas.values())))
             for d in list(self._deps.values())
         ]
 

@@ -60,6 +60,7 @@ class SloGuardRunner:
         throttle_log: ThrottleLog | None = None,
         interval_s: float = 0.5,
         window_s: float = 5.0,
+        leading: Callable[[], bool] = lambda: True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
@@ -72,6 +73,8 @@ class SloGuardRunner:
         self._interval_s = interval_s
         self._window_s = window_s
         self._clock = clock
+        self._leading = leading
+        self._released = False  # what an earlier control plane left throttled
         self._state = GuardState()
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
@@ -82,7 +85,13 @@ class SloGuardRunner:
         return frozenset(self._state.throttled)
 
     def tick(self) -> None:
-        """One pass: measure, decide, act, record."""
+        """One pass: measure, decide, act, record; nothing on a standby (not leading)."""
+        if not self._leading():
+            return
+        if not self._released:  # the first pass as leader: a clean slate on the nodes
+            for job in self._store.find([JobState.RUNNING]):
+                self._executor.throttle(job.id, False)
+            self._released = True
         deployments = [
             DeploymentLatency(
                 spec.name,
@@ -124,8 +133,8 @@ class SloGuardRunner:
             self._log.record(run_id, paused, count, time.time())
 
     def start(self) -> None:
-        """Release whatever an earlier control plane left throttled, then run every
-        ``interval_s`` in a daemon thread until :meth:`stop`."""
+        """Run every ``interval_s`` in a daemon thread until :meth:`stop`; the first pass
+        as leader releases whatever an earlier control plane left throttled."""
         self._thread = threading.Thread(target=self._run, name="jobworker-slo-guard", daemon=True)
         self._thread.start()
 
@@ -137,11 +146,6 @@ class SloGuardRunner:
             self._log.close()
 
     def _run(self) -> None:
-        try:
-            for job in self._store.find([JobState.RUNNING]):
-                self._executor.throttle(job.id, False)
-        except Exception:
-            log.exception("could not release the jobs an earlier control plane throttled")
         while not self._halt.wait(self._interval_s):
             try:
                 self.tick()
