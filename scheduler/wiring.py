@@ -30,17 +30,21 @@ from scheduler.batch.queue_config import QueueConfig, read_queue_config
 from scheduler.batch.service import JobService
 from scheduler.batch.store import JobStore
 from scheduler.core.model import Mode
+from scheduler.core.slo_guard import GuardSettings
 from scheduler.realtime.controller import DeploymentController, ServeSettings
+from scheduler.realtime.guard import SloGuardRunner
 from scheduler.realtime.metrics import ServingMetrics
 from scheduler.realtime.router import Router
 from scheduler.realtime.service import DeploymentService
 from scheduler.realtime.store import DeploymentStore
+from workers.cpu_control import DEFAULT_SERVING_CORES, pin_serving
 from workers.interface.replicas import ResolvedModel
 from workers.interface.telemetry import GIB
 from workers.memory_caps import DEFAULT_GRACE_S
 from workers.mlflow_history import MlflowRunFacts
 from workers.mlflow_loss import LossHistory
 from workers.mlflow_models import resolve
+from workers.mlflow_throttles import MlflowThrottleLog
 from workers.ray_cluster import RayCluster, connect
 from workers.ray_executor import RayExecutor
 from workers.ray_replicas import RayReplicaLauncher
@@ -78,6 +82,14 @@ class Settings:
     # A process over its GPU memory cap this long is stopped by its node agent; None: the
     # watchdog is off (torch's per-process fraction still caps the job's allocator).
     memory_cap_grace_s: float | None = DEFAULT_GRACE_S
+    # CPU side of co-location (workers/cpu_control.py) and the SLO guard (core/slo_guard.py)
+    serving_cores: int = DEFAULT_SERVING_CORES  # each node's first cores: API and replicas
+    slo_guard: bool = True
+    guard_throttle_at: float = 0.8  # fraction of a deployment's slo.p99_ms
+    guard_release_at: float = 0.5
+    guard_dwell_s: float = 2.0
+    guard_max_throttle_s: float = 300.0
+    guard_rest_s: float = 60.0
 
     @property
     def admin_token_file(self) -> Path:
@@ -127,19 +139,30 @@ class ControlPlane:
     tokens: TokenStore
     history: JobHistory
     forecaster: Forecaster
+    guard: SloGuardRunner | None = None
 
     def start(self) -> None:
         self.history.start()
         self.forecaster.start()
         self.scheduler.start()
+        if self.guard is not None:
+            self.guard.start()
 
     def stop(self) -> None:
+        if self.guard is not None:
+            self.guard.stop()
         self.scheduler.stop()
         self.forecaster.stop()
         self.history.stop()
         self.controller.close()
         self.cluster.close()
         self.engine.dispose()
+
+
+def pin_to_serving_cores(settings: Settings) -> tuple[int, ...]:
+    """Pin this process (the API, run by ``jobworker up``) to its node's serving cores,
+    away from training's (threads started later inherit it); returns them."""
+    return pin_serving(settings.serving_cores)
 
 
 def build(settings: Settings) -> ControlPlane:
@@ -174,7 +197,11 @@ def build(settings: Settings) -> ControlPlane:
         node_dir=node_dir,
         cap_grace_s=settings.memory_cap_grace_s,
     )
-    executor = RayExecutor(namespace=settings.namespace, work_root=home / "work")
+    executor = RayExecutor(
+        namespace=settings.namespace,
+        work_root=home / "work",
+        throttle_max_s=settings.guard_max_throttle_s,
+    )
     loop_settings = LoopSettings(
         tracking_uri=settings.tracking_uri,
         log_dir=home / "logs",
@@ -182,6 +209,7 @@ def build(settings: Settings) -> ControlPlane:
         python_path=(os.getcwd(),),
         simulated_usage_dir=str(usage_dir),
         node_dir=str(node_dir),
+        serving_cores=settings.serving_cores,
         public_url=settings.user_url,
         queue=queue.policy(),
     )
@@ -203,6 +231,7 @@ def build(settings: Settings) -> ControlPlane:
             python_path=loop_settings.python_path,
             simulated_usage_dir=str(usage_dir),
             node_dir=str(node_dir),
+            serving_cores=settings.serving_cores,
         ),
     )
     lease = Lease(engine, Lease.holder_id(), ttl_s=settings.lease_ttl_s)
@@ -227,6 +256,26 @@ def build(settings: Settings) -> ControlPlane:
             store.count_by_state_team,
             lambda: gpu_counts(cluster.nodes(), scheduler.held_gpus()),
         )
+    )
+    guard = (
+        SloGuardRunner(
+            store,
+            controller.placed,
+            metrics,
+            executor,
+            GuardSettings(
+                throttle_at=settings.guard_throttle_at,
+                release_at=settings.guard_release_at,
+                dwell_s=settings.guard_dwell_s,
+                max_throttle_s=settings.guard_max_throttle_s,
+                rest_s=settings.guard_rest_s,
+            ),
+            metrics=scheduler_metrics,
+            throttle_log=MlflowThrottleLog(settings.tracking_uri),
+            leading=lambda: scheduler.leading,
+        )
+        if settings.slo_guard
+        else None
     )
     service = JobService(
         store,
@@ -276,4 +325,5 @@ def build(settings: Settings) -> ControlPlane:
         tokens,
         history,
         forecaster,
+        guard,
     )

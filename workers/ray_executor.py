@@ -33,6 +33,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from workers.cpu_control import CgroupV2, JobCpu
 from workers.interface.executor import (
     LaunchRequest,
     Progress,
@@ -79,6 +80,14 @@ class TrainingWorker:
         self._stop_timer: threading.Timer | None = None
         self._log_sent = 0
         self._start_lock = threading.Lock()
+        self._cpu = JobCpu(
+            launch.node_dir,
+            worker_key(launch.job_id, launch.rank),
+            launch.spec.resources.cpus,
+            launch.serving_cores,
+            CgroupV2.find(),
+        )
+        self._unthrottle: threading.Timer | None = None
 
     def start(self) -> int:
         """Start the job process, once however often asked; returns its pid."""
@@ -136,6 +145,7 @@ class TrainingWorker:
                 launch.node.held_gpu_memory_bytes(launch.spec),
             )
         register_job(launch, self._proc.pid, self._work_dir)
+        self._cpu.place(self._proc.pid)  # its training cores, a lower CPU share
         return self._proc.pid
 
     def poll(self, log_offset: int | None = None) -> dict[str, Any]:
@@ -173,14 +183,30 @@ class TrainingWorker:
             self._release_usage()
         return report
 
+    def throttle(self, paused: bool, max_s: float) -> None:
+        """Throttle the job process (the SLO guard), or release it; a throttle lasts at most
+        ``max_s``, so that a control plane gone meanwhile never leaves it throttled. A job
+        being stopped is never paused: it must see its SIGTERM."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None or (paused and self._stop_timer is not None):
+            return
+        if self._unthrottle is not None:
+            self._unthrottle.cancel()
+        self._cpu.pause(proc.pid, paused)
+        if paused:
+            self._unthrottle = threading.Timer(max_s, self._cpu.pause, (proc.pid, False))
+            self._unthrottle.daemon = True
+            self._unthrottle.start()
+
     def stop(self, grace_s: float) -> None:
         """SIGTERM now (the job checkpoints and stops), SIGKILL after ``grace_s``."""
         proc = self._proc
         if proc is None or proc.poll() is not None:
             return
-        _signal_group(proc.pid, signal.SIGTERM)
         self._stop_timer = threading.Timer(grace_s, _signal_group, (proc.pid, signal.SIGKILL))
         self._stop_timer.daemon = True
+        self.throttle(False, 0)  # a paused job would never see its SIGTERM
+        _signal_group(proc.pid, signal.SIGTERM)
         self._stop_timer.start()
 
     def kill(self) -> None:
@@ -192,6 +218,7 @@ class TrainingWorker:
 
     def _release_usage(self) -> None:
         release_job(self._launch)
+        self._cpu.release()
         if self._launch.simulated_usage_dir:
             remove_usage(Path(self._launch.simulated_usage_dir), self._launch.job_id)
 
@@ -211,8 +238,15 @@ class RayExecutor:
         executor.poll([request.job_id])
     """
 
-    def __init__(self, namespace: str, work_root: Path, poll_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        namespace: str,
+        work_root: Path,
+        poll_timeout_s: float = 10.0,
+        throttle_max_s: float = 300.0,
+    ) -> None:
         self._namespace = namespace
+        self._throttle_max_s = throttle_max_s  # a node releases a throttle this late by itself
         self._work_root = work_root.resolve()
         self._poll_timeout_s = poll_timeout_s
         self._actors: dict[str, Any] = {}
@@ -342,6 +376,14 @@ class RayExecutor:
         for key, answer in gather(refs, self._poll_timeout_s).items():
             if isinstance(answer, Exception):
                 log.warning("stop of %s failed: %s", key, answer)
+
+    def throttle(self, job_id: str, paused: bool) -> None:
+        """Throttle (or release) every rank at once; a rank that is gone is skipped."""
+        actors = {k: a for k in self._keys(job_id, self._discover(job_id)) if (a := self._actor(k))}
+        calls = {k: a.throttle.remote(paused, self._throttle_max_s) for k, a in actors.items()}
+        for key, answer in gather(calls, self._poll_timeout_s).items():
+            if isinstance(answer, Exception):
+                log.warning("throttle of %s failed: %s", key, answer)
 
     def release(self, job_id: str) -> None:
         keys = self._keys(job_id, self._discover(job_id))

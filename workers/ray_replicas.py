@@ -34,6 +34,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from workers.cpu_control import pin_serving
 from workers.interface.channel import (
     MAX_ROWS_FACTOR,
     ChannelServer,
@@ -65,6 +66,7 @@ class InferenceReplica:
         self._request = request
         self._control_plane_ip = control_plane_ip
         os.environ.update(pinned_env(request.gpu_indices, request.cpus))
+        pin_serving(request.serving_cores)  # off the cores training is pinned to
         self._server: ChannelServer | None = None
 
     def start(self) -> dict[str, Any]:

@@ -97,6 +97,7 @@ class LoopSettings:
     python_path: tuple[str, ...] = ()
     simulated_usage_dir: str | None = None
     node_dir: str | None = None  # the nodes' state directory (workers/node_dir.py)
+    serving_cores: int = 1  # each node's first cores serve; training is pinned to the others
     public_url: str | None = None  # the API's address for users: run descriptions link there
     policy: PlacementPolicy = field(default_factory=PlacementPolicy)
     queue: QueuePolicy = field(default_factory=QueuePolicy)
@@ -796,6 +797,7 @@ class Scheduler:
             python_path=self._settings.python_path,
             simulated_usage_dir=self._settings.simulated_usage_dir,
             node_dir=self._settings.node_dir,
+            serving_cores=self._settings.serving_cores,
             master_node_id=leader.node_id if gang else None,
             master_port=rendezvous_port(job.id, job.attempts) if gang else None,
             public_url=self._settings.public_url,

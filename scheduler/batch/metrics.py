@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -135,6 +135,15 @@ class SchedulerMetrics:
             registry=r,
         )
         self._placed_at: dict[str, float] = {}
+        self._throttles = Counter(
+            "jobworker_throttles_total",
+            "Training jobs throttled by the SLO guard, by the job's team and the deployment.",
+            ["team", "deployment"],
+            registry=r,
+        )
+        self._throttled_now = Gauge(
+            "jobworker_jobs_throttled", "Training jobs throttled by the SLO guard now.", registry=r
+        )
 
     def watch(self, collector: Collector) -> None:
         """Serve ``collector``'s families too (a :class:`ClusterStateCollector`)."""
@@ -167,6 +176,12 @@ class SchedulerMetrics:
 
     def retried(self, team: str, cause: str) -> None:
         self._retries.labels(team, cause).inc()
+
+    def throttled(self, team: str, deployment: str) -> None:
+        self._throttles.labels(team, deployment).inc()
+
+    def throttled_now(self, jobs: int) -> None:
+        self._throttled_now.set(jobs)
 
     def render(self) -> bytes:
         """The text exposition format (``prometheus_client.generate_latest``)."""

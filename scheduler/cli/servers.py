@@ -25,6 +25,7 @@ from scheduler.cli import daemons, serving
 from scheduler.cli.common import ApiOpt, HomeOpt, TokenOpt, connect, err, guard, out, read_text
 from scheduler.cli.jobs import wait_for_job
 from scheduler.core.model import MODES
+from scheduler.core.slo_guard import GuardSettings
 from workers.interface.errors import ServiceError
 
 
@@ -97,6 +98,49 @@ def up(
             help="How long a process may stay over its GPU memory cap before it is stopped.",
         ),
     ] = 4.0,  # Settings.memory_cap_grace_s
+    serving_cores: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            envvar="JOBWORKER_SERVING_CORES",
+            help="Each node's first cores serve (this API, replicas); training is pinned to the "
+            "others.",
+        ),
+    ] = 1,
+    slo_guard: Annotated[
+        bool,
+        typer.Option(
+            envvar="JOBWORKER_SLO_GUARD",
+            help="Throttle training co-located with a deployment whose p99 nears its slo.p99_ms.",
+        ),
+    ] = True,
+    guard_throttle_at: Annotated[
+        float,
+        typer.Option(
+            envvar="JOBWORKER_GUARD_THROTTLE_AT", help="Throttle above this x slo.p99_ms."
+        ),
+    ] = 0.8,
+    guard_release_at: Annotated[
+        float,
+        typer.Option(envvar="JOBWORKER_GUARD_RELEASE_AT", help="Release below this x slo.p99_ms."),
+    ] = 0.5,
+    guard_dwell_s: Annotated[
+        float,
+        typer.Option(
+            envvar="JOBWORKER_GUARD_DWELL_S", help="How long p99 must stay over (under) first."
+        ),
+    ] = 2.0,
+    guard_max_throttle_s: Annotated[
+        float,
+        typer.Option(envvar="JOBWORKER_GUARD_MAX_THROTTLE_S", help="The longest one throttle."),
+    ] = 300.0,
+    guard_rest_s: Annotated[
+        float,
+        typer.Option(
+            envvar="JOBWORKER_GUARD_REST_S",
+            help="After the longest throttle, training runs this long before the next.",
+        ),
+    ] = 60.0,
     detach: Annotated[bool, typer.Option(help="Run in the background; see `down`.")] = False,
 ) -> None:
     """Start the API, with a local Ray and an MLflow server unless addresses are given.
@@ -111,6 +155,13 @@ def up(
     if queue_mode is not None and mode is None:
         err.print(f"[red]error:[/] --queue-mode {queue_mode!r}: expected one of {', '.join(MODES)}")
         raise typer.Exit(2)
+    try:
+        GuardSettings(
+            guard_throttle_at, guard_release_at, guard_dwell_s, guard_max_throttle_s, guard_rest_s
+        )
+    except ValueError as exc:
+        err.print(f"[red]error:[/] --guard-* options: {exc}")
+        raise typer.Exit(2) from exc
     try:
         if detach:
             _detach(home, host, port)
@@ -152,6 +203,13 @@ def up(
         max_config_bytes=max_config_bytes,
         metrics_public=metrics_public,
         memory_cap_grace_s=memory_cap_grace_s if memory_caps else None,
+        serving_cores=serving_cores,
+        slo_guard=slo_guard,
+        guard_throttle_at=guard_throttle_at,
+        guard_release_at=guard_release_at,
+        guard_dwell_s=guard_dwell_s,
+        guard_max_throttle_s=guard_max_throttle_s,
+        guard_rest_s=guard_rest_s,
     )
     daemons.this_process(home, host, port)
     try:
@@ -171,8 +229,10 @@ def _mlflow_login(home: Path) -> str:
 def _serve(settings: Any, host: str, port: int) -> None:
     import uvicorn
 
-    from scheduler.wiring import build
+    from scheduler.wiring import build, pin_to_serving_cores
 
+    cores = pin_to_serving_cores(settings)  # first: the threads build() starts inherit it
+    out.print(f"API pinned to serving cores {', '.join(map(str, cores))}")
     plane = build(settings)
     plane.start()
     out.print(f"jobworker API on http://{host}:{port}  (MLflow UI: {settings.ui_url})")

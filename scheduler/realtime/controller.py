@@ -56,6 +56,7 @@ class ServeSettings:
     python_path: tuple[str, ...] = ()
     simulated_usage_dir: str | None = None
     node_dir: str | None = None  # the nodes' state directory (workers/node_dir.py)
+    serving_cores: int = 1  # each node's first cores serve: replicas are pinned to them
     resolve_every_s: float = 2.0
     resolve_wait_s: float = 1.0  # what a pass waits for MLflow, for all deployments together
     resolve_slow_s: float = 10.0  # no answer this long: the deployment's status says so
@@ -151,6 +152,13 @@ class DeploymentController:
         return tuple(
             (d.name, r.holding) for d in list(self._deps.values()) for r in d.replicas.values()
         )
+
+    def placed(self) -> list[tuple[DeploymentSpec, frozenset[str]]]:
+        """Each deployment's spec and the nodes its replicas run on (the SLO guard's view)."""
+        return [
+            (d.spec, frozenset(r.node_id for r in list(d.replicas.values())))
+            for d in list(self._deps.values())
+        ]
 
     def close(self) -> None:
         """Stop every replica (the control plane is shutting down)."""
@@ -379,6 +387,7 @@ class DeploymentController:
                 python_path=self._settings.python_path,
                 simulated_usage_dir=self._settings.simulated_usage_dir,
                 node_dir=self._settings.node_dir,
+                serving_cores=self._settings.serving_cores,
                 allow_pickled_model=dep.spec.allow_pickled_model,
             )
             holding = Holding(

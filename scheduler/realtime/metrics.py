@@ -127,6 +127,13 @@ class ServingMetrics:
             window_s=self._window_s,
         )
 
+    def recent_p99_ms(self, model: str, window_s: float) -> float | None:
+        """The model's p99 over the last ``window_s`` (at most ``WINDOW_S``); None: no traffic."""
+        since = self._clock() - window_s
+        with self._recent_lock:
+            latencies = sorted(s for at, s in self._recent_latency.get(model, ()) if at > since)
+        return _percentile(latencies, 0.99) * 1000 if latencies else None
+
     def _remember(self, recent: dict[str, deque[Any]], model: str, value: float) -> None:
         now = self._clock()
         with self._recent_lock:

@@ -369,7 +369,9 @@ class Router:
             expected_s = max(expected_s, (route.queued_rows + in_flight + rows) / rate)
         expected_s += route.overhead_s
         expected_ms = expected_s * 1000
-        if expected_ms > cfg.slo_p99_ms * _ADMIT_SHARE_OF_SLO:
+        # An idle route (nothing queued, a replica free) always admits: nothing is ahead to
+        # shed, and only answered requests refresh an estimate that a burst inflated.
+        if expected_ms > cfg.slo_p99_ms * _ADMIT_SHARE_OF_SLO and not (idle and not route.queue):
             self._metrics.shed(cfg.name, "slo")
             raise PredictError(
                 429,

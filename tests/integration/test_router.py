@@ -250,6 +250,21 @@ def test_expected_latency_over_the_slo_is_429(pool: Pool) -> None:
     assert sample(metrics, "jobworker_requests_shed_total", reason="slo") == 1
 
 
+def test_an_idle_route_admits_even_when_its_estimate_is_over_the_slo(pool: Pool) -> None:
+    replica = pool("a", delay_s=0.05)  # every batch takes >= 50 ms, over 80% of the SLO
+    metrics = ServingMetrics()
+
+    async def main() -> None:
+        async with routing(
+            [replica], metrics=metrics, max_batch_size=1, slo_p99_ms=40, max_queue=100
+        ) as router:
+            for i in range(3):  # one after another: nothing ahead of any of them
+                await bounded(router.predict(MODEL, rows(i)))  # a 429 would raise
+
+    run(main())
+    assert b'reason="slo"' not in metrics.render()
+
+
 def test_no_ready_replica_is_503(pool: Pool) -> None:
     metrics = ServingMetrics()
 

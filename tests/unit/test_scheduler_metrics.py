@@ -116,3 +116,13 @@ def test_placement_pass_time_counters_and_clock() -> None:
     assert got[("jobworker_preemptions_total", labels(team="vision"))] == 2
     assert got[("jobworker_retries_total", labels(team="nlp", cause="lost"))] == 1
     assert ("jobworker_retries_total", labels(team="nlp", cause="failed")) not in got
+
+
+def test_throttles_are_counted_per_team_and_deployment_beside_those_throttled_now() -> None:
+    metrics = SchedulerMetrics(FakeClock())
+    metrics.throttled("vision", "mlp")
+    metrics.throttled("vision", "mlp")
+    metrics.throttled_now(1)
+    got = samples(metrics)
+    assert got[("jobworker_throttles_total", labels(team="vision", deployment="mlp"))] == 2
+    assert got[("jobworker_jobs_throttled", labels())] == 1

@@ -54,3 +54,14 @@ def test_shed_requests_are_counted_in_all() -> None:
     metrics.shed("mlp", "queue_full")
     metrics.shed("mlp", "slo")
     assert metrics.summary("mlp").shed_total == 2
+
+
+def test_the_guards_p99_looks_back_only_its_own_shorter_window() -> None:
+    clock = Clock()
+    metrics = ServingMetrics(clock=clock, window_s=30)
+    metrics.observe_latency("mlp", 0.5)
+    clock.now += 10
+    metrics.observe_latency("mlp", 0.002)
+    assert metrics.recent_p99_ms("mlp", window_s=5) == pytest.approx(2.0)
+    assert metrics.recent_p99_ms("mlp", window_s=20) == pytest.approx(500.0)
+    assert metrics.recent_p99_ms("other", window_s=5) is None

@@ -102,6 +102,7 @@ class LaunchRequest(_Value):
     # The node's own state directory (the same path on every node, like the usage dir):
     # what the node agent and the processes it watches share (see workers/node_dir.py).
     node_dir: str | None = None
+    serving_cores: int = 1  # the node's first cores serve; training is pinned to the others
     # A multi-node job is a gang: one worker per node, rank 0 on the first node.
     master_node_id: str | None = None  # rank 0's node: the executor resolves its address
     master_addr: str | None = None
@@ -221,6 +222,10 @@ class Executor(Protocol):
 
     def stop(self, job_id: str, grace_s: float) -> None:
         """Ask the job to stop (checkpoint and exit); kill it after ``grace_s``."""
+        ...
+
+    def throttle(self, job_id: str, paused: bool) -> None:
+        """Throttle every rank of a running job (``paused``: the SLO guard), or release it."""
         ...
 
     def release(self, job_id: str) -> None:

@@ -38,6 +38,7 @@ class ReplicaRequest:
     python_path: tuple[str, ...] = ()
     simulated_usage_dir: str | None = None
     node_dir: str | None = None  # the node's state directory (workers/node_dir.py)
+    serving_cores: int = 1  # the node's first cores serve: the replica is pinned to them
     allow_pickled_model: bool = False  # the deployment's: load a pickled model (runs its code)
 
 
