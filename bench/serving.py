@@ -343,7 +343,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         loads.append(Load("open", rate=args.rate))
     workdir = Path(tempfile.mkdtemp(prefix="bench_serving_"))
     body = request_body()
-    (workdir / "body.json").write_bytes(body)
     rows: list[Row] = []
     failed: dict[str, set[int]] = {}
     shuffle = random.Random(args.seed).shuffle
@@ -357,8 +356,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 round_loads = list(loads)
                 shuffle(round_loads)
                 print(f"[{name}] starting", flush=True)
+                round_dir = workdir / f"round{round_no + 1}"  # a fresh home, MLflow and logs
+                round_dir.mkdir(exist_ok=True)
+                (round_dir / "body.json").write_bytes(body)
                 try:
-                    bench_server(name, round_loads, workdir, args, body, round_no, rows)
+                    bench_server(name, round_loads, round_dir, args, body, round_no, rows)
                 except (
                     ServerFailed,
                     RuntimeError,
