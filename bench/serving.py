@@ -3,9 +3,11 @@
 Run from anywhere::
 
     .venv/bin/python bench/serving.py [--servers fastapi,rayserve,rayserve-batch,
-        rayserve-direct,jobworker,jobworker-noauth] [--duration 5] [--warmup 1]
-        [--concurrency 1,8,32] [--rate 1000] [--connections 64] [--batch-wait-ms 0]
-        [--ray-worker-niceness 0] [--keep]
+        rayserve-direct,jobworker,jobworker-noauth] [--rounds 3] [--seconds 5]
+        [--warmup 1] [--concurrency 1,8,32] [--rate 1000] [--connections 64]
+        [--batch-wait-ms 0] [--ray-worker-niceness 0] [--seed N] [--keep]
+
+A short run: ``--servers fastapi,rayserve-direct,jobworker --rounds 3 --seconds 2 --rate 0``.
 
 The same model, an MLP 64→256→256→10 in float32 on CPU with one torch thread per server
 process (``bench/serving_model.py``, fixed seed), behind ``POST`` JSON
@@ -24,9 +26,12 @@ process (``bench/serving_model.py``, fixed seed), behind ``POST`` JSON
 - ``jobworker-noauth``: the same, with the token check replaced by a fixed admin identity
   (``bench/serving_noauth.py``), to measure what checking the token costs.
 
-Servers run one at a time (the machine has two cores), each started fresh, checked (the
-first response must hold one row of 10 outputs, or the bench fails), loaded, and torn
-down with every process it spawned. All on 127.0.0.1, access logs off. Ray-based servers
+The bench runs ``--rounds`` interleaved rounds. Each round starts every server once, in a
+shuffled order, and runs every load on it, in a shuffled order; so a slow spell of the
+(shared) machine falls on different servers in different rounds. Servers run one at a time
+(the machine has two cores), each started fresh, checked (the first response must hold one
+row of 10 outputs, or the server counts as failed in that round), loaded, and torn down
+with every process it spawned. All on 127.0.0.1, access logs off. Ray-based servers
 get ``RAY_worker_niceness=0`` (``--ray-worker-niceness``): Ray's default nice 15 for its
 workers would hand the request path's Ray processes a fraction of a shared core next to
 the nice-0 load generator and API processes.
@@ -39,18 +44,24 @@ from the scheduled send time). Each load gets ``--warmup`` unmeasured seconds, t
 capacity as req/s, latencies that grow with the backlog, and the arrivals still unsent
 a few seconds after the end as ``dropped``.
 
-It prints a table (req/s, p50/p95/p99 ms, non-200 count per server and load), the targets,
-and last::
+It prints a table (per server and load: the median over rounds of req/s, p50 and p99 ms,
+each with its min-max spread, and the non-200 count summed over rounds), the targets, and
+last (``bench/serving_report.py``)::
 
     RESULT serving c32_vs_best_rayserve_x=… c1_p50_vs_fastapi_x=… c32_rps=… c1_p50_ms=…
-        auth_c1_p50_x=… auth_c32_rps_x=…
+        auth_c1_p50_x=… auth_c32_rps_x=… c32_x_spread=LO-HI c1_x_spread=LO-HI
+        c32_p99_ms=… best_rayserve_c32_p99_ms=… rounds=N non200=server:n,… failed=…
 
-``c32_vs_best_rayserve_x`` is jobworker's req/s at concurrency 32 over that of the Ray
-Serve variant with the most req/s there; ``c1_p50_vs_fastapi_x`` is jobworker's p50 at
-concurrency 1 over FastAPI's; ``c32_rps`` and ``c1_p50_ms`` are jobworker's;
-``auth_c1_p50_x`` and ``auth_c32_rps_x`` are jobworker's c1 p50 and c32 req/s over
-``jobworker-noauth``'s (the token check's cost: above 1 and below 1 respectively). A field whose
-server was not run (or failed) prints ``nan``. Exit status 1 if any server failed.
+Ratios are taken within each round, then their median (and ``*_spread``, min-max) over
+rounds is printed. ``c32_vs_best_rayserve_x`` is jobworker's req/s at concurrency 32 over
+that of the Ray Serve variant with the most req/s there in the same round;
+``c1_p50_vs_fastapi_x`` is jobworker's p50 at concurrency 1 over FastAPI's;
+``c32_rps``, ``c1_p50_ms`` and ``c32_p99_ms`` are jobworker's medians;
+``best_rayserve_c32_p99_ms`` is the median p99 of each round's best Ray Serve variant;
+``auth_c1_p50_x`` and ``auth_c32_rps_x`` compare jobworker with ``jobworker-noauth`` (the
+token check's cost: above 1 and below 1 respectively). A ratio is ``nan`` when a side of
+it did not run, failed to start in some round, or answered anything but 200 at that load
+(for the Ray Serve side: any variant that was run). Exit status 1 if any server failed.
 """
 
 from __future__ import annotations
@@ -58,15 +69,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
+import random
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +95,14 @@ from bench.serving_procs import (  # noqa: E402
     ready_line,
     stop,
 )
+from bench.serving_report import (  # noqa: E402
+    RAY_VARIANTS,
+    Load,
+    Report,
+    Row,
+    print_table,
+    result_line,
+)
 
 BENCH_DIR = REPO_ROOT / "bench"
 SERVERS = (
@@ -95,39 +113,9 @@ SERVERS = (
     "jobworker",
     "jobworker-noauth",
 )
-RAY_VARIANTS = {"rayserve": "proxy", "rayserve-batch": "batch", "rayserve-direct": "direct"}
+RAY_VARIANT_ARG = {"rayserve": "proxy", "rayserve-batch": "batch", "rayserve-direct": "direct"}
 START_TIMEOUT_S = 180.0
 SETTLE_S = 2.0  # between servers: let the last one's exit finish before the next starts
-
-
-@dataclass(frozen=True)
-class Load:
-    """One load pattern: a closed loop at ``concurrency`` or an open loop at ``rate``."""
-
-    mode: str
-    concurrency: int = 0
-    rate: float = 0.0
-
-    @property
-    def name(self) -> str:
-        return f"c{self.concurrency}" if self.mode == "closed" else f"open@{self.rate:g}/s"
-
-    def loadgen_args(self, connections: int) -> list[str]:
-        if self.mode == "closed":
-            return ["--mode", "closed", "--concurrency", str(self.concurrency)]
-        return ["--mode", "open", "--rate", str(self.rate), "--connections", str(connections)]
-
-
-@dataclass
-class Row:
-    server: str
-    load: Load
-    result: dict[str, Any]
-
-    def non_200(self) -> int:
-        statuses: dict[str, int] = self.result.get("statuses", {})
-        bad = sum(n for status, n in statuses.items() if status != "200")
-        return bad + int(self.result.get("dropped", 0))
 
 
 # -- servers -------------------------------------------------------------------------------
@@ -155,7 +143,7 @@ def ray_env(args: argparse.Namespace) -> dict[str, str]:
 def start_rayserve(
     name: str, log_dir: Path, args: argparse.Namespace, launched: list[ServerProcess]
 ) -> str:
-    variant = RAY_VARIANTS[name]
+    variant = RAY_VARIANT_ARG[name]
     temp_dir = tempfile.mkdtemp(prefix=f"ray_sv_{variant}_", dir="/tmp")
     env = ray_env(args)
     env["PYTHONPATH"] = str(REPO_ROOT)
@@ -287,14 +275,20 @@ def run_load(
 
 
 def bench_server(
-    name: str, loads: Sequence[Load], workdir: Path, args: argparse.Namespace, body: bytes
-) -> list[Row]:
+    name: str,
+    loads: Sequence[Load],
+    workdir: Path,
+    args: argparse.Namespace,
+    body: bytes,
+    round_no: int,
+    rows: list[Row],
+) -> None:
+    """Start ``name`` fresh, run ``loads`` on it in their order, appending to ``rows``."""
     body_file = workdir / "body.json"
-    rows = []
     with serving(name, workdir, args, body) as url:
         for load in loads:
             headers = request_headers(name, workdir)
-            row = Row(name, load, run_load(url, load, body_file, args, headers))
+            row = Row(name, load, run_load(url, load, body_file, args, headers), round_no)
             rows.append(row)
             r = row.result
             print(
@@ -302,74 +296,6 @@ def bench_server(
                 f"  p99 {r['p99_ms']:.3f} ms  non-200 {row.non_200()}",
                 flush=True,
             )
-    return rows
-
-
-# -- report --------------------------------------------------------------------------------
-def _notes(row: Row) -> str:
-    statuses: dict[str, int] = row.result.get("statuses", {})
-    parts = [f"{s}:{n}" for s, n in sorted(statuses.items()) if s != "200"]
-    if row.result.get("dropped"):
-        parts.append(f"dropped:{row.result['dropped']}")
-    if "send_lag_p50_ms" in row.result:
-        parts.append(f"send-lag p50 {row.result['send_lag_p50_ms']:.3f} ms")
-    return " ".join(parts)
-
-
-def print_table(rows: Sequence[Row]) -> None:
-    head = (
-        f"{'server':16s} {'load':14s} {'req/s':>9s} {'p50 ms':>9s} {'p95 ms':>9s} "
-        f"{'p99 ms':>9s} {'non-200':>8s}  notes"
-    )
-    print("\n" + head + "\n" + "-" * len(head))
-    for row in rows:
-        r = row.result
-        print(
-            f"{row.server:16s} {row.load.name:14s} {r['rps']:9.0f} {r['p50_ms']:9.3f} "
-            f"{r['p95_ms']:9.3f} {r['p99_ms']:9.3f} {row.non_200():8d}  {_notes(row)}"
-        )
-
-
-def _find(rows: Sequence[Row], server: str, concurrency: int) -> dict[str, Any] | None:
-    for row in rows:
-        if row.server == server and row.load == Load("closed", concurrency=concurrency):
-            return row.result
-    return None
-
-
-def _field(result: dict[str, Any] | None, key: str) -> float:
-    return float(result[key]) if result is not None else math.nan
-
-
-def result_line(rows: Sequence[Row]) -> str:
-    """The targets, then the ``RESULT serving …`` line (NaN where a server is missing)."""
-    ray_c32 = {name: r for name in RAY_VARIANTS if (r := _find(rows, name, 32)) is not None}
-    best_name = max(ray_c32, key=lambda name: float(ray_c32[name]["rps"]), default=None)
-    best = ray_c32.get(best_name) if best_name is not None else None
-    jw32, jw1, fa1 = (
-        _find(rows, "jobworker", 32),
-        _find(rows, "jobworker", 1),
-        _find(rows, "fastapi", 1),
-    )
-    c32_x = _field(jw32, "rps") / _field(best, "rps")
-    c1_x = _field(jw1, "p50_ms") / _field(fa1, "p50_ms")
-    open32, open1 = _find(rows, "jobworker-noauth", 32), _find(rows, "jobworker-noauth", 1)
-    auth_c1_x = _field(jw1, "p50_ms") / _field(open1, "p50_ms")
-    auth_c32_x = _field(jw32, "rps") / _field(open32, "rps")
-    print(
-        f"\nbest Ray Serve at c32: {best_name} ({_field(best, 'rps'):.0f} req/s, "
-        f"p99 {_field(best, 'p99_ms'):.3f} ms); jobworker c32: {_field(jw32, 'rps'):.0f} req/s, "
-        f"p99 {_field(jw32, 'p99_ms'):.3f} ms"
-    )
-    print(
-        f"targets: c32 throughput x {c32_x:.2f} (>= 1.0) at p99 {_field(jw32, 'p99_ms'):.3f} "
-        f"<= {_field(best, 'p99_ms'):.3f} ms; c1 p50 x {c1_x:.2f} (<= 3.0)"
-    )
-    return (
-        f"RESULT serving c32_vs_best_rayserve_x={c32_x:.2f} c1_p50_vs_fastapi_x={c1_x:.2f} "
-        f"c32_rps={_field(jw32, 'rps'):.0f} c1_p50_ms={_field(jw1, 'p50_ms'):.3f} "
-        f"auth_c1_p50_x={auth_c1_x:.3f} auth_c32_rps_x={auth_c32_x:.3f}"
-    )
 
 
 def _loadavg() -> str:
@@ -380,7 +306,16 @@ def _loadavg() -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--servers", default=",".join(SERVERS), help="comma list, in run order")
-    p.add_argument("--duration", type=float, default=5.0, help="measured seconds per load")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (each: every server)")
+    p.add_argument(
+        "--seconds",
+        "--duration",
+        dest="duration",
+        type=float,
+        default=5.0,
+        help="measured seconds per load",
+    )
+    p.add_argument("--seed", type=int, default=None, help="seed of the shuffled order")
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds per load")
     p.add_argument("--concurrency", default="1,8,32", help="closed-loop connection counts")
     p.add_argument("--rate", type=float, default=1000.0, help="open-loop req/s (0: none)")
@@ -408,28 +343,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         loads.append(Load("open", rate=args.rate))
     workdir = Path(tempfile.mkdtemp(prefix="bench_serving_"))
     body = request_body()
-    (workdir / "body.json").write_bytes(body)
     rows: list[Row] = []
-    failed: list[str] = []
+    failed: dict[str, set[int]] = {}
+    shuffle = random.Random(args.seed).shuffle
     print(f"{os.cpu_count()} CPUs; load average at start {_loadavg()}", flush=True)
     try:
-        for name in args.server_list:
-            print(f"[{name}] starting", flush=True)
-            try:
-                rows += bench_server(name, loads, workdir, args, body)
-            except (ServerFailed, RuntimeError, subprocess.TimeoutExpired, httpx.HTTPError) as exc:
-                failed.append(name)
-                print(f"\n!!! {name} FAILED: {exc}\n", file=sys.stderr, flush=True)
+        for round_no in range(args.rounds):
+            order = list(args.server_list)
+            shuffle(order)
+            print(f"round {round_no + 1}/{args.rounds}: {', '.join(order)}", flush=True)
+            for name in order:
+                round_loads = list(loads)
+                shuffle(round_loads)
+                print(f"[{name}] starting", flush=True)
+                round_dir = workdir / f"round{round_no + 1}"  # a fresh home, MLflow and logs
+                round_dir.mkdir(exist_ok=True)
+                (round_dir / "body.json").write_bytes(body)
+                try:
+                    bench_server(name, round_loads, round_dir, args, body, round_no, rows)
+                except (
+                    ServerFailed,
+                    RuntimeError,
+                    subprocess.TimeoutExpired,
+                    httpx.HTTPError,
+                ) as exc:
+                    failed.setdefault(name, set()).add(round_no)
+                    print(f"\n!!! {name} FAILED: {exc}\n", file=sys.stderr, flush=True)
     finally:
         if args.keep:
             print(f"work dir kept: {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    print_table(rows)
+    report = Report(rows, failed, args.rounds)
+    print_table(report, loads, args.server_list)
     print(f"load average at end {_loadavg()} (other work on the machine skews the numbers)")
     if failed:
-        print(f"\nFAILED servers: {', '.join(failed)} (see the messages above)")
-    print(result_line(rows), flush=True)
+        where = "; ".join(f"{s} in round(s) {sorted(n + 1 for n in r)}" for s, r in failed.items())
+        print(f"\nFAILED: {where} (see the messages above); ratios against them: n/a")
+    print(result_line(report), flush=True)
     return 1 if failed else 0
 
 

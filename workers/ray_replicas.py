@@ -3,14 +3,16 @@
 Both halves live here: :class:`RayReplicaLauncher` in the control plane, and the
 :class:`InferenceReplica` actor it starts on the node the scheduler chose (hard
 node affinity). The replica sees only the GPU it was given:
-``CUDA_VISIBLE_DEVICES`` is set before torch is imported. Torch and MLflow are
-imported in :meth:`InferenceReplica.start`, inside the actor process, never in
-the control plane. Once warm it serves over ``workers.interface.channel``, with a
-secret it makes itself and returns, with its address, from ``start`` (the Ray
-call the control plane makes anyway), so the secret travels only through Ray.
-It listens on 127.0.0.1 when it runs on the control plane's machine (the
-embedded set-up: Ray reports the machine's address even for a head started on
-127.0.0.1), else on its node's address.
+``CUDA_VISIBLE_DEVICES`` is set in the actor's environment, which its serving
+process inherits. The actor is the control handle; the model and the channel
+server run in a plain child process (``workers/replica_process.py``), so serving
+shares no GIL with Ray's threads, and torch and MLflow are imported there, never
+in the control plane. The actor makes the channel secret and returns it, with the
+child's address, from ``start`` (the Ray call the control plane makes anyway), so
+the secret travels only through Ray and the child's stdin. It listens on
+127.0.0.1 when it runs on the control plane's machine (the embedded set-up: Ray
+reports the machine's address even for a head started on 127.0.0.1), and then on
+a Unix socket too, which the router uses; else on its node's address.
 
 Actors are owned by the control-plane process (not detached): when it dies,
 its replicas go with it, and a restarted control plane starts them afresh
@@ -19,36 +21,35 @@ from the deployments in its store.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import ipaddress
+import json
 import logging
 import os
-import time
+import shutil
+import subprocess
+import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from workers.cpu_control import pin_serving
-from workers.interface.channel import (
-    MAX_ROWS_FACTOR,
-    ChannelServer,
-    InputLimits,
-    new_secret,
-)
+from workers.interface.channel import new_secret
 from workers.interface.replicas import ReplicaPhase, ReplicaRequest, ReplicaStatus
 from workers.memory_caps import register_replica, release_replica, replica_verdict
 from workers.pinning import pinned_env
+from workers.replica_process import launch_config
 from workers.sim_backend import remove_usage, write_usage
 
 log = logging.getLogger(__name__)
 
 ACTOR_PREFIX = "jobworker-replica-"
+_PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # where ``workers`` is importable from
 
 
 def listen_host(node_ip: str, control_plane_ip: str) -> str:
@@ -60,74 +61,76 @@ def listen_host(node_ip: str, control_plane_ip: str) -> str:
 
 @ray.remote(num_cpus=0, max_restarts=0, max_concurrency=2)  # type: ignore[call-overload]
 class InferenceReplica:
-    """One replica; ``start`` returns its address, secret and input schema once it is warm."""
+    """One replica's control handle; ``start`` returns its address, secret and input schema
+    once it is warm.
+
+    The model and the channel server live in a plain child process
+    (``workers/replica_process.py``) that this actor starts and watches: ``ping`` fails once
+    the child has exited, and the child exits when this actor does.
+    """
 
     def __init__(self, request: ReplicaRequest, control_plane_ip: str) -> None:
         self._request = request
         self._control_plane_ip = control_plane_ip
         os.environ.update(pinned_env(request.gpu_indices, request.cpus))
-        pin_serving(request.serving_cores)  # off the cores training is pinned to
-        self._server: ChannelServer | None = None
+        pin_serving(request.serving_cores)  # off training's cores; its serving process inherits it
+        self._child: subprocess.Popen[bytes] | None = None
 
     def start(self) -> dict[str, Any]:
-        import torch
-
-        from workers.gpu_caps import limit_gpu_memory
-        from workers.mlflow_models import load
-
         req = self._request
-        torch.set_num_threads(max(1, int(req.cpus)))
-        limit_gpu_memory(req.gpu_memory_bytes if req.gpu_indices else None)
-        device = "cuda" if req.gpu_indices and torch.cuda.is_available() else "cpu"
-        module, schema = load(req.model_uri, req.tracking_uri, device, req.allow_pickled_model)
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            module.eval()  # an exported (pt2) program is traced in eval mode and refuses this
-
-        def predict(batch: np.ndarray) -> np.ndarray:
-            with torch.inference_mode():
-                out = module(torch.from_numpy(batch).to(device))
-            return np.asarray(out.detach().cpu().numpy())
-
-        started = time.perf_counter()
-        if schema is not None:  # warm up: first calls allocate and pick kernels
-            for rows in (1, req.max_batch_size):
-                shape = [rows if d == -1 else d for d in schema.shape]
-                predict(np.zeros(shape, dtype=schema.dtype))
-        warmup_ms = (time.perf_counter() - started) * 1000
-        register_replica(
-            req.node_dir, req.replica_id, os.getpid(), req.gpu_indices, req.gpu_memory_bytes
-        )
         node_ip = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
-        secret = new_secret()
-        self._server = ChannelServer(
-            predict,
-            secret=secret,
-            limits=InputLimits(schema, req.max_batch_size * MAX_ROWS_FACTOR),
-            host=listen_host(node_ip, self._control_plane_ip),
+        host = listen_host(node_ip, self._control_plane_ip)
+        # A router on this machine takes the Unix socket; mkdtemp's 0700 directory keeps
+        # other users off it (and the path short: a socket's path has at most 107 bytes).
+        unix_path = (
+            str(Path(tempfile.mkdtemp(prefix="jw-replica-")) / "channel.sock")
+            if host == "127.0.0.1"
+            else None
         )
-        self._server.start()
+        secret = new_secret()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(_PACKAGE_ROOT), env.get("PYTHONPATH")) if p
+        )
+        self._child = subprocess.Popen(
+            [sys.executable, "-m", "workers.replica_process"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        assert self._child.stdin is not None and self._child.stdout is not None
+        self._child.stdin.write(launch_config(req, secret, host, unix_path))
+        self._child.stdin.flush()  # stdin stays open: the child serves until it closes
+        line = self._child.stdout.readline()
+        info: dict[str, Any] = json.loads(line) if line.strip() else {}
+        if "pid" not in info:
+            code = self._child.wait()
+            if unix_path is not None:
+                shutil.rmtree(Path(unix_path).parent, ignore_errors=True)
+            why = info.get("error", f"the replica process exited with code {code}")
+            raise RuntimeError(why)
+        # The post-start block: the child's pid holds the model (and its GPU memory).
+        child_pid: int = info["pid"]
         if req.simulated_usage_dir and req.gpu_indices:
             write_usage(
                 Path(req.simulated_usage_dir),
                 req.replica_id,
-                os.getpid(),
+                child_pid,
                 list(req.gpu_indices),
                 req.gpu_memory_bytes,
             )
-        host, port = self._server.address
-        return {
-            "host": host,
-            "port": port,
-            "secret": secret,
-            "pid": os.getpid(),
-            "device": device,
-            "warmup_ms": warmup_ms,
-            "input_shape": list(schema.shape) if schema else None,
-            "input_dtype": schema.dtype if schema else None,
-        }
+        register_replica(
+            req.node_dir, req.replica_id, child_pid, req.gpu_indices, req.gpu_memory_bytes
+        )
+        return {**info, "secret": secret}
 
     def ping(self) -> int:
-        return os.getpid()
+        """The serving process's pid; an error once it has exited."""
+        child = self._child
+        if child is None or child.poll() is not None:
+            code = child.returncode if child is not None else None
+            raise RuntimeError(f"the replica's serving process exited with code {code}")
+        return child.pid
 
 
 @dataclasses.dataclass
@@ -137,6 +140,7 @@ class _Replica:
     start: Any  # ObjectRef of start()
     ping: Any = None  # ObjectRef of the outstanding liveness ping
     status: ReplicaStatus | None = None
+    unix_path: str | None = None  # its channel's Unix socket, removed at stop
 
 
 class RayReplicaLauncher:
@@ -185,6 +189,7 @@ class RayReplicaLauncher:
             if not ready:
                 return ReplicaStatus(replica_id, ReplicaPhase.STARTING)
             rep.status = self._started(replica_id, rep.start)
+            rep.unix_path = rep.status.unix_path
             return rep.status
         if rep.status.phase is not ReplicaPhase.READY:
             return rep.status
@@ -222,6 +227,7 @@ class RayReplicaLauncher:
             pid=info["pid"],
             input_shape=tuple(shape) if shape is not None else None,
             input_dtype=info["input_dtype"],
+            unix_path=info["unix_path"],
         )
 
     def stop(self, replica_id: str) -> None:
@@ -230,5 +236,7 @@ class RayReplicaLauncher:
             return
         ray.kill(rep.actor, no_restart=True)  # the router has drained it already
         release_replica(rep.request.node_dir, replica_id)
+        if rep.unix_path:  # the socket is on this machine
+            shutil.rmtree(Path(rep.unix_path).parent, ignore_errors=True)
         if rep.request.simulated_usage_dir:
             remove_usage(Path(rep.request.simulated_usage_dir), replica_id)

@@ -526,6 +526,7 @@ def _endpoint(rep: _Replica) -> ReplicaEndpoint:
         run_id=rep.resolved.run_id,
         input_shape=st.input_shape,
         input_dtype=st.input_dtype,
+        unix_path=st.unix_path,
     )
 
 

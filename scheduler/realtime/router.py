@@ -81,6 +81,7 @@ class ReplicaEndpoint:
     input_shape: tuple[int, ...] | None
     input_dtype: str | None
     secret: bytes = field(repr=False)  # what the router presents on the replica's channel
+    unix_path: str | None = None  # set when the replica is on this machine: used instead of TCP
 
 
 @dataclass(frozen=True)
@@ -263,6 +264,16 @@ class Router:
             self._pump(route)
 
     async def _connect(self, endpoint: ReplicaEndpoint) -> ChannelClient | None:
+        if endpoint.unix_path is not None:
+            try:
+                return await ChannelClient.connect_unix(endpoint.unix_path, endpoint.secret)
+            except (OSError, TimeoutError) as exc:
+                log.warning(
+                    "cannot reach replica %s over %s (%s); trying TCP",
+                    endpoint.replica_id,
+                    endpoint.unix_path,
+                    exc,
+                )
         try:
             return await ChannelClient.connect(endpoint.host, endpoint.port, endpoint.secret)
         except (OSError, TimeoutError) as exc:

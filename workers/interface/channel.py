@@ -1,4 +1,8 @@
-"""The data path between the router and an inference replica: arrays over a TCP socket.
+"""The data path between the router and an inference replica: arrays over a socket.
+
+A replica listens on TCP and, when asked, also on a Unix domain socket: a router
+on the replica's machine uses the Unix socket (no TCP/IP stack on the hop), one
+on another machine TCP. The protocol is the same on both.
 
 A replica serves one persistent connection per router with length-prefixed
 frames; the router may pipeline several batches on it, matched by request id.
@@ -33,6 +37,7 @@ import contextlib
 import hmac
 import logging
 import math
+import os
 import secrets
 import socket
 import struct
@@ -162,9 +167,10 @@ class ChannelServer:
     Example::
 
         secret = new_secret()
-        server = ChannelServer(lambda x: x * 2, secret=secret)
+        server = ChannelServer(lambda x: x * 2, secret=secret, unix_path="/tmp/jw-x/r.sock")
         server.start()
         host, port = server.address  # ChannelClient.connect(host, port, secret)
+        # or ChannelClient.connect_unix(server.unix_path, secret) on the same machine
     """
 
     def __init__(
@@ -174,6 +180,7 @@ class ChannelServer:
         secret: bytes,
         limits: InputLimits | None = None,
         host: str = "127.0.0.1",
+        unix_path: str | None = None,
         handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
         io_timeout_s: float = IO_TIMEOUT_S,
     ) -> None:
@@ -186,6 +193,12 @@ class ChannelServer:
         self._handshake_timeout_s = handshake_timeout_s
         self._io_timeout_s = io_timeout_s
         self._sock = socket.create_server((host, 0))
+        self._unix_sock: socket.socket | None = None
+        if unix_path is not None:
+            self._unix_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._unix_sock.bind(unix_path)
+            self._unix_sock.listen()
+        self._unix_path = unix_path
         self._lock = threading.Lock()  # one batch at a time on the model
         self._closed = False
         self._conns: set[socket.socket] = set()
@@ -199,13 +212,24 @@ class ChannelServer:
         return str(host), int(port)
 
     @property
+    def unix_path(self) -> str | None:
+        """The Unix socket's path, when the server listens on one too."""
+        return self._unix_path
+
+    @property
     def connections(self) -> tuple[int, int]:
         """``(accepted so far, open now)``: who is connected to this replica."""
         with self._conns_lock:
             return self._accepted, len(self._conns)
 
     def start(self) -> None:
-        threading.Thread(target=self._accept, name="replica-accept", daemon=True).start()
+        for sock in self._listening():
+            threading.Thread(
+                target=self._accept, args=(sock,), name="replica-accept", daemon=True
+            ).start()
+
+    def _listening(self) -> list[socket.socket]:
+        return [self._sock] if self._unix_sock is None else [self._sock, self._unix_sock]
 
     def close(self) -> None:
         """Stop accepting and drop every connection, as a dying replica would.
@@ -217,16 +241,20 @@ class ChannelServer:
             conns = list(self._conns)
         # close() alone neither wakes a thread blocked in accept() (Linux) nor stops the
         # socket from listening until accept() returns; shutdown() does both.
-        for sock in (self._sock, *conns):
+        for sock in (*self._listening(), *conns):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(OSError):
-            self._sock.close()
+        for sock in self._listening():
+            with contextlib.suppress(OSError):
+                sock.close()
+        if self._unix_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._unix_path)
 
-    def _accept(self) -> None:
+    def _accept(self, listening: socket.socket) -> None:
         while True:
             try:
-                conn, _ = self._sock.accept()
+                conn, _ = listening.accept()
             except OSError:
                 return
             with self._conns_lock:
@@ -238,7 +266,8 @@ class ChannelServer:
                 self._conns.add(conn)
                 self._accepted += 1
                 self._pending += 1
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if conn.family != socket.AF_UNIX:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
@@ -363,27 +392,27 @@ class ChannelClient:
         timeout_s: float = 10.0,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> ChannelClient:
-        """Connect and present ``secret``; ``ConnectionError`` when the replica refuses it,
-        ``TimeoutError`` when connecting or the answer takes more than ``timeout_s``."""
+        """Connect over TCP and present ``secret``; ``ConnectionError`` when the replica
+        refuses it, ``TimeoutError`` when connecting or the answer takes more than
+        ``timeout_s``."""
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
         sock: Any = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            writer.write(frame(0, HELLO, secret))
-            head = await asyncio.wait_for(reader.readexactly(_HEAD.size), timeout_s)
-            _, length, kind = _HEAD.unpack(head)
-            if kind != HELLO or length != 0:
-                raise ConnectionError(f"{host}:{port} did not answer as a replica does")
-        except asyncio.IncompleteReadError as exc:
-            writer.close()
-            raise ConnectionError(
-                f"the replica at {host}:{port} closed the connection instead of answering "
-                "HELLO: it refused the secret (or it is stopping)"
-            ) from exc
-        except BaseException:
-            writer.close()
-            raise
+        await _hello(reader, writer, secret, timeout_s, f"{host}:{port}")
+        return cls(reader, writer, max_response_bytes)
+
+    @classmethod
+    async def connect_unix(
+        cls,
+        path: str,
+        secret: bytes,
+        timeout_s: float = 10.0,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    ) -> ChannelClient:
+        """:meth:`connect`, over the replica's Unix socket at ``path`` (same machine only)."""
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), timeout_s)
+        await _hello(reader, writer, secret, timeout_s, path)
         return cls(reader, writer, max_response_bytes)
 
     @property
@@ -451,3 +480,29 @@ class ChannelClient:
         for future in pending.values():
             if not future.done():
                 future.set_exception(exc)
+
+
+async def _hello(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    secret: bytes,
+    timeout_s: float,
+    where: str,
+) -> None:
+    """Present ``secret`` and wait for the replica's empty HELLO; the writer is closed
+    when that fails."""
+    try:
+        writer.write(frame(0, HELLO, secret))
+        head = await asyncio.wait_for(reader.readexactly(_HEAD.size), timeout_s)
+        _, length, kind = _HEAD.unpack(head)
+        if kind != HELLO or length != 0:
+            raise ConnectionError(f"{where} did not answer as a replica does")
+    except asyncio.IncompleteReadError as exc:
+        writer.close()
+        raise ConnectionError(
+            f"the replica at {where} closed the connection instead of answering "
+            "HELLO: it refused the secret (or it is stopping)"
+        ) from exc
+    except BaseException:
+        writer.close()
+        raise

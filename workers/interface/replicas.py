@@ -60,6 +60,7 @@ class ReplicaStatus:
     input_dtype: str | None = None
     error: str | None = None
     secret: bytes | None = field(default=None, repr=False)  # what a channel client presents
+    unix_path: str | None = None  # the channel's Unix socket, for a router on its machine
 
 
 class ReplicaLauncher(Protocol):
