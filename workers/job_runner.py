@@ -35,7 +35,8 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -57,6 +58,7 @@ from workers.interface.spec import TrainingSpec
 from workers.interface.telemetry import GIB
 from workers.mlflow_context import DEFAULT_SPOOL_MAX_BYTES, MlflowJobContext, MlflowWaiter
 from workers.mlflow_spool import SPOOL_DIR
+from workers.warm_process import wait_for_job
 
 _MAX_PARAMS = 100  # MLflow's limit of params per log_batch call
 
@@ -298,10 +300,9 @@ def _end_run(
     (after a stop request: one try each)."""
 
     def end() -> None:
-        if mlflow.active_run() is not None:  # also stops MLflow's system-metrics monitor
-            mlflow.end_run(status=status)  # forgets the run, then sets its status
-        else:
-            client.set_terminated(run_id, status)
+        if mlflow.active_run() is None:  # the program failed before this thread started it
+            mlflow.start_run(run_id=run_id)
+        mlflow.end_run(status=status)  # stops the run's system-metrics monitor, sets its status
 
     try:
         earlier = wait.call("read the run", lambda: client.get_run(run_id)).data.tags
@@ -339,6 +340,40 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def _start_run(client: MlflowClient, launch: LaunchRequest, wait: MlflowWaiter) -> tuple[str, str]:
+    """Open the job's run (rank 0) or find it (the other ranks); ``(run_id, experiment_id)``.
+
+    Rank 0 also starts MLflow's own system-metrics monitor on it (CPU, memory, and GPU
+    through NVML when present), which ``mlflow.end_run`` stops, from any thread.
+    """
+    if not launch.leader:
+        return _follow_run(client, launch, wait)
+    run_id, experiment_id = _open_run(client, launch, wait)
+    print(f"jobworker: job {launch.job_id} logs to MLflow run {run_id}", flush=True)
+    mlflow.set_system_metrics_sampling_interval(2)  # type: ignore[no-untyped-call]
+    mlflow.set_system_metrics_samples_before_logging(1)  # type: ignore[no-untyped-call]
+    wait.call("start the run", lambda: mlflow.start_run(run_id=run_id, log_system_metrics=True))
+    return run_id, experiment_id
+
+
+def _open_in_background(
+    open_run: Callable[[], tuple[str, str]], stop: threading.Event
+) -> Future[tuple[str, str]]:
+    """``open_run()`` in a thread; when it fails the job is asked to stop (its error is the
+    job's outcome)."""
+    future: Future[tuple[str, str]] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(open_run())
+        except BaseException as exc:
+            stop.set()
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="mlflow-open", daemon=True).start()
+    return future
+
+
 def main(work_dir: Path) -> int:
     started_s = time.monotonic()
     _exit_with_parent()
@@ -361,12 +396,12 @@ def main(work_dir: Path) -> int:
     ctx: MlflowJobContext | None = None
     status = "FINISHED"
     try:
-        run_id, experiment_id = (_open_run if leader else _follow_run)(client, launch, wait)
-        outcome["run_id"] = run_id
+        # Off the path to the first step: the program starts while the run is opened; its
+        # metrics and checkpoints wait for the run (workers.mlflow_context).
+        opening = _open_in_background(lambda: _start_run(client, launch, wait), wait.stop)
         ctx = MlflowJobContext(
             client=client,
-            run_id=run_id,
-            experiment_id=experiment_id,
+            run=opening,
             work_dir=work_dir,
             gpu_ids=launch.node.gpu_indices,
             cpus=cpus,
@@ -375,22 +410,22 @@ def main(work_dir: Path) -> int:
             spool_max_bytes=_spool_max_bytes(),
             adopt=_earlier_spools(work_dir) if launch.world_size == 1 else (),
         )
-        if leader:
-            opened = run_id
-            # MLflow's own system-metrics monitor (CPU, memory, and GPU through NVML when present).
-            mlflow.set_system_metrics_sampling_interval(2)  # type: ignore[no-untyped-call]
-            mlflow.set_system_metrics_samples_before_logging(1)  # type: ignore[no-untyped-call]
-            wait.call(
-                "start the run",
-                lambda: mlflow.start_run(run_id=opened, log_system_metrics=True),
-            )
         print(
-            f"jobworker: job {launch.job_id} attempt {launch.attempt} run {run_id} "
+            f"jobworker: job {launch.job_id} attempt {launch.attempt} "
             f"gpus={list(launch.node.gpu_indices)} cpus={cpus} "
             f"rank {launch.rank} of {launch.world_size}",
             flush=True,
         )
-        result = _run_program(ctx, spec)
+        try:
+            result = _run_program(ctx, spec)
+        finally:
+            # What opening the run raised (refused, stopped) is the job's outcome, over
+            # what it made the program raise.
+            run_id, experiment_id = opening.result()
+            outcome["run_id"] = run_id
+        if leader:  # this thread's MLflow run too: log_model records the model in it
+            opened = run_id
+            wait.call("start the run", lambda: mlflow.start_run(run_id=opened))
         if result is not None and leader:
             outcome["metrics"] = result.metrics
             outcome["model_version"] = _log_model(
@@ -429,4 +464,7 @@ def main(work_dir: Path) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "--warm":  # everything above is imported: wait for a job (warm pool)
+        handed = wait_for_job()
+        sys.exit(0 if handed is None else main(handed))
     sys.exit(main(Path(sys.argv[1])))
