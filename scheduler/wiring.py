@@ -74,6 +74,7 @@ class Settings:
     max_config_bytes: int = 1 * MIB  # bodies of every route but predict (configs, tokens)
     token_cache_ttl_s: float = 5.0  # a verified token is trusted this long without the KDF
     metrics_public: bool = False  # serve /metrics without a token
+    warm_pool: int = 1  # warm job processes kept per node (0: every job starts cold)
 
     @property
     def admin_token_file(self) -> Path:
@@ -131,6 +132,7 @@ class ControlPlane:
 
     def stop(self) -> None:
         self.scheduler.stop()
+        self.executor.close()
         self.forecaster.stop()
         self.history.stop()
         self.controller.close()
@@ -169,7 +171,9 @@ def build(settings: Settings) -> ControlPlane:
         usage_dir=usage_dir,
         node_dir=node_dir,
     )
-    executor = RayExecutor(namespace=settings.namespace, work_root=home / "work")
+    executor = RayExecutor(
+        namespace=settings.namespace, work_root=home / "work", warm_pool=settings.warm_pool
+    )
     loop_settings = LoopSettings(
         tracking_uri=settings.tracking_uri,
         log_dir=home / "logs",
@@ -246,7 +250,10 @@ def build(settings: Settings) -> ControlPlane:
         Auth(tokens, AuditStore(engine), metrics_public=settings.metrics_public),
         mlflow_ui_url=settings.ui_url,
         cluster_view=lambda: cluster_table(
-            cluster.nodes(), store.find(list(ACTIVE)), controller.replica_holdings()
+            cluster.nodes(),
+            store.find(list(ACTIVE)),
+            controller.replica_holdings(),
+            executor.warm_pool(),
         ),
         serving=Serving(deployments, router, metrics),
         queue_view=lambda: [dataclasses.asdict(e) for e in scheduler.queue()],

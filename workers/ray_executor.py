@@ -29,19 +29,23 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import psutil
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from workers import warm_process
 from workers.interface.executor import (
     LaunchRequest,
     Progress,
+    WarmPoolStatus,
     WorkerPhase,
     WorkerReport,
     combine_ranks,
 )
 from workers.pinning import pinned_env
 from workers.ray_calls import gather
+from workers.ray_pool import WarmPool
 from workers.sim_backend import remove_usage, write_usage
 
 log = logging.getLogger(__name__)
@@ -70,14 +74,61 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 class TrainingWorker:
     """Runs one job attempt; polled by the executor, stopped on request."""
 
-    def __init__(self, launch: LaunchRequest, work_dir: str) -> None:
+    def __init__(
+        self, launch: LaunchRequest | None, work_dir: str | None, warm_log: str | None = None
+    ) -> None:
+        """One attempt's worker (``launch``, ``work_dir``) or, with ``warm_log``, a warm
+        pool worker: it starts a warm job process now and is handed a job by :meth:`assign`."""
         self._launch = launch
-        self._work_dir = Path(work_dir)
-        self._work_dir.mkdir(parents=True, exist_ok=True)
+        self._work_dir = Path(work_dir) if work_dir else None
         self._proc: subprocess.Popen[bytes] | None = None
         self._stop_timer: threading.Timer | None = None
         self._log_sent = 0
         self._start_lock = threading.Lock()
+        self._warm: subprocess.Popen[bytes] | None = None
+        self._warm_ready = threading.Event()
+        if warm_log is not None:
+            log_path = Path(warm_log)
+            warm = self._warm = warm_process.spawn(log_path, cwd=log_path.parent)
+            threading.Thread(target=self._await_warm, args=(warm,), daemon=True).start()
+
+    def _await_warm(self, warm: subprocess.Popen[bytes]) -> None:
+        if warm_process.wait_ready(warm):
+            self._warm_ready.set()
+
+    def wait_warm(self, timeout_s: float) -> int | None:
+        """The warm process's pid once it waits for a job (None: not ready yet, or it died)."""
+        warm = self._warm
+        if warm is None or not self._warm_ready.wait(timeout_s) or warm.poll() is not None:
+            return None
+        return warm.pid
+
+    def warm_info(self) -> dict[str, Any]:
+        """Whether this pool worker is idle and ready, and its memory (RSS of the warm process
+        and of this actor), for ``jobworker cluster``."""
+        warm = self._warm
+        rss_bytes = 0
+        for pid in (os.getpid(), warm.pid if warm is not None else None):
+            if pid is not None:
+                with contextlib.suppress(psutil.Error):
+                    rss_bytes += psutil.Process(pid).memory_info().rss
+        idle = self._launch is None and warm is not None and warm.poll() is None
+        return {"ready": idle and self._warm_ready.is_set(), "rss_bytes": rss_bytes}
+
+    def held(self) -> str | None:
+        """The worker key of the job this worker runs (None: an idle pool worker)."""
+        launch = self._launch
+        return None if launch is None else worker_key(launch.job_id, launch.rank)
+
+    def assign(self, launch: LaunchRequest, work_dir: str) -> int:
+        """Run ``launch`` in this pool worker's warm process (cold if it died); its pid."""
+        with self._start_lock:
+            if self._launch is None:
+                self._launch, self._work_dir = launch, Path(work_dir)
+            elif self.held() != worker_key(launch.job_id, launch.rank):
+                # Two control planes (a leader and its standby) may each count it idle.
+                raise RuntimeError(f"this pool worker already runs {self.held()}")
+        return self.start()
 
     def start(self) -> int:
         """Start the job process, once however often asked; returns its pid."""
@@ -87,45 +138,12 @@ class TrainingWorker:
             return self._start()
 
     def _start(self) -> int:
-        launch = self._launch
-        (self._work_dir / "launch.json").write_text(launch.model_dump_json())
-        env = dict(os.environ)
-        env.update(
-            pinned_env(launch.node.gpu_indices, launch.spec.resources.cpus),
-            PYTHONUNBUFFERED="1",
-            JOBWORKER_JOB_ID=launch.job_id,
-            # The job runner waits out MLflow outages itself (workers.mlflow_context): the
-            # client's own retries would only delay noticing one, and a stop request.
-            MLFLOW_HTTP_REQUEST_MAX_RETRIES=env.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
-            # Where Ray really put this actor: lets a job (and the tests) check the pinning.
-            JOBWORKER_RAY_NODE_ID=ray.get_runtime_context().get_node_id(),
-        )
-        if launch.world_size > 1:  # a gang: torch.distributed's rendezvous (jobs/distributed.py)
-            rank, world = str(launch.rank), str(launch.world_size)
-            env.update(
-                JOBWORKER_RANK=rank,
-                JOBWORKER_WORLD_SIZE=world,
-                RANK=rank,
-                WORLD_SIZE=world,
-                LOCAL_RANK="0",
-                MASTER_ADDR=str(launch.master_addr),
-                MASTER_PORT=str(launch.master_port),
-            )
-        if launch.python_path:
-            env["PYTHONPATH"] = os.pathsep.join(
-                [*launch.python_path, env.get("PYTHONPATH", "")]
-            ).rstrip(os.pathsep)
-        log = open(self._work_dir / "output.log", "ab")  # noqa: SIM115 - the child owns it
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "workers.job_runner", str(self._work_dir)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            cwd=self._work_dir,
-            start_new_session=True,
-        )
-        log.close()
+        launch, work_dir = self._launch, self._work_dir
+        assert launch is not None and work_dir is not None, "a pool worker starts by assign()"
+        work_dir.mkdir(parents=True, exist_ok=True)
+        (work_dir / "launch.json").write_text(launch.model_dump_json())
+        env = _job_env(launch)
+        self._proc = self._hand_warm(work_dir, env) or self._start_cold(work_dir, env)
         if launch.simulated_usage_dir and launch.node.gpu_indices:
             write_usage(
                 Path(launch.simulated_usage_dir),
@@ -136,6 +154,33 @@ class TrainingWorker:
             )
         return self._proc.pid
 
+    def _hand_warm(self, work_dir: Path, env: dict[str, str]) -> subprocess.Popen[bytes] | None:
+        """The warm process, handed the job; None when there is none or it died."""
+        warm, self._warm = self._warm, None
+        if warm is None or warm.poll() is not None:
+            return None
+        try:
+            # A warm process still importing takes the job when it is ready: sooner than cold.
+            warm_process.hand(warm, work_dir, env)
+        except OSError:
+            warm.wait()
+            return None
+        return warm
+
+    def _start_cold(self, work_dir: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = open(work_dir / "output.log", "ab")  # noqa: SIM115 - the child owns it
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "workers.job_runner", str(work_dir)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **env},
+            cwd=work_dir,
+            start_new_session=True,
+        )
+        log.close()
+        return proc
+
     def poll(self, log_offset: int | None = None) -> dict[str, Any]:
         """State, progress, and log output from byte ``log_offset`` on.
 
@@ -144,11 +189,13 @@ class TrainingWorker:
         """
         if log_offset is None:
             log_offset = self._log_sent
+        work_dir = self._work_dir
+        assert work_dir is not None, "an idle pool worker runs no job"
         proc = self._proc
         code = proc.poll() if proc else None
         logs = b""
         try:
-            with open(self._work_dir / "output.log", "rb") as fh:
+            with open(work_dir / "output.log", "rb") as fh:
                 fh.seek(log_offset)
                 logs = fh.read(_LOG_CHUNK_BYTES)
         except FileNotFoundError:
@@ -159,14 +206,14 @@ class TrainingWorker:
             "logs": logs.decode("utf-8", "replace"),
             "log_bytes": len(logs),
             "log_offset": log_offset,
-            "progress": _read_json(self._work_dir / "progress.json"),
+            "progress": _read_json(work_dir / "progress.json"),
             "result": None,
         }
         self._log_sent = log_offset + len(logs)
         if code is not None:
             if self._stop_timer:
                 self._stop_timer.cancel()
-            report["result"] = _read_json(self._work_dir / "result.json")
+            report["result"] = _read_json(work_dir / "result.json")
             self._release_usage()
         return report
 
@@ -182,14 +229,46 @@ class TrainingWorker:
 
     def kill(self) -> None:
         """Kill the job process at once (the actor is going away)."""
-        if self._proc is not None and self._proc.poll() is None:
-            _signal_group(self._proc.pid, signal.SIGKILL)
-            self._proc.wait()
+        for proc in (self._proc, self._warm):
+            if proc is not None and proc.poll() is None:
+                _signal_group(proc.pid, signal.SIGKILL)
+                proc.wait()
         self._release_usage()
 
     def _release_usage(self) -> None:
-        if self._launch.simulated_usage_dir:
-            remove_usage(Path(self._launch.simulated_usage_dir), self._launch.job_id)
+        launch = self._launch
+        if launch is not None and launch.simulated_usage_dir:
+            remove_usage(Path(launch.simulated_usage_dir), launch.job_id)
+
+
+def _job_env(launch: LaunchRequest) -> dict[str, str]:
+    """What a job process's environment adds to the worker's: pinning, ranks, paths."""
+    env = dict(
+        pinned_env(launch.node.gpu_indices, launch.spec.resources.cpus),
+        PYTHONUNBUFFERED="1",
+        JOBWORKER_JOB_ID=launch.job_id,
+        # The job runner waits out MLflow outages itself (workers.mlflow_context): the
+        # client's own retries would only delay noticing one, and a stop request.
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES=os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
+        # Where Ray really put this actor: lets a job (and the tests) check the pinning.
+        JOBWORKER_RAY_NODE_ID=ray.get_runtime_context().get_node_id(),
+    )
+    if launch.world_size > 1:  # a gang: torch.distributed's rendezvous (jobs/distributed.py)
+        rank, world = str(launch.rank), str(launch.world_size)
+        env.update(
+            JOBWORKER_RANK=rank,
+            JOBWORKER_WORLD_SIZE=world,
+            RANK=rank,
+            WORLD_SIZE=world,
+            LOCAL_RANK="0",
+            MASTER_ADDR=str(launch.master_addr),
+            MASTER_PORT=str(launch.master_port),
+        )
+    if launch.python_path:
+        env["PYTHONPATH"] = os.pathsep.join(
+            [*launch.python_path, os.environ.get("PYTHONPATH", "")]
+        ).rstrip(os.pathsep)
+    return env
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -207,7 +286,14 @@ class RayExecutor:
         executor.poll([request.job_id])
     """
 
-    def __init__(self, namespace: str, work_root: Path, poll_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        namespace: str,
+        work_root: Path,
+        poll_timeout_s: float = 10.0,
+        warm_pool: int = 0,
+        refill_every_s: float = 1.0,
+    ) -> None:
         self._namespace = namespace
         self._work_root = work_root.resolve()
         self._poll_timeout_s = poll_timeout_s
@@ -215,6 +301,40 @@ class RayExecutor:
         self._log_offsets: dict[str, int] = {}  # absent after a restart: the actor knows
         self._starts: dict[str, Any] = {}
         self._world: dict[str, int] = {}  # ranks per job launched by this process
+        self._pool = WarmPool(namespace, warm_pool, self._make_pool_worker)
+        self._closed = threading.Event()
+        self._refiller: threading.Thread | None = None
+        if warm_pool > 0:
+            self._refiller = threading.Thread(
+                target=self._refill, args=(refill_every_s,), name="warm-pool", daemon=True
+            )
+            self._refiller.start()
+
+    def _make_pool_worker(self, name: str, node_id: str) -> Any:
+        return TrainingWorker.options(  # type: ignore[attr-defined]
+            name=name,
+            namespace=self._namespace,
+            lifetime="detached",
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+        ).remote(None, None, str(self._work_root / ".pool" / f"{name}.log"))
+
+    def _refill(self, every_s: float) -> None:
+        while not self._closed.wait(every_s):
+            try:
+                self._pool.refill()
+            except Exception:  # Ray unreachable for a moment: the next round tries again
+                log.exception("could not refill the warm pool")
+
+    def warm_pool(self) -> list[WarmPoolStatus]:
+        """Per node: the warm pool's size, its idle ready processes and their memory."""
+        return self._pool.status()
+
+    def close(self) -> None:
+        """Stop refilling and kill the idle pool workers; running jobs keep running."""
+        self._closed.set()
+        if self._refiller is not None:
+            self._refiller.join()
+        self._pool.close()
 
     def launch(self, request: LaunchRequest) -> None:
         key = worker_key(request.job_id, request.rank)
@@ -225,6 +345,12 @@ class RayExecutor:
         if request.master_node_id is not None:
             address = self._node_address(request.master_node_id)
             request = request.model_copy(update={"master_addr": address})
+        self._log_offsets[key] = 0
+        warm = self._pool.take(request.node.node_id, key)
+        if warm is not None:
+            self._actors[key] = warm
+            self._starts[key] = warm.assign.remote(request, str(work_dir))
+            return
         actor = TrainingWorker.options(  # type: ignore[attr-defined]
             name=f"{_ACTOR_PREFIX}{key}",
             namespace=self._namespace,
@@ -232,7 +358,6 @@ class RayExecutor:
             scheduling_strategy=NodeAffinitySchedulingStrategy(request.node.node_id, soft=False),
         ).remote(request, str(work_dir))
         self._actors[key] = actor
-        self._log_offsets[key] = 0
         self._starts[key] = actor.start.remote()
 
     def poll(
@@ -350,12 +475,14 @@ class RayExecutor:
         return {key.split(_RANK_SEP)[0] for key in self._named()}
 
     def _named(self) -> list[str]:
+        """Worker keys with a live worker: cold workers by name, pool workers by what they run."""
         names = ray.util.list_named_actors(all_namespaces=True)
-        return [
+        cold = [
             n["name"].removeprefix(_ACTOR_PREFIX)
             for n in names
             if n["namespace"] == self._namespace and n["name"].startswith(_ACTOR_PREFIX)
         ]
+        return [*cold, *sorted(self._pool.held_keys())]
 
     def _discover(self, job_id: str) -> int | None:
         """How many ranks a job has, when this process did not launch it (after a restart)."""
@@ -364,7 +491,7 @@ class RayExecutor:
         return sum(1 for key in self._named() if key.split(_RANK_SEP)[0] == job_id) or None
 
     def _actor(self, job_id: str) -> Any | None:
-        actor = self._actors.get(job_id)
+        actor = self._actors.get(job_id) or self._pool.holder(job_id)
         if actor is None:
             try:
                 actor = ray.get_actor(f"{_ACTOR_PREFIX}{job_id}", namespace=self._namespace)
@@ -375,5 +502,6 @@ class RayExecutor:
 
     def _forget(self, job_id: str) -> None:
         self._actors.pop(job_id, None)
+        self._pool.forget(job_id)
         self._starts.pop(job_id, None)
         self._log_offsets.pop(job_id, None)

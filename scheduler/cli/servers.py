@@ -83,6 +83,14 @@ def up(
             help="The API's address for users (MLflow runs link there); default http://HOST:PORT.",
         ),
     ] = None,
+    warm_pool: Annotated[
+        int,
+        typer.Option(
+            envvar="JOBWORKER_WARM_POOL",
+            min=0,
+            help="Warm job processes kept per node (torch and MLflow imported; 0: cold starts).",
+        ),
+    ] = 1,
     detach: Annotated[bool, typer.Option(help="Run in the background; see `down`.")] = False,
 ) -> None:
     """Start the API, with a local Ray and an MLflow server unless addresses are given.
@@ -137,6 +145,7 @@ def up(
         max_body_bytes=max_body_bytes,
         max_config_bytes=max_config_bytes,
         metrics_public=metrics_public,
+        warm_pool=warm_pool,
     )
     daemons.this_process(home, host, port)
     try:

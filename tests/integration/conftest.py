@@ -117,10 +117,12 @@ def start_api(
     cluster: str = "local_sim.yaml",
     db_url: str | None = None,
     mlflow_ui_url: str | None = None,
+    warm_pool: int = 0,
 ) -> tuple[Api, Callable[[], None]]:
     """A control plane on ``home`` served over HTTP, and the function that stops it (and
     releases what its executor still runs). ``mlflow_ui_url``: where links to MLflow point
-    (none by default: the tracking URI is a SQLite file)."""
+    (none by default: the tracking URI is a SQLite file). ``warm_pool``: warm job processes
+    per Ray node; none unless asked, as each costs this small machine seconds of CPU."""
     tracking_uri = f"sqlite:///{home / 'mlflow.db'}"
     MlflowClient(tracking_uri).search_experiments()  # create MLflow's tables once, here
     settings = Settings(
@@ -132,6 +134,7 @@ def start_api(
         namespace=namespace,
         loop_interval_s=0.2,
         mlflow_ui_url=mlflow_ui_url,
+        warm_pool=warm_pool,
     )
     plane = build(settings)
     plane.start()
@@ -161,9 +164,12 @@ def make_api(ray_session: None, tmp_path: Path) -> Iterator[Callable[..., Api]]:
     namespace = f"jw-test-{uuid.uuid4().hex[:8]}"
 
     def make(
-        home: Path = tmp_path, cluster: str = "local_sim.yaml", db_url: str | None = None
+        home: Path = tmp_path,
+        cluster: str = "local_sim.yaml",
+        db_url: str | None = None,
+        warm_pool: int = 0,
     ) -> Api:
-        api, stop = start_api(home, namespace, cluster, db_url)
+        api, stop = start_api(home, namespace, cluster, db_url, warm_pool=warm_pool)
         stops.append(stop)
         return api
 
