@@ -202,6 +202,7 @@ class MlflowJobContext:
         self._metrics: list[Metric] = []
         self._lock = threading.Lock()
         self._spool_lock = threading.RLock()  # one spooler at a time keeps the records in order
+        self._progress_lock = threading.Lock()
         self._flush_interval_s = flush_interval_s
         self._closed = threading.Event()
         self._last_progress_s = 0.0
@@ -393,10 +394,11 @@ class MlflowJobContext:
         return self._errors
 
     def _write_progress(self) -> None:
-        with self._lock:
-            progress = self._progress
-        self._last_progress_s = time.time()
-        write_json_atomic(self._work_dir / "progress.json", progress.model_dump(mode="json"))
+        with self._progress_lock:  # the sender writes it too (the run id): the newest wins
+            with self._lock:
+                progress = self._progress
+            self._last_progress_s = time.time()
+            write_json_atomic(self._work_dir / "progress.json", progress.model_dump(mode="json"))
 
     # -- the spool ----------------------------------------------------------------------
     def _put(self, record: dict[str, Any], bounded: bool = True) -> str | None:
