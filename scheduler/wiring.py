@@ -172,7 +172,10 @@ def build(settings: Settings) -> ControlPlane:
         node_dir=node_dir,
     )
     executor = RayExecutor(
-        namespace=settings.namespace, work_root=home / "work", warm_pool=settings.warm_pool
+        namespace=settings.namespace,
+        work_root=home / "work",
+        warm_pool=settings.warm_pool,
+        tracking_uri=settings.tracking_uri,
     )
     loop_settings = LoopSettings(
         tracking_uri=settings.tracking_uri,

@@ -58,7 +58,7 @@ from workers.interface.spec import TrainingSpec
 from workers.interface.telemetry import GIB
 from workers.mlflow_context import DEFAULT_SPOOL_MAX_BYTES, MlflowJobContext, MlflowWaiter
 from workers.mlflow_spool import SPOOL_DIR
-from workers.warm_process import wait_for_job
+from workers.warm_process import TRACKING_URI_VAR, wait_for_job
 
 _MAX_PARAMS = 100  # MLflow's limit of params per log_batch call
 
@@ -374,6 +374,26 @@ def _open_in_background(
     return future
 
 
+def _prewarm() -> None:
+    """In a warm process: what a job's first step would otherwise pay for, CUDA excepted.
+
+    An optimizer step on CPU (torch's first one imports much), and MLflow's client and
+    store for the pool's tracking URI (a SQLite store checks its schema). No autograd: its
+    engine counts the CUDA devices, which would fix them before the job's
+    ``CUDA_VISIBLE_DEVICES`` is set.
+    """
+    layer = torch.nn.Linear(2, 1)
+    for param in layer.parameters():
+        param.grad = torch.zeros_like(param)
+    torch.optim.SGD(layer.parameters(), lr=0.1).step()
+    uri = os.environ.get(TRACKING_URI_VAR)
+    if uri:
+        try:
+            MlflowClient(uri)
+        except Exception as exc:  # the job's own client says it again, and waits
+            print(f"jobworker: warm process could not ready MLflow at {uri}: {exc}", flush=True)
+
+
 def main(work_dir: Path) -> int:
     started_s = time.monotonic()
     _exit_with_parent()
@@ -465,6 +485,7 @@ def main(work_dir: Path) -> int:
 
 if __name__ == "__main__":
     if sys.argv[1] == "--warm":  # everything above is imported: wait for a job (warm pool)
+        _prewarm()
         handed = wait_for_job()
         sys.exit(0 if handed is None else main(handed))
     sys.exit(main(Path(sys.argv[1])))

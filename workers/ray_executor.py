@@ -75,10 +75,15 @@ class TrainingWorker:
     """Runs one job attempt; polled by the executor, stopped on request."""
 
     def __init__(
-        self, launch: LaunchRequest | None, work_dir: str | None, warm_log: str | None = None
+        self,
+        launch: LaunchRequest | None,
+        work_dir: str | None,
+        warm_log: str | None = None,
+        tracking_uri: str | None = None,
     ) -> None:
         """One attempt's worker (``launch``, ``work_dir``) or, with ``warm_log``, a warm
-        pool worker: it starts a warm job process now and is handed a job by :meth:`assign`."""
+        pool worker: it starts a warm job process now (MLflow readied for ``tracking_uri``)
+        and is handed a job by :meth:`assign`."""
         self._launch = launch
         self._work_dir = Path(work_dir) if work_dir else None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -89,7 +94,7 @@ class TrainingWorker:
         self._warm_ready = threading.Event()
         if warm_log is not None:
             log_path = Path(warm_log)
-            warm = self._warm = warm_process.spawn(log_path, cwd=log_path.parent)
+            warm = self._warm = warm_process.spawn(log_path, log_path.parent, tracking_uri)
             threading.Thread(target=self._await_warm, args=(warm,), daemon=True).start()
 
     def _await_warm(self, warm: subprocess.Popen[bytes]) -> None:
@@ -293,6 +298,7 @@ class RayExecutor:
         poll_timeout_s: float = 10.0,
         warm_pool: int = 0,
         refill_every_s: float = 1.0,
+        tracking_uri: str | None = None,
     ) -> None:
         self._namespace = namespace
         self._work_root = work_root.resolve()
@@ -301,6 +307,7 @@ class RayExecutor:
         self._log_offsets: dict[str, int] = {}  # absent after a restart: the actor knows
         self._starts: dict[str, Any] = {}
         self._world: dict[str, int] = {}  # ranks per job launched by this process
+        self._tracking_uri = tracking_uri  # the jobs' usual MLflow: warm processes ready it
         self._pool = WarmPool(namespace, warm_pool, self._make_pool_worker)
         self._closed = threading.Event()
         self._refiller: threading.Thread | None = None
@@ -316,7 +323,7 @@ class RayExecutor:
             namespace=self._namespace,
             lifetime="detached",
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-        ).remote(None, None, str(self._work_root / ".pool" / f"{name}.log"))
+        ).remote(None, None, str(self._work_root / ".pool" / f"{name}.log"), self._tracking_uri)
 
     def _refill(self, every_s: float) -> None:
         while not self._closed.wait(every_s):

@@ -31,10 +31,15 @@ from collections.abc import Mapping
 from pathlib import Path
 
 READY = b"ready\n"
+TRACKING_URI_VAR = "JOBWORKER_WARM_TRACKING_URI"  # the MLflow store a warm process readies
 
 
-def spawn(log_path: Path, cwd: Path) -> subprocess.Popen[bytes]:
-    """Start a warm job process; what it says before it has a job goes to ``log_path``."""
+def spawn(log_path: Path, cwd: Path, tracking_uri: str | None = None) -> subprocess.Popen[bytes]:
+    """Start a warm job process; what it says before it has a job goes to ``log_path``.
+    With ``tracking_uri``, it also readies MLflow's client for it (the jobs' usual one)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if tracking_uri:
+        env[TRACKING_URI_VAR] = tracking_uri
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         return subprocess.Popen(
@@ -42,7 +47,7 @@ def spawn(log_path: Path, cwd: Path) -> subprocess.Popen[bytes]:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env=env,
             cwd=cwd,
             start_new_session=True,  # its own process group: stop() signals the whole job
         )
