@@ -195,10 +195,17 @@ def _record_resume(client: MlflowClient, run_id: str, launch: LaunchRequest) -> 
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
 
-def _run_program(ctx: MlflowJobContext, spec: TrainingSpec) -> TrainResult | None:
+def _run_program(
+    ctx: MlflowJobContext, spec: TrainingSpec, activate: Callable[[], None]
+) -> TrainResult | None:
+    """The user's entrypoint or the built-in training loop. User code may use MLflow's own
+    API (``mlflow.active_run()``, ``mlflow.log_*``): ``activate()`` makes the job's run this
+    thread's active run before it starts (its import overlaps the opening). The built-in
+    loop reports through ``ctx`` only and starts while the run is still being opened."""
     if spec.entrypoint:
         module_name, _, attr = spec.entrypoint.partition(":")
         fn = getattr(importlib.import_module(module_name), attr)
+        activate()
         result = fn(ctx, dict(spec.config))
         return result if isinstance(result, TrainResult) else None
     return train(ctx, spec.train_params())
@@ -356,6 +363,12 @@ def _start_run(client: MlflowClient, launch: LaunchRequest, wait: MlflowWaiter) 
     return run_id, experiment_id
 
 
+def _activate(run_id: str, wait: MlflowWaiter) -> None:
+    """Make ``run_id`` this thread's active MLflow run (MLflow keeps one per thread)."""
+    if mlflow.active_run() is None:
+        wait.call("start the run", lambda: mlflow.start_run(run_id=run_id))
+
+
 def _open_in_background(
     open_run: Callable[[], tuple[str, str]], stop: threading.Event
 ) -> Future[tuple[str, str]]:
@@ -436,16 +449,20 @@ def main(work_dir: Path) -> int:
             f"rank {launch.rank} of {launch.world_size}",
             flush=True,
         )
+
+        def activate() -> None:
+            if leader:
+                _activate(opening.result()[0], wait)
+
         try:
-            result = _run_program(ctx, spec)
+            result = _run_program(ctx, spec, activate)
         finally:
             # What opening the run raised (refused, stopped) is the job's outcome, over
             # what it made the program raise.
             run_id, experiment_id = opening.result()
             outcome["run_id"] = run_id
-        if leader:  # this thread's MLflow run too: log_model records the model in it
-            opened = run_id
-            wait.call("start the run", lambda: mlflow.start_run(run_id=opened))
+        if leader:  # log_model records the model in this thread's active run
+            _activate(run_id, wait)
         if result is not None and leader:
             outcome["metrics"] = result.metrics
             outcome["model_version"] = _log_model(

@@ -91,20 +91,22 @@ class TrainingWorker:
         self._log_sent = 0
         self._start_lock = threading.Lock()
         self._warm: subprocess.Popen[bytes] | None = None
-        self._warm_ready = threading.Event()
+        self._warm_answered = threading.Event()  # the warm process said ready, or died
+        self._warm_ok = False
         if warm_log is not None:
             log_path = Path(warm_log)
             warm = self._warm = warm_process.spawn(log_path, log_path.parent, tracking_uri)
             threading.Thread(target=self._await_warm, args=(warm,), daemon=True).start()
 
     def _await_warm(self, warm: subprocess.Popen[bytes]) -> None:
-        if warm_process.wait_ready(warm):
-            self._warm_ready.set()
+        self._warm_ok = warm_process.wait_ready(warm)
+        self._warm_answered.set()
 
     def wait_warm(self, timeout_s: float) -> int | None:
         """The warm process's pid once it waits for a job (None: not ready yet, or it died)."""
         warm = self._warm
-        if warm is None or not self._warm_ready.wait(timeout_s) or warm.poll() is not None:
+        answered = warm is not None and self._warm_answered.wait(timeout_s)
+        if warm is None or not answered or not self._warm_ok or warm.poll() is not None:
             return None
         return warm.pid
 
@@ -118,7 +120,7 @@ class TrainingWorker:
                 with contextlib.suppress(psutil.Error):
                     rss_bytes += psutil.Process(pid).memory_info().rss
         idle = self._launch is None and warm is not None and warm.poll() is None
-        return {"ready": idle and self._warm_ready.is_set(), "rss_bytes": rss_bytes}
+        return {"ready": idle and self._warm_ok, "rss_bytes": rss_bytes}
 
     def held(self) -> str | None:
         """The worker key of the job this worker runs (None: an idle pool worker)."""
@@ -162,15 +164,15 @@ class TrainingWorker:
     def _hand_warm(self, work_dir: Path, env: dict[str, str]) -> subprocess.Popen[bytes] | None:
         """The warm process, handed the job; None when there is none or it died."""
         warm, self._warm = self._warm, None
-        if warm is None or warm.poll() is not None:
+        if warm is None:
             return None
-        try:
-            # A warm process still importing takes the job when it is ready: sooner than cold.
-            warm_process.hand(warm, work_dir, env)
-        except OSError:
-            warm.wait()
-            return None
-        return warm
+        # A warm process still importing takes the job when it is ready: sooner than cold.
+        self._warm_answered.wait()
+        if self._warm_ok and warm_process.hand(warm, work_dir, env):
+            return warm
+        _signal_group(warm.pid, signal.SIGKILL)  # gone, or past saving
+        warm.wait()
+        return None
 
     def _start_cold(self, work_dir: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
         log = open(work_dir / "output.log", "ab")  # noqa: SIM115 - the child owns it

@@ -17,8 +17,8 @@ this without torch.
 Example::
 
     proc = spawn(Path("pool.log"), cwd=Path("/tmp"))
-    if wait_ready(proc):
-        hand(proc, work_dir, {"CUDA_VISIBLE_DEVICES": "1"})
+    if wait_ready(proc) and hand(proc, work_dir, {"CUDA_VISIBLE_DEVICES": "1"}):
+        ...  # the job runs in proc
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 READY = b"ready\n"
+TAKEN = b"taken\n"
 TRACKING_URI_VAR = "JOBWORKER_WARM_TRACKING_URI"  # the MLflow store a warm process readies
 
 
@@ -56,19 +57,24 @@ def spawn(log_path: Path, cwd: Path, tracking_uri: str | None = None) -> subproc
 def wait_ready(proc: subprocess.Popen[bytes]) -> bool:
     """Block until ``proc`` has imported everything and waits for a job; False: it died first."""
     assert proc.stdout is not None
-    with proc.stdout:
-        return proc.stdout.readline() == READY
+    return proc.stdout.readline() == READY
 
 
-def hand(proc: subprocess.Popen[bytes], work_dir: Path, env: Mapping[str, str]) -> None:
+def hand(proc: subprocess.Popen[bytes], work_dir: Path, env: Mapping[str, str]) -> bool:
     """Give ``proc`` its job: it runs in ``work_dir`` with ``env`` over its own environment.
 
-    Raises ``OSError`` (``BrokenPipeError``) when the process is gone.
+    Whether it took it (it says so; a process that is gone, or dies first, cannot).
+    Call it after :func:`wait_ready` said ready.
     """
-    assert proc.stdin is not None
+    assert proc.stdin is not None and proc.stdout is not None
     line = json.dumps({"work_dir": str(work_dir), "env": dict(env)}).encode() + b"\n"
-    proc.stdin.write(line)
-    proc.stdin.close()
+    try:
+        with proc.stdin:
+            proc.stdin.write(line)
+    except BrokenPipeError:
+        return False
+    with proc.stdout:
+        return proc.stdout.readline() == TAKEN
 
 
 def wait_for_job() -> Path | None:
@@ -83,6 +89,8 @@ def wait_for_job() -> Path | None:
     if not line:
         return None
     job = json.loads(line)
+    out.write(TAKEN)
+    out.flush()
     env: dict[str, str] = job["env"]
     os.environ.update(env)
     # PYTHONPATH is read at start-up only: its entries go onto sys.path as they would have.

@@ -33,24 +33,21 @@ def _idle_on_local(api: Api) -> dict[str, Any] | None:
     return pool if pool is not None and pool["idle"] == 1 else None
 
 
-def _pool_pids(api: Api) -> dict[str, int | None]:
-    """Each pool worker on local (by name) and its warm process's pid (None: not ready)."""
-    prefix = POOL_PREFIX + _local(api)["node_id"]
+def _pool_pids(api: Api, node_id: str) -> list[int]:
+    """The pids of the ready warm processes of the pool workers on ``node_id``."""
     names = [
         n["name"]
         for n in ray.util.list_named_actors(all_namespaces=True)
-        if n["namespace"] == api.namespace and n["name"].startswith(prefix)
+        if n["namespace"] == api.namespace and n["name"].startswith(POOL_PREFIX + node_id)
     ]
-    return {
-        name: ray.get(ray.get_actor(name, namespace=api.namespace).wait_warm.remote(0))
-        for name in names
-    }
+    pids = [ray.get(ray.get_actor(n, namespace=api.namespace).wait_warm.remote(0)) for n in names]
+    return [pid for pid in pids if pid is not None]
 
 
 def _idle_pid(api: Api) -> int:
     """The pid of the one ready warm process on local, once there is one."""
     wait_until(lambda: _idle_on_local(api), "a warm process idles on local", 180)
-    pids = [pid for pid in _pool_pids(api).values() if pid is not None]
+    pids = _pool_pids(api, _local(api)["node_id"])
     assert len(pids) == 1, pids
     return pids[0]
 
@@ -107,7 +104,7 @@ def test_without_a_pool_a_job_starts_cold(make_api: Any) -> None:
     api: Api = make_api(warm_pool=0)
     assert _local(api)["pool"] == {"size": 0, "idle": 0, "idle_rss_bytes": 0}
     _run(api, "cold")
-    assert _pool_pids(api) == {}  # no pool worker was ever made
+    assert _pool_pids(api, _local(api)["node_id"]) == []  # no pool worker was ever made
 
 
 def test_a_job_handed_to_a_dead_warm_process_starts_cold(make_api: Any) -> None:
@@ -119,3 +116,32 @@ def test_a_job_handed_to_a_dead_warm_process_starts_cold(make_api: Any) -> None:
         "the warm process dies",
     )
     assert _run(api, "cold-fallback") != dead_pid
+
+
+def test_a_gang_runs_each_rank_in_its_nodes_warm_process(make_api: Any) -> None:
+    api: Api = make_api(cluster="two_nodes_sim.yaml", warm_pool=1)
+    nodes = {"node-a": "", "node-b": ""}
+
+    def idle_on_both() -> bool:
+        listed = api.http.get("/cluster").json()["nodes"]
+        found = {n["hostname"]: n for n in listed if n["hostname"] in nodes}
+        nodes.update({host: n["node_id"] for host, n in found.items()})
+        return len(found) == 2 and all((n["pool"] or {}).get("idle") == 1 for n in found.values())
+
+    wait_until(idle_on_both, "a warm process idles on node-a and on node-b", 180)
+    warm_pids = {host: _pool_pids(api, node_id) for host, node_id in nodes.items()}
+    text = (
+        "name: gang\nexperiment: it\nentrypoint: tests.integration.user_code:gang_allreduce\n"
+        "train: {max_steps: 1}\n"
+        "resources: {gpus: 1, gpu_memory_gb: 10, cpus: 1, memory_gb: 1, nodes: 2}\n"
+    )
+    job_id = _submit(api, text)
+    done = api.wait_for(job_id, DONE, 180)
+    logs = api.http.get(f"/jobs/{job_id}/logs").json()["text"]
+    assert done.state is JobState.SUCCEEDED, (done.error, logs[-3000:])
+    placed = done.assignment.nodes if done.assignment else ()
+    for rank, node in enumerate(placed):
+        prefix = "" if rank == 0 else f"[rank {rank}] "
+        assert re.search(rf"^{re.escape(prefix)}rank={rank} world=2 allreduce=3$", logs, re.M)
+        pid = re.search(rf"^{re.escape(prefix)}pid=(\d+)$", logs, re.M)
+        assert pid and [int(pid.group(1))] == warm_pids[node.hostname], (rank, logs[-2000:])

@@ -35,7 +35,7 @@ def _child() -> subprocess.Popen[bytes]:
 def test_a_warm_process_takes_its_jobs_environment_dir_and_output(tmp_path: Path) -> None:
     proc = _child()
     assert wait_ready(proc)
-    hand(proc, tmp_path, {"JOBWORKER_JOB_ID": "j-1", "PYTHONPATH": f"extra-path:{REPO}"})
+    assert hand(proc, tmp_path, {"JOBWORKER_JOB_ID": "j-1", "PYTHONPATH": f"extra-path:{REPO}"})
     assert proc.wait(timeout=60) == 0
     assert (tmp_path / "output.log").read_text() == f"j-1 {tmp_path} True\nto stderr\n"
 
@@ -46,3 +46,12 @@ def test_a_warm_process_whose_owner_leaves_ends(tmp_path: Path) -> None:
     assert proc.stdin is not None
     proc.stdin.close()
     assert proc.wait(timeout=60) == 3
+
+
+def test_a_dead_warm_process_takes_no_job(tmp_path: Path) -> None:
+    proc = _child()
+    assert wait_ready(proc)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert not hand(proc, tmp_path, {"JOBWORKER_JOB_ID": "j-1"})
+    assert not (tmp_path / "output.log").exists()
