@@ -1,10 +1,16 @@
 """The job process: ``python -m workers.job_runner WORK_DIR``.
 
 Started by the training worker actor with ``CUDA_VISIBLE_DEVICES`` and the
-thread limits already in its environment. It reads ``launch.json``, runs the
-``jobs/`` training loop (or the user's entrypoint) with an MLflow-backed
-context, logs and registers the model, and writes ``result.json``. Its stdout
-and stderr are the job's log. SIGTERM asks it to checkpoint and stop.
+thread limits already in its environment, or, as ``job_runner --warm``, started
+before its job with everything imported and handed the job's environment later
+(:mod:`workers.warm_process`). The MLflow run is opened in a thread while the
+program starts: metrics wait in memory and checkpoints for the spool until it
+is open; a user entrypoint starts once it is its thread's active run.
+
+It reads ``launch.json``, runs the ``jobs/`` training loop (or the user's
+entrypoint) with an MLflow-backed context, logs and registers the model, and
+writes ``result.json``. Its stdout and stderr are the job's log. SIGTERM asks it
+to checkpoint and stop.
 
 MLflow being down never fails the job: opening the run, logging the model
 and ending the run wait for it (retrying with backoff, the output saying

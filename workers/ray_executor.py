@@ -7,6 +7,13 @@ CPUs or GPUs, because the scheduler, not Ray's logical counts, owns the
 assignment. A multi-node job has one actor per node (``jobworker-train-<job>``
 for rank 0, ``…-<job>.r<k>`` for rank k), polled, stopped and released together.
 
+With a warm pool (``warm_pool`` per node, :mod:`workers.ray_pool`), a job is
+handed to an idle pool worker created beforehand, whose job process already
+imported torch and MLflow (:mod:`workers.warm_process`); with none ready, the
+job's own actor is created and its process started cold, as before. Either way
+the worker's ``start``/``poll``/``stop``/``kill`` are the same, and so is the
+post-start block in ``_start`` (right after the job process's pid is known).
+
 The actor runs the job as a child process (``workers.job_runner``) so that the
 job sees exactly the GPUs it was given (``CUDA_VISIBLE_DEVICES`` set from the
 scheduler's decision, not Ray's GPU accounting), uses only its CPU threads, has

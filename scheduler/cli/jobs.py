@@ -271,7 +271,8 @@ def cluster(
     token: TokenOpt = None,
     home: HomeOpt = Path(".jobworker"),
 ) -> None:
-    """Nodes and GPUs: type, memory, utilization, and the jobs and replicas on each."""
+    """Nodes and GPUs: type, memory, utilization, the jobs and replicas on each, and each
+    node's warm pool (idle warm job processes of its size, and their memory)."""
     client = connect(api, token, home)
     view = guard(client.cluster)
     if as_json:
