@@ -2,7 +2,7 @@
 
 Run from anywhere (it changes to the repository root)::
 
-    .venv/bin/python bench/dispatch.py [--jobs 20] [--warmup 2] [--skip-probe]
+    .venv/bin/python bench/dispatch.py [--jobs 20] [--warmup 2] [--warm-pool 1] [--skip-probe]
 
 The same training script (``bench/dispatch_train.py``: the zoo's mlp, five
 steps) goes through two paths on one warm local Ray cluster, in the same run:
@@ -11,6 +11,12 @@ steps) goes through two paths on one warm local Ray cluster, in the same run:
   connected to that cluster, its API served by uvicorn on a free 127.0.0.1
   port; each job is a real HTTP ``POST /jobs`` of a JSON config with
   ``entrypoint: bench.dispatch_train:main``, ``resources: {gpus: 0, cpus: 1}``.
+  The plane keeps ``--warm-pool`` warm job processes per node (0: every job
+  starts cold); before each jobworker job the benchmark waits until ``GET
+  /cluster`` shows every node's pool full again, so each measured job finds
+  a warm process as a job submitted to a quiet cluster would (the pool refills
+  in the background after a job takes its process, and its imports would
+  otherwise compete with the next job for the two CPUs).
 - **rayjobs**: Ray's own Jobs API (``JobSubmissionClient.submit_job``) running
   ``python bench/dispatch_train.py --out … --tag …`` with only ``PYTHONPATH``
   in its runtime env (no working-dir upload).
@@ -35,9 +41,11 @@ every Ray instance on the machine (other people's tests too).
 
 The last line is::
 
-    RESULT dispatch jobworker_p50_ms=… jobworker_p95_ms=… rayjobs_p50_ms=… rayjobs_p95_ms=… ratio=…
+    RESULT dispatch jobworker_p50_ms=… jobworker_p95_ms=… rayjobs_p50_ms=… rayjobs_p95_ms=… \
+        ratio=… warm_pool=…
 
-with ``ratio = jobworker_p50 / rayjobs_p50``.
+(one line, broken here to fit) with ``ratio = jobworker_p50 / rayjobs_p50`` and
+``warm_pool`` the pool size per node.
 """
 
 from __future__ import annotations
@@ -271,6 +279,18 @@ def run_jobworker(http: httpx.Client, tracking: MlflowClient, out: Path, tag: st
     return _sample(out, tag, marks)
 
 
+def wait_for_pool(http: httpx.Client, size: int) -> None:
+    """Until ``GET /cluster`` shows ``size`` idle warm processes on every node (none: no wait)."""
+    if size == 0:
+        return
+
+    def full(cluster: dict[str, Any]) -> bool:
+        pools = [node.get("pool") or {} for node in cluster["nodes"]]
+        return bool(pools) and all(p.get("idle", 0) >= size for p in pools)
+
+    _wait(lambda: http.get("/cluster").json(), full)
+
+
 def run_rayjobs(client: JobSubmissionClient, out: Path, tag: str) -> Sample:
     """Submit one Ray job running the same script, wait for its end, and collect its marks."""
     entrypoint = f"{sys.executable} {TRAIN_SCRIPT} --out {out} --tag {tag}"
@@ -332,9 +352,7 @@ PHASES = {
     "jobworker": [
         ("POST -> 201 (validate, store)", "post", "accepted"),
         ("201 -> SCHEDULED (loop wakes, places)", "accepted", "SCHEDULED"),
-        ("SCHEDULED -> job process (actor, Popen)", "SCHEDULED", "process"),
-        ("job process -> MLflow run created", "process", "run_created"),
-        ("run created -> entrypoint called", "run_created", "entered"),
+        ("SCHEDULED -> entrypoint called (hand-off, runner)", "SCHEDULED", "entered"),
         ("entrypoint -> first step", "entered", "first_step"),
     ],
     "rayjobs": [
@@ -370,6 +388,10 @@ def print_report(results: Mapping[str, Sequence[Sample]], warmup: int) -> dict[s
         print(f"\nwhere the time goes, {name} (median ms per phase)")
         for label, start, end in phases:
             print(f"  {label:<44} {_phase_ms(results[name], start, end)}")
+    jobworker = results["jobworker"]
+    print("\noff the path, jobworker (median ms; negative: before the mark)")
+    for label, end in (("job process created", "process"), ("MLflow run created", "run_created")):
+        print(f"  {label + ', from SCHEDULED':<44} {_phase_ms(jobworker, 'SCHEDULED', end)}")
     return {
         "jobworker_p50_ms": stats["jobworker"]["p50"],
         "jobworker_p95_ms": stats["jobworker"]["p95"],
@@ -407,7 +429,9 @@ def import_probe(reps: int = 3) -> None:
 
 # -- main -----------------------------------------------------------------------------------
 @contextlib.contextmanager
-def bench_cluster(home: Path) -> Iterator[tuple[ControlPlane, ApiServer, JobSubmissionClient]]:
+def bench_cluster(
+    home: Path, warm_pool: int
+) -> Iterator[tuple[ControlPlane, ApiServer, JobSubmissionClient]]:
     """Ray head, jobworker plane on it, API over HTTP, Jobs API client; all torn down after."""
     head = RayHead(Path(f"/tmp/ray_bench_{os.getpid()}"))
     plane: ControlPlane | None = None
@@ -426,6 +450,7 @@ def bench_cluster(home: Path) -> Iterator[tuple[ControlPlane, ApiServer, JobSubm
             ray_address=head.address,
             gpu_backend="simulated",
             loop_interval_s=0.5,
+            warm_pool=warm_pool,
         )
         plane = build(settings)
         plane.start()
@@ -457,6 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=20, help="measured jobs per path")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured jobs per path")
     parser.add_argument("--skip-probe", action="store_true", help="skip the import probe")
+    parser.add_argument(
+        "--warm-pool", type=int, default=1, help="warm job processes per node (0: cold starts)"
+    )
     args = parser.parse_args(argv)
     # The plane puts its working directory on the job processes' PYTHONPATH.
     os.chdir(REPO_ROOT)
@@ -465,13 +493,14 @@ def main(argv: list[str] | None = None) -> int:
         home = Path(tmp)
         jw_out, ray_out = home / "jobworker.jsonl", home / "rayjobs.jsonl"
         with (
-            bench_cluster(home) as (_plane, server, ray_jobs),
+            bench_cluster(home, args.warm_pool) as (_plane, server, ray_jobs),
             httpx.Client(base_url=server.url, timeout=60, headers=admin_headers(_plane)) as http,
         ):
             tracking = MlflowClient(f"sqlite:///{home}/mlflow.db")
             for i in range(args.warmup + args.jobs):
                 measured = i >= args.warmup
                 prefix = "" if measured else "warm-"
+                wait_for_pool(http, args.warm_pool)
                 jw = run_jobworker(http, tracking, jw_out, f"{prefix}jw-{i}")
                 rj = run_rayjobs(ray_jobs, ray_out, f"{prefix}ray-{i}")
                 if measured:
@@ -488,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "RESULT dispatch "
         + " ".join(f"{k}={v:.2f}" if k == "ratio" else f"{k}={v:.0f}" for k, v in figures.items())
+        + f" warm_pool={args.warm_pool}"
     )
     return 0
 

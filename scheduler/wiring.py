@@ -90,6 +90,7 @@ class Settings:
     guard_dwell_s: float = 2.0
     guard_max_throttle_s: float = 300.0
     guard_rest_s: float = 60.0
+    warm_pool: int = 1  # warm job processes kept per node (0: every job starts cold)
 
     @property
     def admin_token_file(self) -> Path:
@@ -152,6 +153,7 @@ class ControlPlane:
         if self.guard is not None:
             self.guard.stop()
         self.scheduler.stop()
+        self.executor.close()
         self.forecaster.stop()
         self.history.stop()
         self.controller.close()
@@ -201,6 +203,8 @@ def build(settings: Settings) -> ControlPlane:
         namespace=settings.namespace,
         work_root=home / "work",
         throttle_max_s=settings.guard_max_throttle_s,
+        warm_pool=settings.warm_pool,
+        tracking_uri=settings.tracking_uri,
     )
     loop_settings = LoopSettings(
         tracking_uri=settings.tracking_uri,
@@ -300,7 +304,10 @@ def build(settings: Settings) -> ControlPlane:
         Auth(tokens, AuditStore(engine), metrics_public=settings.metrics_public),
         mlflow_ui_url=settings.ui_url,
         cluster_view=lambda: cluster_table(
-            cluster.nodes(), store.find(list(ACTIVE)), controller.replica_holdings()
+            cluster.nodes(),
+            store.find(list(ACTIVE)),
+            controller.replica_holdings(),
+            executor.warm_pool(),
         ),
         serving=Serving(deployments, router, metrics),
         queue_view=lambda: [dataclasses.asdict(e) for e in scheduler.queue()],

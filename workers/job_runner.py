@@ -1,10 +1,16 @@
 """The job process: ``python -m workers.job_runner WORK_DIR``.
 
 Started by the training worker actor with ``CUDA_VISIBLE_DEVICES`` and the
-thread limits already in its environment. It reads ``launch.json``, runs the
-``jobs/`` training loop (or the user's entrypoint) with an MLflow-backed
-context, logs and registers the model, and writes ``result.json``. Its stdout
-and stderr are the job's log. SIGTERM asks it to checkpoint and stop.
+thread limits already in its environment, or, as ``job_runner --warm``, started
+before its job with everything imported and handed the job's environment later
+(:mod:`workers.warm_process`). The MLflow run is opened in a thread while the
+program starts: metrics wait in memory and checkpoints for the spool until it
+is open; a user entrypoint starts once it is its thread's active run.
+
+It reads ``launch.json``, runs the ``jobs/`` training loop (or the user's
+entrypoint) with an MLflow-backed context, logs and registers the model, and
+writes ``result.json``. Its stdout and stderr are the job's log. SIGTERM asks it
+to checkpoint and stop.
 
 MLflow being down never fails the job: opening the run, logging the model
 and ending the run wait for it (retrying with backoff, the output saying
@@ -35,7 +41,8 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -58,6 +65,7 @@ from workers.interface.spec import TrainingSpec
 from workers.interface.telemetry import GIB
 from workers.mlflow_context import DEFAULT_SPOOL_MAX_BYTES, MlflowJobContext, MlflowWaiter
 from workers.mlflow_spool import SPOOL_DIR
+from workers.warm_process import TRACKING_URI_VAR, wait_for_job
 
 _MAX_PARAMS = 100  # MLflow's limit of params per log_batch call
 
@@ -194,10 +202,17 @@ def _record_resume(client: MlflowClient, run_id: str, launch: LaunchRequest) -> 
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
 
-def _run_program(ctx: MlflowJobContext, spec: TrainingSpec) -> TrainResult | None:
+def _run_program(
+    ctx: MlflowJobContext, spec: TrainingSpec, activate: Callable[[], None]
+) -> TrainResult | None:
+    """The user's entrypoint or the built-in training loop. User code may use MLflow's own
+    API (``mlflow.active_run()``, ``mlflow.log_*``): ``activate()`` makes the job's run this
+    thread's active run before it starts (its import overlaps the opening). The built-in
+    loop reports through ``ctx`` only and starts while the run is still being opened."""
     if spec.entrypoint:
         module_name, _, attr = spec.entrypoint.partition(":")
         fn = getattr(importlib.import_module(module_name), attr)
+        activate()
         result = fn(ctx, dict(spec.config))
         return result if isinstance(result, TrainResult) else None
     return train(ctx, spec.train_params())
@@ -299,10 +314,9 @@ def _end_run(
     (after a stop request: one try each)."""
 
     def end() -> None:
-        if mlflow.active_run() is not None:  # also stops MLflow's system-metrics monitor
-            mlflow.end_run(status=status)  # forgets the run, then sets its status
-        else:
-            client.set_terminated(run_id, status)
+        if mlflow.active_run() is None:  # the program failed before this thread started it
+            mlflow.start_run(run_id=run_id)
+        mlflow.end_run(status=status)  # stops the run's system-metrics monitor, sets its status
 
     try:
         earlier = wait.call("read the run", lambda: client.get_run(run_id)).data.tags
@@ -340,6 +354,66 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def _start_run(client: MlflowClient, launch: LaunchRequest, wait: MlflowWaiter) -> tuple[str, str]:
+    """Open the job's run (rank 0) or find it (the other ranks); ``(run_id, experiment_id)``.
+
+    Rank 0 also starts MLflow's own system-metrics monitor on it (CPU, memory, and GPU
+    through NVML when present), which ``mlflow.end_run`` stops, from any thread.
+    """
+    if not launch.leader:
+        return _follow_run(client, launch, wait)
+    run_id, experiment_id = _open_run(client, launch, wait)
+    print(f"jobworker: job {launch.job_id} logs to MLflow run {run_id}", flush=True)
+    mlflow.set_system_metrics_sampling_interval(2)  # type: ignore[no-untyped-call]
+    mlflow.set_system_metrics_samples_before_logging(1)  # type: ignore[no-untyped-call]
+    wait.call("start the run", lambda: mlflow.start_run(run_id=run_id, log_system_metrics=True))
+    return run_id, experiment_id
+
+
+def _activate(run_id: str, wait: MlflowWaiter) -> None:
+    """Make ``run_id`` this thread's active MLflow run (MLflow keeps one per thread)."""
+    if mlflow.active_run() is None:
+        wait.call("start the run", lambda: mlflow.start_run(run_id=run_id))
+
+
+def _open_in_background(
+    open_run: Callable[[], tuple[str, str]], stop: threading.Event
+) -> Future[tuple[str, str]]:
+    """``open_run()`` in a thread; when it fails the job is asked to stop (its error is the
+    job's outcome)."""
+    future: Future[tuple[str, str]] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(open_run())
+        except BaseException as exc:
+            stop.set()
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="mlflow-open", daemon=True).start()
+    return future
+
+
+def _prewarm() -> None:
+    """In a warm process: what a job's first step would otherwise pay for, CUDA excepted.
+
+    An optimizer step on CPU (torch's first one imports much), and MLflow's client and
+    store for the pool's tracking URI (a SQLite store checks its schema). No autograd: its
+    engine counts the CUDA devices, which would fix them before the job's
+    ``CUDA_VISIBLE_DEVICES`` is set.
+    """
+    layer = torch.nn.Linear(2, 1)
+    for param in layer.parameters():
+        param.grad = torch.zeros_like(param)
+    torch.optim.SGD(layer.parameters(), lr=0.1).step()
+    uri = os.environ.get(TRACKING_URI_VAR)
+    if uri:
+        try:
+            MlflowClient(uri)
+        except Exception as exc:  # the job's own client says it again, and waits
+            print(f"jobworker: warm process could not ready MLflow at {uri}: {exc}", flush=True)
+
+
 def main(work_dir: Path) -> int:
     started_s = time.monotonic()
     _exit_with_parent()
@@ -363,12 +437,12 @@ def main(work_dir: Path) -> int:
     ctx: MlflowJobContext | None = None
     status = "FINISHED"
     try:
-        run_id, experiment_id = (_open_run if leader else _follow_run)(client, launch, wait)
-        outcome["run_id"] = run_id
+        # Off the path to the first step: the program starts while the run is opened; its
+        # metrics and checkpoints wait for the run (workers.mlflow_context).
+        opening = _open_in_background(lambda: _start_run(client, launch, wait), wait.stop)
         ctx = MlflowJobContext(
             client=client,
-            run_id=run_id,
-            experiment_id=experiment_id,
+            run=opening,
             work_dir=work_dir,
             gpu_ids=launch.node.gpu_indices,
             cpus=cpus,
@@ -377,22 +451,26 @@ def main(work_dir: Path) -> int:
             spool_max_bytes=_spool_max_bytes(),
             adopt=_earlier_spools(work_dir) if launch.world_size == 1 else (),
         )
-        if leader:
-            opened = run_id
-            # MLflow's own system-metrics monitor (CPU, memory, and GPU through NVML when present).
-            mlflow.set_system_metrics_sampling_interval(2)  # type: ignore[no-untyped-call]
-            mlflow.set_system_metrics_samples_before_logging(1)  # type: ignore[no-untyped-call]
-            wait.call(
-                "start the run",
-                lambda: mlflow.start_run(run_id=opened, log_system_metrics=True),
-            )
         print(
-            f"jobworker: job {launch.job_id} attempt {launch.attempt} run {run_id} "
+            f"jobworker: job {launch.job_id} attempt {launch.attempt} "
             f"gpus={list(launch.node.gpu_indices)} cpus={cpus} "
             f"rank {launch.rank} of {launch.world_size}",
             flush=True,
         )
-        result = _run_program(ctx, spec)
+
+        def activate() -> None:
+            if leader:
+                _activate(opening.result()[0], wait)
+
+        try:
+            result = _run_program(ctx, spec, activate)
+        finally:
+            # What opening the run raised (refused, stopped) is the job's outcome, over
+            # what it made the program raise.
+            run_id, experiment_id = opening.result()
+            outcome["run_id"] = run_id
+        if leader:  # log_model records the model in this thread's active run
+            _activate(run_id, wait)
         if result is not None and leader:
             outcome["metrics"] = result.metrics
             outcome["model_version"] = _log_model(
@@ -431,4 +509,8 @@ def main(work_dir: Path) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "--warm":  # everything above is imported: wait for a job (warm pool)
+        _prewarm()
+        handed = wait_for_job()
+        sys.exit(0 if handed is None else main(handed))
     sys.exit(main(Path(sys.argv[1])))

@@ -52,13 +52,12 @@ there again, without the steps logged meanwhile).
 
 from __future__ import annotations
 
-import collections
 import functools
 import pickle
-import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -71,6 +70,7 @@ from jobs.context import StopRequested
 from workers.files import write_json_atomic
 from workers.interface.errors import CheckpointRefused, MlflowRefused
 from workers.interface.executor import Progress
+from workers.mlflow_checkpoints import PLAIN_HELP, not_plain, refused_part
 from workers.mlflow_spool import SPOOL_DIR, Entry, Spool
 
 T = TypeVar("T")
@@ -81,48 +81,6 @@ LOGGED_BATCH_TAG = "jobworker.logged_batch"
 DEFAULT_SPOOL_MAX_BYTES = 256 * 2**20
 _MAX_BATCH = 998  # MLflow takes 1000 entities per log_batch call: 998 metrics and our 2 tags
 _MAX_BUFFERED = 20 * _MAX_BATCH  # beyond this the training thread spools them itself
-
-
-_PLAIN_HELP = (
-    "jobworker loads checkpoints with torch.load(weights_only=True), which runs no code: "
-    "checkpoint only tensors, numbers, strings, bytes, None and lists, tuples, sets and dicts "
-    "of them (model.state_dict(), optimizer.state_dict(); torch.from_numpy(x) for an array)"
-)
-# What torch.load(weights_only=True) takes back without an allow-list (exact types: a
-# subclass, an enum say, is pickled by its own class and refused).
-_PLAIN_VALUES = (
-    *(torch.Tensor, torch.nn.Parameter, torch.Size, torch.dtype, torch.device),
-    *(int, float, complex, bool, str, bytes, bytearray, type(None)),
-)
-_PLAIN_CONTAINERS = (list, tuple, set, dict, collections.OrderedDict)
-
-
-def _not_plain(value: Any, where: str) -> str | None:
-    """Where in ``value`` the first value is that weights-only loading refuses, or None."""
-    kind = type(value)
-    if kind in _PLAIN_VALUES:
-        return None
-    if kind not in _PLAIN_CONTAINERS:
-        return f"{where} is a {kind.__module__}.{kind.__qualname__}"
-    if isinstance(value, dict):
-        for key, item in value.items():
-            found = _not_plain(key, f"a key of {where}") or _not_plain(item, f"{where}[{key!r}]")
-            if found:
-                return found
-        return None
-    for i, item in enumerate(value):
-        found = _not_plain(item, f"{where}[{i}]")
-        if found:
-            return found
-    return None
-
-
-def _refused_part(exc: pickle.UnpicklingError) -> str:
-    """What torch's weights-only unpickler refused, out of its long message."""
-    found = re.search(
-        r"WeightsUnpickler error: (.*?)(?: was not an allowed global|\.?\n|$)", str(exc)
-    )
-    return found.group(1) if found else str(exc).splitlines()[0]
 
 
 def say(message: str) -> None:
@@ -224,8 +182,7 @@ class MlflowJobContext:
         self,
         *,
         client: MlflowClient,
-        run_id: str,
-        experiment_id: str,
+        run: Future[tuple[str, str]],
         work_dir: Path,
         gpu_ids: tuple[int, ...],
         cpus: int,
@@ -237,7 +194,7 @@ class MlflowJobContext:
     ) -> None:
         self._leader = leader
         self._client = client
-        self.run_id = run_id
+        self._run = run
         self._work_dir = work_dir
         self._gpu_ids = gpu_ids
         self._cpus = cpus
@@ -245,34 +202,69 @@ class MlflowJobContext:
         self._metrics: list[Metric] = []
         self._lock = threading.Lock()
         self._spool_lock = threading.RLock()  # one spooler at a time keeps the records in order
+        self._progress_lock = threading.Lock()
         self._flush_interval_s = flush_interval_s
         self._closed = threading.Event()
         self._last_progress_s = 0.0
-        self._progress = Progress(run_id=run_id, experiment_id=experiment_id)
+        self._progress = Progress()
         self._latest: dict[str, float] = {}  # each metric's latest value
         self._errors: list[str] = []
         self._dropped_steps: tuple[int, int] | None = None  # metrics dropped: the spool was full
         self._spool: Spool | None = None
         self._skip_through: int | None = None  # a resume logs no step at or below this
+        self._resumed_at: int | None = None
+        self._logged_step: int | None = None
+        self._last_batch: str | None = ""  # None: to be read
+        self._attached = threading.Event()  # the run is open and the spool made, or never will be
         if leader:
-            tags = waiter.call("read the run", lambda: client.get_run(run_id)).data.tags
-            tag = tags.get(LOGGED_STEP_TAG)
-            self._resumed_at = int(tag) if tag is not None else None
-            self._logged_step = self._resumed_at
-            self._last_batch: str | None = tags.get(LOGGED_BATCH_TAG, "")  # None: to be read
-            self._spool = Spool(work_dir / SPOOL_DIR, run_id, spool_max_bytes, adopt)
-            logged = [] if self._resumed_at is None else [self._resumed_at]
-            adopted = [
-                step
-                for e in self._spool.entries()
-                if e.record["kind"] == "metrics"
-                for _, _, _, step in e.record["metrics"]
-            ]
-            self._skip_through = max([*logged, *adopted], default=None)
+            self._spool_max_bytes = spool_max_bytes
+            self._adopt = adopt
             self._sender_wait = MlflowWaiter(waiter.uri, threading.Event())  # set: close gave up
             self._thread = threading.Thread(target=self._send, name="mlflow-send", daemon=True)
             self._thread.start()
         self._write_progress()
+
+    @property
+    def run_id(self) -> str:
+        """The job's MLflow run: waits until it is open (raises what opening it raised)."""
+        return self._run.result()[0]
+
+    def _attach(self) -> bool:
+        """Once the run is open: read where an earlier attempt logged up to and make the spool
+        (the metrics logged meanwhile waited in memory). False: the run was never opened."""
+        try:
+            run_id, experiment_id = self._run.result()
+            tags = self._wait.call("read the run", lambda: self._client.get_run(run_id)).data.tags
+            spool = Spool(self._work_dir / SPOOL_DIR, run_id, self._spool_max_bytes, self._adopt)
+        except BaseException:  # the job runner reports why (the opening's error first)
+            self._attached.set()
+            return False
+        tag = tags.get(LOGGED_STEP_TAG)
+        self._resumed_at = self._logged_step = int(tag) if tag is not None else None
+        self._last_batch = tags.get(LOGGED_BATCH_TAG, "")
+        logged = [] if self._resumed_at is None else [self._resumed_at]
+        adopted = [
+            step
+            for e in spool.entries()
+            if e.record["kind"] == "metrics"
+            for _, _, _, step in e.record["metrics"]
+        ]
+        with self._lock:
+            skip = self._skip_through = max([*logged, *adopted], default=None)
+            if skip is not None:
+                self._metrics = [m for m in self._metrics if m.step > skip]
+            self._progress = self._progress.model_copy(
+                update={"run_id": run_id, "experiment_id": experiment_id}
+            )
+        self._spool = spool
+        self._attached.set()
+        self._write_progress()
+        return True
+
+    def _spool_ready(self) -> Spool | None:
+        """The spool, once the run is open (waits until then); None: it never opened."""
+        self._attached.wait()
+        return self._spool
 
     # -- JobContext -------------------------------------------------------------------
     @property
@@ -307,7 +299,9 @@ class MlflowJobContext:
                 }
             )
             overfull = len(self._metrics) >= _MAX_BUFFERED
-        if overfull:  # the sender is stuck in a call: bound the memory (the spool bounds the disk)
+        # The sender is stuck in a call, or the run is still being opened: bound the memory
+        # (the spool bounds the disk).
+        if overfull and self._spool_ready() is not None:
             self._spool_metrics()
         if now_ms / 1000 - self._last_progress_s > 0.25:
             self._write_progress()
@@ -315,13 +309,15 @@ class MlflowJobContext:
     def save_checkpoint(self, state: Mapping[str, Any], step: int) -> None:
         if not self._leader:
             return
-        problem = _not_plain(state, "state")
+        problem = not_plain(state, "state")
         if problem is not None:  # now, rather than when a resume cannot load it
-            raise CheckpointRefused(f"cannot checkpoint step {step}: {problem}. {_PLAIN_HELP}")
+            raise CheckpointRefused(f"cannot checkpoint step {step}: {problem}. {PLAIN_HELP}")
         local = self._work_dir / CHECKPOINT_DIR
         local.mkdir(exist_ok=True)
         path = local / f"step-{step:09d}.pt"
         torch.save(dict(state), path)
+        if self._spool_ready() is None:
+            raise StopRequested("the job's MLflow run could not be opened")
         record = {"kind": "checkpoint", "path": str(path), "step": step}
         with self._spool_lock:
             self._spool_metrics()  # the metrics logged before it go before it
@@ -340,7 +336,8 @@ class MlflowJobContext:
             ],
         )
         found: dict[int, str | Path] = {int(Path(n).stem.removeprefix("step-")): n for n in names}
-        for entry in self._spool.entries() if self._spool is not None else ():
+        spool = self._spool_ready() if self._leader else None
+        for entry in spool.entries() if spool is not None else ():
             path = Path(entry.record.get("path", ""))
             if entry.record["kind"] == "checkpoint" and path.is_file():
                 found[int(entry.record["step"])] = path
@@ -361,7 +358,7 @@ class MlflowJobContext:
         except pickle.UnpicklingError as exc:
             raise CheckpointRefused(
                 f"checkpoint {source.name} of run {self.run_id} holds more than tensors and "
-                f"plain values ({_refused_part(exc)}). {_PLAIN_HELP}"
+                f"plain values ({refused_part(exc)}). {PLAIN_HELP}"
             ) from None
         return state, step
 
@@ -379,7 +376,7 @@ class MlflowJobContext:
         After a stop request it waits only while MLflow answers: what it cannot
         send stays in the spool for the job's next attempt on this node.
         """
-        spool = self._spool
+        spool = self._spool_ready() if self._leader else None
         if spool is not None:
             self._spool_metrics()
             self._closed.set()  # after the last records: the sender ends once they are sent
@@ -397,10 +394,11 @@ class MlflowJobContext:
         return self._errors
 
     def _write_progress(self) -> None:
-        with self._lock:
-            progress = self._progress
-        self._last_progress_s = time.time()
-        write_json_atomic(self._work_dir / "progress.json", progress.model_dump(mode="json"))
+        with self._progress_lock:  # the sender writes it too (the run id): the newest wins
+            with self._lock:
+                progress = self._progress
+            self._last_progress_s = time.time()
+            write_json_atomic(self._work_dir / "progress.json", progress.model_dump(mode="json"))
 
     # -- the spool ----------------------------------------------------------------------
     def _put(self, record: dict[str, Any], bounded: bool = True) -> str | None:
@@ -442,7 +440,10 @@ class MlflowJobContext:
             self._dropped_steps = None
 
     def _send(self) -> None:
-        """The sender thread: spools the buffer every interval, sends the spool, oldest first."""
+        """The sender thread: once the run is open, spools the buffer every interval and sends
+        the spool, oldest first."""
+        if not self._attach():
+            return
         assert self._spool is not None
         next_spool_s = 0.0
         while True:

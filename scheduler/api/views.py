@@ -12,7 +12,7 @@ from scheduler.batch.predictions import JobPrediction
 from scheduler.batch.store import JobEvent, JobRecord
 from scheduler.core.model import Holding
 from scheduler.realtime.store import DeploymentRecord
-from workers.interface.executor import Assignment, Progress
+from workers.interface.executor import Assignment, Progress, WarmPoolStatus
 from workers.interface.telemetry import NodeReading
 
 
@@ -230,6 +230,7 @@ def cluster_table(
     nodes: Sequence[NodeReading],
     active: Iterable[JobRecord],
     replicas: Iterable[tuple[str, Holding]] = (),
+    pools: Iterable[WarmPoolStatus] = (),
 ) -> dict[str, Any]:
     """``GET /cluster``: every node's telemetry, each GPU with what holds a share of it.
 
@@ -238,8 +239,11 @@ def cluster_table(
     holding) pairs) and ``holders``: one ``{"kind", "id", "memory_bytes"}`` per job
     (``"job"``, its per-GPU memory), per replica (``"replica"``, the deployment's name,
     its holding) and, when the GPU uses more than these, ``"outside"`` (id None) with
-    the rest. The node entry's ``jobs`` lists the jobs on any of its GPUs.
+    the rest. The node entry's ``jobs`` lists the jobs on any of its GPUs, and ``pool``
+    its warm pool from ``pools`` (``{"size", "idle", "idle_rss_bytes"}``; None: no pool
+    status for the node).
     """
+    pool_of = {p.node_id: p for p in pools}
     holders: dict[str, list[dict[str, Any]]] = {}
     on_node: dict[str, list[str]] = {}
     for job in active:
@@ -259,6 +263,16 @@ def cluster_table(
     for node in nodes:
         entry = asdict(node)
         entry["jobs"] = on_node.get(node.node_id, [])
+        pool = pool_of.get(node.node_id)
+        entry["pool"] = (
+            None
+            if pool is None
+            else {
+                "size": pool.size,
+                "idle": pool.idle,
+                "idle_rss_bytes": pool.idle_rss_bytes,
+            }
+        )
         for gpu in entry["gpus"]:
             known = holders.get(gpu["uuid"], [])
             gpu["jobs"] = [h["id"] for h in known if h["kind"] == "job"]

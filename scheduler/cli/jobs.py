@@ -252,23 +252,38 @@ def _predicted(entry: dict[str, Any], now: float) -> str:
     return f"{text}, {run_text(entry['predicted_duration_s'], entry.get('predicted_spread_s'))}"
 
 
+def pool_text(pool: dict[str, Any] | None) -> str:
+    """A node's warm pool in ``jobworker cluster``: ``1/1 idle, 0.41 GiB`` (``-``: none known).
+
+    >>> pool_text({"size": 2, "idle": 1, "idle_rss_bytes": 2**29})
+    '1/2 idle, 0.50 GiB'
+    """
+    if pool is None:
+        return "-"
+    if not pool["size"] and not pool["idle"]:
+        return "off"
+    return f"{pool['idle']}/{pool['size']} idle, {pool['idle_rss_bytes'] / GIB:.2f} GiB"
+
+
 def cluster(
     as_json: JsonOpt = False,
     api: ApiOpt = "http://127.0.0.1:8000",
     token: TokenOpt = None,
     home: HomeOpt = Path(".jobworker"),
 ) -> None:
-    """Nodes and GPUs: type, memory, utilization, and the jobs and replicas on each."""
+    """Nodes and GPUs: type, memory, utilization, the jobs and replicas on each, and each
+    node's warm pool (idle warm job processes of its size, and their memory)."""
     client = connect(api, token, home)
     view = guard(client.cluster)
     if as_json:
         print_json(view)
         return
-    table = Table("node", "GPU", "type", "used GiB", "free GiB", "util %", "jobs")
+    table = Table("node", "GPU", "type", "used GiB", "free GiB", "util %", "jobs", "warm pool")
     for node in view["nodes"]:
+        pool = pool_text(node.get("pool"))
         if not node["gpus"]:
-            table.add_row(node["hostname"], "-", "-", "-", "-", "-", ", ".join(node["jobs"]))
-        for g in node["gpus"]:
+            table.add_row(node["hostname"], "-", "-", "-", "-", "-", ", ".join(node["jobs"]), pool)
+        for i, g in enumerate(node["gpus"]):
             used = g["memory_used_bytes"]
             free = g["memory_free_bytes"]
             util = g["util_pct"]
@@ -280,5 +295,6 @@ def cluster(
                 f"{free / GIB:.1f}" if free is not None else "?",
                 f"{util:.0f}" if util is not None else "?",
                 ", ".join(holder_names(g)),
+                pool if i == 0 else "",
             )
     out.print(table)

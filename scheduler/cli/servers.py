@@ -141,6 +141,14 @@ def up(
             help="After the longest throttle, training runs this long before the next.",
         ),
     ] = 60.0,
+    warm_pool: Annotated[
+        int,
+        typer.Option(
+            envvar="JOBWORKER_WARM_POOL",
+            min=0,
+            help="Warm job processes kept per node (torch and MLflow imported; 0: cold starts).",
+        ),
+    ] = 1,
     detach: Annotated[bool, typer.Option(help="Run in the background; see `down`.")] = False,
 ) -> None:
     """Start the API, with a local Ray and an MLflow server unless addresses are given.
@@ -210,6 +218,7 @@ def up(
         guard_dwell_s=guard_dwell_s,
         guard_max_throttle_s=guard_max_throttle_s,
         guard_rest_s=guard_rest_s,
+        warm_pool=warm_pool,
     )
     daemons.this_process(home, host, port)
     try:

@@ -122,7 +122,11 @@ def start_api(
     """A control plane on ``home`` served over HTTP, and the function that stops it (and
     releases what its executor still runs). ``mlflow_ui_url``: where links to MLflow point
     (none by default: the tracking URI is a SQLite file); ``overrides``: other
-    :class:`Settings` fields."""
+    :class:`Settings` fields. Unless overridden, no warm job processes (each costs this
+    small machine seconds of CPU) and no SLO guard (it would pause the training of any test
+    that also sends predictions whenever the loaded machine's p99 nears the SLO; its own
+    tests turn it on)."""
+    overrides = {"warm_pool": 0, "slo_guard": False, **overrides}
     tracking_uri = f"sqlite:///{home / 'mlflow.db'}"
     MlflowClient(tracking_uri).search_experiments()  # create MLflow's tables once, here
     settings = Settings(

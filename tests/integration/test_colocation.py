@@ -97,7 +97,7 @@ def test_the_slo_guard_pauses_colocated_training_and_releases_it(
 ) -> None:
     # Thresholds so low that any latency at all is over (a tiny slo.p99_ms would do the same,
     # but admission control would then refuse every request, leaving no latency to measure).
-    api = make_api(guard_throttle_at=1e-9, guard_release_at=1e-9)
+    api = make_api(slo_guard=True, guard_throttle_at=1e-9, guard_release_at=1e-9)
     log_model(api.tracking_uri, "guarded", torch.nn.Sequential(torch.nn.Linear(DIM, 4)))
     deploy(api, deploy_yaml("guarded", "models:/guarded/1"))
     wait_deployment(api, "guarded")

@@ -27,7 +27,8 @@ def report_environment(ctx: JobContext, config: dict[str, Any]) -> None:
     print(f"cuda_visible_devices={os.environ.get('CUDA_VISIBLE_DEVICES')}")
     print(f"ctx_gpu_ids={','.join(map(str, ctx.gpu_ids))}")
     print(f"ctx_cpus={ctx.cpus}")
-    print(f"ray_node_id={os.environ.get('JOBWORKER_RAY_NODE_ID')}", flush=True)
+    print(f"ray_node_id={os.environ.get('JOBWORKER_RAY_NODE_ID')}")
+    print(f"pid={os.getpid()}", flush=True)
     ctx.log_metrics({"threads": float(torch.get_num_threads())}, step=1)
 
 

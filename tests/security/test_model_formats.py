@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -158,10 +159,11 @@ def context(registry: Registry, tmp_path: Path) -> Iterator[Callable[[], MlflowJ
     def make() -> MlflowJobContext:
         work_dir = tmp_path / f"attempt-{len(made)}"
         work_dir.mkdir()
+        run: Future[tuple[str, str]] = Future()
+        run.set_result((run_id, registry.experiment_id))
         ctx = MlflowJobContext(
             client=client,
-            run_id=run_id,
-            experiment_id=registry.experiment_id,
+            run=run,
             work_dir=work_dir,
             gpu_ids=(),
             cpus=1,

@@ -1,4 +1,5 @@
-"""What the console's pages show: GPU shares by holder (``GET /cluster``'s table),
+"""What the console's pages show: GPU shares by holder (``GET /cluster``'s table, with
+each node's warm pool),
 quotas used/lent/borrowed, the jobs filter and the loss sparkline."""
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ import pytest
 from scheduler.api.console import data
 from scheduler.api.views import cluster_table
 from scheduler.batch.store import JobRecord
+from scheduler.cli.jobs import pool_text
 from scheduler.core.model import Holding
 from scheduler.core.states import JobState
 from tests.unit.job_records import pending_record
 from tests.unit.placement_factories import _gpu, _node, uuid
 from workers.interface.errors import ConfigError
-from workers.interface.executor import Assignment, NodeAssignment
+from workers.interface.executor import Assignment, NodeAssignment, WarmPoolStatus
 from workers.interface.telemetry import GIB, GpuUuid
 
 REPO = Path(__file__).resolve().parents[2]
@@ -115,3 +117,13 @@ def test_the_jobs_form_reads_empty_fields_as_any_and_refuses_an_unknown_state() 
     with pytest.raises(ConfigError) as refused:
         data.JobFilter.from_query("NAPPING", "", "")
     assert refused.value.errors[0][0] == "state"
+
+
+def test_each_node_shows_its_warm_pool_or_none() -> None:
+    nodes = [_node("node-a", gpus=[_gpu(0)]), _node("node-b", gpus=[_gpu(0)])]
+    table = cluster_table(nodes, [], [], [WarmPoolStatus("node-a", 2, 1, 512 * 2**20)])
+    a, b = table["nodes"]
+    assert a["pool"] == {"size": 2, "idle": 1, "idle_rss_bytes": 512 * 2**20}
+    assert b["pool"] is None
+    assert [pool_text(n["pool"]) for n in (a, b)] == ["1/2 idle, 0.50 GiB", "-"]
+    assert pool_text({"size": 0, "idle": 0, "idle_rss_bytes": 0}) == "off"

@@ -206,6 +206,17 @@ def combine_ranks(job_id: str, reports: Sequence[WorkerReport]) -> WorkerReport:
     )
 
 
+@dataclass(frozen=True)
+class WarmPoolStatus:
+    """One node's warm pool (``jobworker cluster``): its size, the idle warm job processes
+    ready for a job, and their memory (RSS, with the actors that hold them)."""
+
+    node_id: str
+    size: int
+    idle: int
+    idle_rss_bytes: int
+
+
 class Executor(Protocol):
     def launch(self, request: LaunchRequest) -> None:
         """Start the job's worker on ``request.node_id``; returns without waiting for it."""
