@@ -102,7 +102,10 @@ def serve(request: ReplicaRequest, secret: bytes, host: str, unix_path: str | No
         while sys.stdin.buffer.read(4096):  # nothing more is sent: this waits for EOF
             pass
     finally:
-        server.close()
+        server.close()  # unlinks the socket
+        if unix_path is not None:  # and its directory, which the actor made for it alone
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(unix_path))
 
 
 def _say(message: dict[str, Any]) -> None:
