@@ -67,11 +67,17 @@ def test_a_replica_over_its_gpu_memory_cap_is_replaced_and_the_deployment_says_w
         f"used 30.0 GiB on GPU {replica['gpu_indices'][0]}, asked for 8 GiB; "
         "raise resources.gpu_memory_gb"
     )
-    replaced = wait_deployment(
+    message = f"replica {replica['id']} was replaced: {reason}"
+    # The state and message are the stored record, the replicas the controller's live view:
+    # a new replica can be listed before the record says why; wait for both.
+    wait_deployment(
         api,
         "greedy",
-        lambda d: d["state"] == "READY" and [r["id"] for r in d["replicas"]] != [replica["id"]],
+        lambda d: (
+            d["state"] == "READY"
+            and [r["id"] for r in d["replicas"]] != [replica["id"]]
+            and d["message"] == message
+        ),
     )
-    assert replaced["message"] == f"replica {replica['id']} was replaced: {reason}"
     answer = api.http.post("/v1/models/greedy/predict", json={"inputs": rows(2)})
     assert answer.status_code == 200, answer.text
